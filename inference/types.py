@@ -1,0 +1,76 @@
+"""Typed boundary of the inference package.
+
+The node hands arrays plus the few DICOM attributes analysis needs; inference
+hands back typed findings. Nothing here knows about DICOM networking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Literal
+
+import numpy as np
+
+# The one change vocabulary (DESIGN.md); synonyms are mapped onto it at parse time.
+ChangeStatus = Literal["new", "resolved", "improved", "worsened", "stable", "indeterminate"]
+CHANGE_STATUSES: tuple[str, ...] = ("new", "resolved", "improved", "worsened", "stable", "indeterminate")
+DeviceStatus = Literal["placed", "removed", "repositioned", "unchanged"]
+DEVICE_STATUSES: tuple[str, ...] = ("placed", "removed", "repositioned", "unchanged")
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image (2D radiograph) or volume (z, y, x), in physical units."""
+
+    pixels: np.ndarray  # float32, 2D (rows, cols) or 3D (slices, rows, cols)
+    spacing_mm: tuple[float, ...]  # (row, col) or (slice, row, col)
+    modality: str = ""
+    body_part: str = ""
+    view: str = ""  # PA / AP / LAT ...
+    laterality: str = ""  # R / L / B / ""
+    patient_orientation: tuple[str, ...] = ()
+    acquired_on: date | None = None
+    source: str = ""  # file name or SOP Instance UID, for error messages and evidence
+    sop_instance_uid: str = ""
+
+
+@dataclass(frozen=True)
+class ChangeRegion:
+    """A measured region of change, in current-image pixel coordinates."""
+
+    zone: str  # e.g. "right upper zone", "cardiac/mediastinal"
+    bbox: tuple[int, int, int, int]  # (row0, col0, row1, col1), end-exclusive
+    area_mm2: float  # volume_mm3 for volumes is reported separately
+    longest_diameter_mm: float
+    mean_change: float  # mean intensity change (current - prior), normalised units
+    status: str  # one of CHANGE_STATUSES
+    confidence: float  # 0..1
+    contour: tuple[tuple[int, int], ...] = ()  # (row, col) points
+    volume_mm3: float | None = None
+
+
+@dataclass(frozen=True)
+class SanityFlag:
+    code: str  # e.g. "laterality_mismatch"
+    reason: str
+    blocking: bool  # True: the pair is refused for comparison
+
+
+@dataclass(frozen=True)
+class RegistrationQuality:
+    ncc_before: float
+    ncc_after: float
+    succeeded: bool
+    transform: str = ""
+
+
+@dataclass
+class ComparisonResult:
+    regions: list[ChangeRegion] = field(default_factory=list)
+    sanity_flags: list[SanityFlag] = field(default_factory=list)
+    registration: RegistrationQuality | None = None
+    refused: bool = False  # sanity gate refused the pair
+    no_prior: bool = False
+    overlay: np.ndarray | None = None  # RGB uint8 heat map on the current image
+    summary: str = ""
