@@ -33,6 +33,14 @@ class ImageInput:
     acquired_on: date | None = None
     source: str = ""  # file name or SOP Instance UID, for error messages and evidence
     sop_instance_uid: str = ""
+    # False when the file carried no pixel spacing and 1 mm was assumed (measurements are then in pixels).
+    spacing_known: bool = True
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+
+    @property
+    def is_volume(self) -> bool:
+        return self.pixels.ndim == 3
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,10 @@ class ChangeRegion:
     confidence: float  # 0..1
     contour: tuple[tuple[int, int], ...] = ()  # (row, col) points
     volume_mm3: float | None = None
+    # Volumes only: (slice0, row0, col0, slice1, row1, col1), end-exclusive; bbox/contour are on key_slice.
+    bbox_3d: tuple[int, int, int, int, int, int] | None = None
+    key_slice: int | None = None
+    kind: str = ""  # "increase" (denser/brighter now) or "decrease"
 
 
 @dataclass(frozen=True)
@@ -74,3 +86,9 @@ class ComparisonResult:
     no_prior: bool = False
     overlay: np.ndarray | None = None  # RGB uint8 heat map on the current image
     summary: str = ""
+    findings: list[str] = field(default_factory=list)  # one human-readable line per region
+    current_source: str = ""
+    prior_source: str = ""  # the prior actually compared (the most recent usable one)
+    prior_date: date | None = None
+    analysis_spacing_mm: tuple[float, ...] = ()  # grid the change map was computed on
+    seconds: float = 0.0
