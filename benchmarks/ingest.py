@@ -1,0 +1,144 @@
+"""Ingest speed and memory: the node's SCP against DCMTK storescp, in one run.
+
+    python benchmarks/ingest.py [--instances 1000] [--size 128] [--memory-instances 10000]
+
+DCMTK storescu (TCP_NODELAY=1) sends the same small CT instances over one association and
+over four parallel associations into (a) the node (fsync + index commit before each
+success) and (b) DCMTK storescp (no fsync), both writing under the same directory.
+Prints images/s for each, the ratio node/storescp, and the node's resident memory
+before and after (and, with --memory-instances, its RSS curve over that many instances).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dicom_node.synthetic import write_ct_study  # noqa: E402
+from tests.support.procs import free_port, start_node, start_storescp, wait_for_port  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def hwm_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def storescu(port: int, called_ae: str, folders: list[Path]) -> float:
+    """Send each folder over its own association, all in parallel; returns elapsed seconds."""
+    env = dict(os.environ, TCP_NODELAY="1")
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aec", called_ae, "+sd", "127.0.0.1", str(port), str(folder)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for folder in folders
+    ]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - start
+
+
+def split(paths: list[Path], root: Path, parts: int) -> list[Path]:
+    folders = []
+    for part in range(parts):
+        folder = root / f"part{part}"
+        folder.mkdir(parents=True)
+        for path in paths[part::parts]:
+            os.link(path, folder / path.name)
+        folders.append(folder)
+    return folders
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=128, help="rows = columns of each CT slice")
+    parser.add_argument("--memory-instances", type=int, default=0, help="also send this many and sample the node's RSS")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder under ./var")
+    args = parser.parse_args()
+
+    Path("var").mkdir(exist_ok=True)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-ingest-", dir="var"))
+    _, paths = write_ct_study(work / "input", args.instances, rows=args.size, cols=args.size)
+    single = [work / "input"]
+    four = split(paths, work / "split", 4)
+    size_kb = paths[0].stat().st_size / 1024
+
+    results: dict[str, dict[str, float]] = {"node": {}, "storescp": {}}
+    node_port, ref_port = free_port(), free_port()
+    node = start_node(work / "node", node_port, extra_env={"DICOM_NODE_STUDY_IDLE_SECONDS": "3600"})
+    ref = start_storescp(work / "storescp", ref_port)
+    try:
+        wait_for_port(node_port)
+        wait_for_port(ref_port)
+        rss_before = rss_mb(node.pid)
+        for label, folders in (("1 association", single), ("4 associations", four)):
+            for name, port, ae in (("node", node_port, "DICOM_NODE"), ("storescp", ref_port, "STORESCP")):
+                elapsed = storescu(port, ae, folders)
+                results[name][label] = args.instances / elapsed
+            # The second pass sends the same instances again: clear both stores so every
+            # pass writes new files (the node would otherwise acknowledge duplicates).
+            node.terminate()
+            node.wait()
+            shutil.rmtree(work / "node")
+            shutil.rmtree(work / "storescp")
+            (work / "storescp").mkdir()
+            node = start_node(work / "node", node_port, extra_env={"DICOM_NODE_STUDY_IDLE_SECONDS": "3600"})
+            wait_for_port(node_port)
+        rss_after = rss_mb(node.pid)
+
+        print(f"\n{args.instances} CT instances of {args.size}x{args.size} ({size_kb:.0f} KiB each), storescu with TCP_NODELAY=1")
+        print(f"{'':16} {'node img/s':>11} {'storescp img/s':>15} {'ratio':>7} {'target':>7}")
+        for label, target in (("1 association", 0.75), ("4 associations", 1.0)):
+            n, r = results["node"][label], results["storescp"][label]
+            print(f"{label:16} {n:11.0f} {r:15.0f} {n / r:7.2f} {target:7.2f}")
+        print(f"node RSS: {rss_before:.0f} MiB at start")
+
+        if args.memory_instances:
+            _, mem_paths = write_ct_study(work / "memory", args.memory_instances, rows=args.size, cols=args.size)
+            batches = 10
+            print(f"\nnode RSS while receiving {args.memory_instances} instances (one association per batch):")
+            for batch in range(batches):
+                folder = work / f"mem{batch}"
+                folder.mkdir()
+                for path in mem_paths[batch::batches]:
+                    os.link(path, folder / path.name)
+                storescu(node_port, "DICOM_NODE", [folder])
+                print(f"  after {(batch + 1) * len(mem_paths) // batches:6d}: RSS {rss_mb(node.pid):6.1f} MiB")
+            print(f"  peak RSS (VmHWM) {hwm_mb(node.pid):.1f} MiB")
+        del rss_after
+    finally:
+        node.terminate()
+        ref.terminate()
+        node.wait()
+        ref.wait()
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

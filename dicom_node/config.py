@@ -1,0 +1,109 @@
+"""The one settings object: environment variables (prefix DICOM_NODE_) and an optional YAML file.
+
+Precedence, highest first: explicit arguments, environment, the YAML file named by
+DICOM_NODE_CONFIG_FILE, the defaults below. Every field is documented in the README.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "DICOM_NODE_CONFIG_FILE"
+
+
+class StudyRule(BaseModel):
+    """Per-modality completion rule for studies that pause mid-transfer."""
+
+    required_series: int | None = None  # complete as soon as this many series have arrived and are idle
+    idle_seconds: float | None = None  # overrides the global idle time for this modality
+    force_complete_seconds: float | None = None  # complete this long after the first instance, idle or not
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DICOM_NODE_", env_nested_delimiter="__", extra="ignore")
+
+    # Identity and listening socket
+    ae_title: str = "DICOM_NODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+
+    # Storage and index
+    storage_dir: Path = Path("var/store")
+    database_url: str = "sqlite:///var/index.db"
+    min_free_disk_mb: int = 1024
+    duplicate_policy: Literal["keep_first", "replace", "reject"] = "keep_first"
+
+    # Security
+    allowed_callers: list[str] = Field(default_factory=list)  # "AE" or "AE@host"; empty: any caller
+    check_called_ae: bool = True
+    max_associations: int = 16
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 120.0
+    max_pdu_size: int = 65536
+
+    # TLS (a second listener on tls_port when enabled)
+    tls_enabled: bool = False
+    tls_port: int = 2762
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_require_client_cert: bool = False
+
+    # Study assembly
+    study_idle_seconds: float = 30.0
+    assembly_poll_seconds: float = 1.0
+    study_rules: dict[str, StudyRule] = Field(default_factory=dict)  # keyed by Modality, e.g. {"CT": {...}}
+
+    # Logging
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        if not value or len(value) > 16 or "\\" in value or not value.isprintable():
+            raise ValueError(f"AE title {value!r} must be 1-16 printable characters without backslash")
+        return value
+
+    @field_validator("allowed_callers", mode="before")
+    @classmethod
+    def _split_callers(cls, value: object) -> object:
+        # Allow a comma-separated environment variable as well as a JSON/YAML list.
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(f"{CONFIG_FILE_ENV}={config_file}: no such configuration file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    def rule_for(self, modality: str) -> StudyRule:
+        return self.study_rules.get(modality.upper(), StudyRule())
+
+
+def load_settings(**overrides: object) -> Settings:
+    return Settings(**overrides)  # type: ignore[arg-type]

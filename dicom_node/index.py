@@ -1,0 +1,471 @@
+"""The index: patients, studies, series, instances, the association audit and the outbox.
+
+SQLite (WAL, synchronous=FULL) by default; PostgreSQL through the same SQLAlchemy URL.
+Times are UTC epoch seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    case,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+
+metadata = MetaData()
+KNOWN_SERIES_LIMIT = 10_000
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("issuer", String(64), nullable=False, default=""),
+    Column("patient_name", String(324), nullable=False, default=""),
+    Column("birth_date", String(8), nullable=False, default=""),
+    UniqueConstraint("patient_id", "issuer"),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("study_uid", String(64), primary_key=True),
+    Column("patient_key", Integer, ForeignKey("patients.id"), nullable=False),
+    Column("study_date", String(8), nullable=False, default=""),
+    Column("study_time", String(16), nullable=False, default=""),
+    Column("accession_number", String(16), nullable=False, default=""),
+    Column("study_description", String(64), nullable=False, default=""),
+    Column("modality", String(16), nullable=False, default=""),  # of the first image instance
+    # receiving -> complete; a late image instance sets it back to receiving with reanalysis=True
+    Column("state", String(16), nullable=False, default="receiving"),
+    Column("reanalysis", Boolean, nullable=False, default=False),
+    Column("is_prior", Boolean, nullable=False, default=False),
+    Column("first_received_at", Float, nullable=False),
+    Column("last_received_at", Float, nullable=False),
+    Column("completed_at", Float),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("series_uid", String(64), primary_key=True),
+    Column("study_uid", String(64), ForeignKey("studies.study_uid"), nullable=False, index=True),
+    Column("modality", String(16), nullable=False, default=""),
+    Column("body_part", String(64), nullable=False, default=""),
+    Column("series_number", String(12), nullable=False, default=""),
+    Column("series_description", String(64), nullable=False, default=""),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("sop_instance_uid", String(64), primary_key=True),
+    Column("series_uid", String(64), ForeignKey("series.series_uid"), nullable=False, index=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("transfer_syntax_uid", String(64), nullable=False),
+    Column("instance_number", String(12), nullable=False, default=""),
+    Column("view_position", String(16), nullable=False, default=""),
+    Column("laterality", String(16), nullable=False, default=""),
+    Column("analysable", Boolean, nullable=False),
+    Column("path", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("received_at", Float, nullable=False),
+)
+
+associations = Table(
+    "associations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("calling_ae", String(16), nullable=False),
+    Column("called_ae", String(16), nullable=False),
+    Column("peer_host", String(64), nullable=False),
+    Column("peer_port", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float),
+    Column("instances_received", Integer, nullable=False, default=0),
+    Column("failures", Integer, nullable=False, default=0),
+    Column("result", String(16), nullable=False),  # accepted, released, aborted, rejected
+    Column("reason", Text, nullable=False, default=""),
+)
+
+# One row per (study, instance set) to analyse; the Celery dispatcher publishes and marks them.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("reason", String(16), nullable=False),  # complete | reanalysis
+    Column("instance_set_hash", String(64), nullable=False),
+    Column("instance_count", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("published_at", Float),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=False, default=""),
+    UniqueConstraint("study_uid", "instance_set_hash"),
+)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the index keeps of one received instance (everything prior matching and analysis need)."""
+
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    birth_date: str
+    study_uid: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_description: str
+    series_uid: str
+    modality: str
+    body_part: str
+    series_number: str
+    series_description: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    instance_number: str
+    view_position: str
+    laterality: str
+    analysable: bool
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class StudyActivity:
+    """Assembly-relevant state of a study that is still receiving."""
+
+    study_uid: str
+    modality: str
+    first_received_at: float
+    last_received_at: float
+    series_count: int
+    reanalysis: bool
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    study_uid: str
+    reason: str
+    instance_set_hash: str
+    instance_count: int
+    created_at: float
+    published_at: float | None
+    attempts: int
+    last_error: str
+
+
+def _insert(conn: Connection, table: Table):  # dialect-specific INSERT with ON CONFLICT support
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+class Index:
+    def __init__(self, url: str) -> None:
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(url, connect_args=_connect_args(url))
+        self._is_sqlite = self.engine.dialect.name == "sqlite"
+        if self._is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        # SQLite has one writer at a time; serialising in-process avoids busy-wait retries.
+        self._write_lock = threading.Lock() if self._is_sqlite else None
+        metadata.create_all(self.engine)
+        # Series already written by this process: their patient/study/series rows exist.
+        self._known_series: set[str] = set()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        if self._write_lock is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    # --- ingest -------------------------------------------------------------------------
+
+    def instance_exists(self, sop_instance_uid: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(instances.c.sop_instance_uid).where(instances.c.sop_instance_uid == sop_instance_uid)
+            ).first() is not None
+
+    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> bool:
+        """Index one stored instance in a single transaction. Returns True if it was new."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            if rec.series_uid not in self._known_series:
+                self._insert_parents(conn, rec, now)
+            inserted = conn.execute(
+                _insert(conn, instances)
+                .values(
+                    sop_instance_uid=rec.sop_instance_uid,
+                    series_uid=rec.series_uid,
+                    study_uid=rec.study_uid,
+                    sop_class_uid=rec.sop_class_uid,
+                    transfer_syntax_uid=rec.transfer_syntax_uid,
+                    instance_number=rec.instance_number,
+                    view_position=rec.view_position,
+                    laterality=rec.laterality,
+                    analysable=rec.analysable,
+                    path=rec.path,
+                    size=rec.size,
+                    received_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            ).rowcount
+            if inserted and rec.analysable:
+                # Only new images restart the idle timer or reopen a completed study; a report
+                # arriving later (e.g. our own SR routed back) is stored but triggers nothing.
+                reopened = studies.c.state == "complete"
+                conn.execute(
+                    update(studies)
+                    .where(studies.c.study_uid == rec.study_uid)
+                    .values(
+                        last_received_at=now,
+                        state="receiving",
+                        reanalysis=case((reopened, True), else_=studies.c.reanalysis),
+                        first_received_at=case((reopened, now), else_=studies.c.first_received_at),
+                        modality=case((studies.c.modality == "", rec.modality), else_=studies.c.modality),
+                    )
+                )
+        if len(self._known_series) > KNOWN_SERIES_LIMIT:
+            self._known_series.clear()  # bounded: memory stays flat however much arrives
+        self._known_series.add(rec.series_uid)
+        return bool(inserted)
+
+    def _insert_parents(self, conn: Connection, rec: InstanceRecord, now: float) -> None:
+        patient_key = self._upsert_patient(conn, rec)
+        conn.execute(
+            _insert(conn, studies)
+            .values(
+                study_uid=rec.study_uid,
+                patient_key=patient_key,
+                study_date=rec.study_date,
+                study_time=rec.study_time,
+                accession_number=rec.accession_number,
+                study_description=rec.study_description,
+                modality="",
+                state="receiving",
+                first_received_at=now,
+                last_received_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["study_uid"])
+        )
+        conn.execute(
+            _insert(conn, series)
+            .values(
+                series_uid=rec.series_uid,
+                study_uid=rec.study_uid,
+                modality=rec.modality,
+                body_part=rec.body_part,
+                series_number=rec.series_number,
+                series_description=rec.series_description,
+            )
+            .on_conflict_do_nothing(index_elements=["series_uid"])
+        )
+
+    def _upsert_patient(self, conn: Connection, rec: InstanceRecord) -> int:
+        stmt = (
+            _insert(conn, patients)
+            .values(
+                patient_id=rec.patient_id,
+                issuer=rec.issuer_of_patient_id,
+                patient_name=rec.patient_name,
+                birth_date=rec.birth_date,
+            )
+            .on_conflict_do_nothing(index_elements=["patient_id", "issuer"])
+        )
+        conn.execute(stmt)
+        return conn.execute(
+            select(patients.c.id).where(
+                patients.c.patient_id == rec.patient_id, patients.c.issuer == rec.issuer_of_patient_id
+            )
+        ).scalar_one()
+
+    # --- association audit ------------------------------------------------------------
+
+    def open_association(self, calling_ae: str, called_ae: str, host: str, port: int, result: str, reason: str = "") -> int:
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute(
+                associations.insert().values(
+                    calling_ae=calling_ae,
+                    called_ae=called_ae,
+                    peer_host=host,
+                    peer_port=port,
+                    started_at=now,
+                    ended_at=now if result == "rejected" else None,
+                    result=result,
+                    reason=reason,
+                )
+            )
+            return int(row.inserted_primary_key[0])
+
+    def close_association(self, audit_id: int, result: str, received: int, failures: int, reason: str = "") -> None:
+        with self._write() as conn:
+            conn.execute(
+                update(associations)
+                .where(associations.c.id == audit_id)
+                .values(ended_at=time.time(), result=result, instances_received=received, failures=failures, reason=reason)
+            )
+
+    # --- study assembly ---------------------------------------------------------------
+
+    def receiving_studies(self) -> list[StudyActivity]:
+        series_count = (
+            select(func.count(func.distinct(instances.c.series_uid)))
+            .where(instances.c.study_uid == studies.c.study_uid, instances.c.analysable.is_(True))
+            .scalar_subquery()
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    studies.c.study_uid,
+                    studies.c.modality,
+                    studies.c.first_received_at,
+                    studies.c.last_received_at,
+                    series_count,
+                    studies.c.reanalysis,
+                ).where(studies.c.state == "receiving")
+            ).all()
+        return [StudyActivity(*row) for row in rows]
+
+    def complete_study(self, study_uid: str, now: float | None = None) -> OutboxRow | None:
+        """Mark a study complete and queue it for analysis, unless this instance set was queued before.
+
+        Returns the new outbox row, or None when there is nothing new to analyse.
+        """
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            study = conn.execute(
+                select(studies.c.state).where(studies.c.study_uid == study_uid)
+            ).first()
+            if study is None or study.state != "receiving":
+                return None
+            sop_uids = conn.execute(
+                select(instances.c.sop_instance_uid)
+                .where(instances.c.study_uid == study_uid, instances.c.analysable.is_(True))
+                .order_by(instances.c.sop_instance_uid)
+            ).scalars().all()
+            conn.execute(
+                update(studies)
+                .where(studies.c.study_uid == study_uid)
+                .values(state="complete", completed_at=now, reanalysis=False)
+            )
+            if not sop_uids:
+                return None  # nothing an analysis could use (reports, presentation states...)
+            set_hash = instance_set_hash(sop_uids)
+            analysed_before = conn.execute(
+                select(outbox.c.id).where(outbox.c.study_uid == study_uid).limit(1)
+            ).first() is not None
+            inserted = conn.execute(
+                _insert(conn, outbox)
+                .values(
+                    study_uid=study_uid,
+                    reason="reanalysis" if analysed_before else "complete",
+                    instance_set_hash=set_hash,
+                    instance_count=len(sop_uids),
+                    created_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["study_uid", "instance_set_hash"])
+            )
+            if not inserted.rowcount:
+                return None
+            row = conn.execute(
+                select(outbox).where(outbox.c.study_uid == study_uid, outbox.c.instance_set_hash == set_hash)
+            ).one()
+            return OutboxRow(**row._mapping)
+
+    def outbox_rows(self, pending_only: bool = False) -> list[OutboxRow]:
+        query = select(outbox).order_by(outbox.c.id)
+        if pending_only:
+            query = query.where(outbox.c.published_at.is_(None))
+        with self.engine.connect() as conn:
+            return [OutboxRow(**row._mapping) for row in conn.execute(query)]
+
+    # --- status -----------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            def count(query) -> int:
+                return int(conn.execute(query).scalar_one())
+
+            return {
+                "patients": count(select(func.count()).select_from(patients)),
+                "studies": count(select(func.count()).select_from(studies)),
+                "studies_receiving": count(select(func.count()).where(studies.c.state == "receiving")),
+                "studies_complete": count(select(func.count()).where(studies.c.state == "complete")),
+                "series": count(select(func.count()).select_from(series)),
+                "instances": count(select(func.count()).select_from(instances)),
+                "outbox_pending": count(select(func.count()).where(outbox.c.published_at.is_(None))),
+                "associations": count(select(func.count()).select_from(associations)),
+                "associations_rejected": count(select(func.count()).where(associations.c.result == "rejected")),
+            }
+
+    def recent_associations(self, limit: int = 10) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(associations).order_by(associations.c.id.desc()).limit(limit))
+            return [dict(row._mapping) for row in rows]
+
+    def study_instances(self, study_uid: str) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(instances).where(instances.c.study_uid == study_uid))
+            return [dict(row._mapping) for row in rows]
+
+    def study(self, study_uid: str) -> dict | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(studies).where(studies.c.study_uid == study_uid)).first()
+            return dict(row._mapping) if row else None
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def instance_set_hash(sop_uids: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()
+
+
+def _connect_args(url: str) -> dict:
+    if url.startswith("sqlite"):
+        # Association threads share the engine; SQLite's own locking is serialised by Index._write.
+        return {"check_same_thread": False, "timeout": 30}
+    return {}
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")  # the C-STORE success promises the row survives a crash
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

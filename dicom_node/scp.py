@@ -1,0 +1,258 @@
+"""The node's DICOM front door: C-ECHO and C-STORE SCP (pynetdicom), access control and audit."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from .assembly import Assembler
+from .config import Settings
+from .index import Index
+from .ingest import MEDIA_STORAGE_DIRECTORY, Ingestor
+from .logs import log_event
+from .netutil import CONNECTION_HANDLER, server_tls_context
+from .storage import InstanceStore
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+]
+
+# A-ASSOCIATE-RJ (result, source, diagnostic)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+
+
+@dataclass
+class _AssociationStats:
+    audit_id: int
+    received: int = 0
+    failures: int = 0
+    last_failure: str = ""
+
+
+def caller_allowed(allowed: list[str], calling_ae: str, host: str) -> bool:
+    """Entries are "AE" (from anywhere) or "AE@host"; an empty list allows every caller."""
+    if not allowed:
+        return True
+    for entry in allowed:
+        ae_title, _, entry_host = entry.partition("@")
+        if ae_title.strip() == calling_ae and (not entry_host or entry_host == host):
+            return True
+    return False
+
+
+@dataclass
+class DicomNode:
+    """The SCP process: listeners, ingest, and the study assembler."""
+
+    settings: Settings
+    index: Index = field(init=False)
+    store: InstanceStore = field(init=False)
+    ingestor: Ingestor = field(init=False)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.store = InstanceStore(s.storage_dir, s.min_free_disk_mb * 2**20, s.duplicate_policy)
+        self.index = Index(s.database_url)
+        self.ingestor = Ingestor(self.store, self.index)
+        self._stats: dict[int, _AssociationStats] = {}
+        self._stats_lock = threading.Lock()
+        self._servers: list[ThreadedAssociationServer] = []
+        self._assembler: Assembler | None = None
+        self.ae = self._build_ae()
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        s = self.settings
+        self.store.remove_partial_writes()
+        handlers = self._handlers()
+        self._servers.append(self.ae.start_server((s.host, s.port), block=False, evt_handlers=handlers))
+        if s.tls_enabled:
+            if not (s.tls_cert and s.tls_key):
+                raise ValueError("tls_enabled needs tls_cert and tls_key")
+            context = server_tls_context(s.tls_cert, s.tls_key, s.tls_ca, s.tls_require_client_cert)
+            self._servers.append(
+                self.ae.start_server((s.host, s.tls_port), block=False, evt_handlers=handlers, ssl_context=context)
+            )
+        self._assembler = Assembler(self.index, s)
+        self._assembler.start()
+        if not s.allowed_callers:
+            log_event(log, logging.WARNING, "scp.open_to_any_caller", hint="set DICOM_NODE_ALLOWED_CALLERS")
+        log_event(
+            log,
+            logging.INFO,
+            "scp.listening",
+            ae_title=s.ae_title,
+            host=s.host,
+            port=s.port,
+            tls_port=s.tls_port if s.tls_enabled else None,
+            storage_dir=str(s.storage_dir),
+        )
+
+    def stop(self) -> None:
+        if self._assembler:
+            self._assembler.stop()
+            self._assembler.join(timeout=5)
+        for server in self._servers:
+            server.shutdown()
+        self._servers.clear()
+        self.index.dispose()
+
+    # --- wiring -----------------------------------------------------------------------
+
+    def _build_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.acse_timeout = s.acse_timeout
+        ae.dimse_timeout = s.dimse_timeout
+        ae.network_timeout = s.network_timeout
+        ae.maximum_pdu_size = s.max_pdu_size
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        # Accepted only so a sender gets a clear refusal status rather than a bare context rejection.
+        ae.add_supported_context(MEDIA_STORAGE_DIRECTORY, ACCEPTED_TRANSFER_SYNTAXES)
+        return ae
+
+    def _handlers(self) -> list:
+        return [
+            CONNECTION_HANDLER,
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+
+    # --- access control and audit -----------------------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.primitive.calling_ae_title.strip()
+        called = assoc.requestor.primitive.called_ae_title.strip()
+        host, port = assoc.requestor.address, assoc.requestor.port
+        if not caller_allowed(self.settings.allowed_callers, calling, host):
+            self._reject(assoc, REJECT_CALLING_AE, calling, called, host, port, f"calling AE {calling!r} from {host} is not allowed")
+        elif self.settings.check_called_ae and called != self.settings.ae_title:
+            self._reject(
+                assoc, REJECT_CALLED_AE, calling, called, host, port, f"called AE {called!r} is not this node ({self.settings.ae_title!r})"
+            )
+
+    def _reject(self, assoc, rsd: tuple[int, int, int], calling: str, called: str, host: str, port: int, reason: str) -> None:
+        # Audit first: the peer may look at our status as soon as it has the rejection.
+        self.index.open_association(calling, called, host, port, "rejected", reason)
+        log_event(log, logging.WARNING, "association.rejected", calling_ae=calling, called_ae=called, peer=f"{host}:{port}", reason=reason)
+        assoc.acse.send_reject(*rsd)
+        assoc.kill()  # waits until the rejection is on the wire before the socket closes
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        # pynetdicom's own rejection (e.g. maximum associations); ours are audited in _reject.
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive
+        reason = "local limit exceeded (maximum associations)"
+        self.index.open_association(
+            primitive.calling_ae_title.strip(), primitive.called_ae_title.strip(), assoc.requestor.address, assoc.requestor.port, "rejected", reason
+        )
+        log_event(log, logging.WARNING, "association.rejected", calling_ae=primitive.calling_ae_title.strip(), reason=reason)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title.strip()
+        audit_id = self.index.open_association(
+            calling, assoc.acceptor.ae_title.strip(), assoc.requestor.address, assoc.requestor.port, "accepted"
+        )
+        with self._stats_lock:
+            self._stats[id(assoc)] = _AssociationStats(audit_id)
+        log_event(log, logging.INFO, "association.accepted", calling_ae=calling, peer=f"{assoc.requestor.address}:{assoc.requestor.port}", audit_id=audit_id)
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._close(event, "released")
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        self._close(event, "aborted")
+
+    def _close(self, event: evt.Event, result: str) -> None:
+        with self._stats_lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return  # rejected before acceptance: already audited
+        self.index.close_association(stats.audit_id, result, stats.received, stats.failures, stats.last_failure)
+        log_event(
+            log,
+            logging.INFO,
+            f"association.{result}",
+            audit_id=stats.audit_id,
+            received=stats.received,
+            failures=stats.failures,
+        )
+
+    # --- services ---------------------------------------------------------------------
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> Dataset:
+        request = event.request
+        result = self.ingestor.ingest(
+            event.encoded_dataset(include_meta=True),
+            str(request.AffectedSOPClassUID or ""),
+            str(request.AffectedSOPInstanceUID or ""),
+        )
+        with self._stats_lock:
+            stats = self._stats.get(id(event.assoc))
+            if stats is not None:
+                if result.ok:
+                    stats.received += 1
+                else:
+                    stats.failures += 1
+                    stats.last_failure = result.message
+        response = Dataset()
+        response.Status = result.status
+        if result.message:
+            response.ErrorComment = result.message[:64]  # LO: 64 characters at most
+        return response

@@ -1,0 +1,161 @@
+"""DICOM SCU: C-ECHO and C-STORE of files and folders (pynetdicom, TCP_NODELAY on)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from .netutil import CONNECTION_HANDLER
+
+log = logging.getLogger(__name__)
+
+# Send files straight from disk in their stored transfer syntax: no re-encoding, no whole file in RAM.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
+
+_REJECT_REASONS = {
+    (0x01, 0x03): "calling AE title not recognised: register this node's AE title in the peer",
+    (0x01, 0x07): "called AE title not recognised: check the peer's AE title",
+    (0x01, 0x02): "application context not supported",
+    (0x03, 0x02): "peer's association limit reached",
+    (0x03, 0x01): "peer temporarily congested",
+}
+
+
+class AssociationFailed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Peer:
+    host: str
+    port: int
+    ae_title: str = "ANY-SCP"
+
+
+@dataclass
+class SendReport:
+    sent: int = 0
+    warnings: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # not DICOM or unreadable
+
+
+@dataclass(frozen=True)
+class _FileToSend:
+    path: Path
+    sop_class_uid: str
+    transfer_syntax_uid: str
+
+
+def _make_ae(calling_ae: str, timeouts: float = 30.0) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = timeouts
+    ae.dimse_timeout = timeouts
+    ae.network_timeout = timeouts
+    return ae
+
+
+def associate(ae: AE, peer: Peer, tls_context=None) -> Association:
+    tls_args = (tls_context, None) if tls_context else None
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[CONNECTION_HANDLER], tls_args=tls_args)
+    if assoc.is_established:
+        return assoc
+    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    if assoc.is_rejected and assoc.acceptor.primitive is not None:
+        prim = assoc.acceptor.primitive
+        reason = _REJECT_REASONS.get((prim.result_source, prim.diagnostic), f"result {prim.result}, source {prim.result_source}, diagnostic {prim.diagnostic}")
+        raise AssociationFailed(f"association rejected by {where} for calling AE {ae.ae_title!r}: {reason}")
+    if assoc.is_aborted:
+        raise AssociationFailed(f"association aborted by {where}")
+    raise AssociationFailed(f"could not connect to {where} (peer down, wrong port, or a firewall)")
+
+
+def echo(peer: Peer, calling_ae: str = "DICOM_NODE", tls_context=None) -> int:
+    ae = _make_ae(calling_ae)
+    ae.add_requested_context(Verification)
+    assoc = associate(ae, peer, tls_context)
+    try:
+        status = assoc.send_c_echo()
+        if not status:
+            raise AssociationFailed(f"no C-ECHO response from {peer.host}:{peer.port}")
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def iter_dicom_paths(paths: Iterable[Path]) -> Iterator[Path]:
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
+
+
+def _inspect(paths: Iterable[Path], report: SendReport) -> list[_FileToSend]:
+    files = []
+    for path in iter_dicom_paths(paths):
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+            files.append(_FileToSend(path, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+        except (InvalidDicomError, AttributeError, OSError, EOFError) as exc:
+            report.skipped.append((str(path), f"not a DICOM file with file meta and SOPClassUID: {exc}"))
+    return files
+
+
+def send(peer: Peer, paths: Iterable[Path], calling_ae: str = "DICOM_NODE", tls_context=None) -> SendReport:
+    """C-STORE every DICOM file under `paths`, one association per 128 distinct (SOP class, syntax) pairs."""
+    report = SendReport()
+    pending = _inspect(paths, report)
+    while pending:
+        contexts: list[tuple[str, str]] = []
+        batch, rest = [], []
+        for item in pending:
+            key = (item.sop_class_uid, item.transfer_syntax_uid)
+            if key in contexts or len(contexts) < MAX_CONTEXTS:
+                if key not in contexts:
+                    contexts.append(key)
+                batch.append(item)
+            else:
+                rest.append(item)
+        _send_batch(peer, batch, contexts, calling_ae, tls_context, report)
+        pending = rest
+    return report
+
+
+def _send_batch(peer: Peer, batch: list[_FileToSend], contexts: list[tuple[str, str]], calling_ae: str, tls_context, report: SendReport) -> None:
+    ae = _make_ae(calling_ae)
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, syntax)
+    assoc = associate(ae, peer, tls_context)
+    try:
+        for item in batch:
+            if not assoc.is_established:
+                report.failed.append((str(item.path), "association lost"))
+                continue
+            status = assoc.send_c_store(item.path)
+            if not status:
+                report.failed.append((str(item.path), "no response (timeout or abort)"))
+                continue
+            code = int(status.Status)
+            if code == 0x0000:
+                report.sent += 1
+            elif code & 0xF000 == 0xB000:
+                report.sent += 1
+                report.warnings += 1
+            else:
+                comment = str(status.get("ErrorComment", ""))
+                report.failed.append((str(item.path), f"status 0x{code:04X} {comment}".strip()))
+    finally:
+        if assoc.is_established:
+            assoc.release()

@@ -1,0 +1,147 @@
+"""Durable instance store: <root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm.
+
+A file is written under <root>/.incoming, fsynced, then hard-linked into place (which
+fails instead of overwriting), and the directory entry is fsynced. A crash therefore
+leaves either the complete file or nothing at its final path; leftovers in .incoming
+are removed at start-up.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .logs import log_event
+
+log = logging.getLogger(__name__)
+
+INCOMING = ".incoming"
+CONFLICTS = ".conflicts"
+
+
+class StoreOutcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE_IDENTICAL = "duplicate_identical"  # same bytes already stored: acknowledged, not stored twice
+    CONFLICT_KEPT_FIRST = "conflict_kept_first"  # different bytes: first kept, new copy in .conflicts
+    CONFLICT_REPLACED = "conflict_replaced"  # different bytes: replaced, old copy in .conflicts
+    CONFLICT_REJECTED = "conflict_rejected"  # different bytes: refused, nothing written
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    outcome: StoreOutcome
+    path: Path
+    conflict_copy: Path | None = None
+
+
+class DiskFull(OSError):
+    pass
+
+
+class InstanceStore:
+    def __init__(self, root: Path, min_free_bytes: int = 0, duplicate_policy: str = "keep_first") -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.duplicate_policy = duplicate_policy
+        self.incoming = self.root / INCOMING
+        self.conflicts = self.root / CONFLICTS
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.conflicts.mkdir(parents=True, exist_ok=True)
+
+    def remove_partial_writes(self) -> int:
+        """Delete files a crash left in .incoming; none of them was ever acknowledged."""
+        removed = 0
+        for leftover in self.incoming.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log_event(log, logging.WARNING, "store.partial_writes_removed", count=removed)
+        return removed
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        # UIDs are validated by the caller (uids.check_uid): digits and dots only.
+        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoreResult:
+        if self.free_bytes() - len(data) < self.min_free_bytes:
+            raise DiskFull(
+                f"free space on {self.root} below the threshold of {self.min_free_bytes // 2**20} MiB"
+            )
+        final = self.path_for(study_uid, series_uid, sop_uid)
+        self._ensure_dir(final.parent)
+        temp = self._write_synced(data)
+        try:
+            try:
+                os.link(temp, final)  # atomic, and never overwrites
+            except FileExistsError:
+                return self._resolve_duplicate(final, temp, data)
+            _fsync_dir(final.parent)
+            return StoreResult(StoreOutcome.STORED, final)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _resolve_duplicate(self, final: Path, temp: Path, data: bytes) -> StoreResult:
+        if final.stat().st_size == len(data) and final.read_bytes() == data:
+            return StoreResult(StoreOutcome.DUPLICATE_IDENTICAL, final)
+        if self.duplicate_policy == "reject":
+            return StoreResult(StoreOutcome.CONFLICT_REJECTED, final)
+        conflict_copy = self.conflicts / f"{final.stem}.{uuid.uuid4().hex}.dcm"
+        if self.duplicate_policy == "replace":
+            # Keep the old copy before the new one takes its place: nothing is lost.
+            os.link(final, conflict_copy)
+            os.replace(temp, final)
+            outcome = StoreOutcome.CONFLICT_REPLACED
+        else:
+            os.link(temp, conflict_copy)
+            outcome = StoreOutcome.CONFLICT_KEPT_FIRST
+        _fsync_dir(self.conflicts)
+        _fsync_dir(final.parent)
+        return StoreResult(outcome, final, conflict_copy)
+
+    def _write_synced(self, data: bytes) -> Path:
+        temp = self.incoming / f"{uuid.uuid4().hex}.part"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            temp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return temp
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory.is_dir():
+            return
+        # Create each missing level and fsync its parent, so the new entries survive a crash.
+        missing = []
+        current = directory
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue  # another association created it meanwhile
+            _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,80 @@
+"""Start and stop real peer processes (the node, DCMTK storescp) on loopback ports of their own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def node_env(root: Path, port: int, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DICOM_NODE_HOST="127.0.0.1",
+        DICOM_NODE_PORT=str(port),
+        DICOM_NODE_STORAGE_DIR=str(root / "store"),
+        DICOM_NODE_DATABASE_URL=f"sqlite:///{root / 'index.db'}",
+        DICOM_NODE_MIN_FREE_DISK_MB="1",
+        DICOM_NODE_LOG_FORMAT="json",
+    )
+    env.update(extra_env or {})
+    return env
+
+
+def start_node(root: Path, port: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`dicom-node serve` as its own process (so it can be killed -9 and restarted)."""
+    root.mkdir(parents=True, exist_ok=True)
+    log = open(root / "serve.log", "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "dicom_node", "serve"],
+        env=node_env(root, port, extra_env),
+        stdout=log,
+        stderr=log,
+        cwd=REPO,
+    )
+
+
+def start_storescp(folder: Path, port: int, ae_title: str = "STORESCP") -> subprocess.Popen:
+    if shutil.which("storescp") is None:
+        raise RuntimeError("DCMTK storescp not found: apt-get install dcmtk")
+    folder.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        ["storescp", "-aet", ae_title, "-od", str(folder), str(port)],
+        env=dict(os.environ, TCP_NODELAY="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
