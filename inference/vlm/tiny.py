@@ -53,7 +53,8 @@ def _gemma3(wdir: Path, image_size: int) -> dict[str, Any]:
     cfg = Gemma3Config(
         text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
-                         sliding_window=64, max_position_embeddings=4096, pad_token_id=ids["<pad>"],
+                         sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+                         max_position_embeddings=4096, pad_token_id=ids["<pad>"],
                          eos_token_id=ids["<eos>"], bos_token_id=ids["<bos>"]),
         vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
                            num_hidden_layers=1, num_attention_heads=2, image_size=image_size, patch_size=4),
