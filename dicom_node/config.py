@@ -6,13 +6,15 @@ DICOM_NODE_CONFIG_FILE, the defaults below. Every field is documented in the REA
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -44,7 +46,8 @@ class Settings(BaseSettings):
     duplicate_policy: Literal["keep_first", "replace", "reject"] = "keep_first"
 
     # Security
-    allowed_callers: list[str] = Field(default_factory=list)  # "AE" or "AE@host"; empty: any caller
+    # "AE" or "AE@host"; empty: any caller. From the environment: comma-separated or a JSON list.
+    allowed_callers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     check_called_ae: bool = True
     max_associations: int = 16
     acse_timeout: float = 30.0
@@ -81,6 +84,8 @@ class Settings(BaseSettings):
     def _split_callers(cls, value: object) -> object:
         # Allow a comma-separated environment variable as well as a JSON/YAML list.
         if isinstance(value, str):
+            if value.strip().startswith("["):
+                return json.loads(value)
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 

@@ -26,7 +26,8 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification, register_uid
 from pynetdicom.transport import ThreadedAssociationServer
 
 from .assembly import Assembler
@@ -57,6 +58,10 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     HTJ2K,
     RLELossless,
 ]
+
+# pynetdicom aborts on a DICOMDIR C-STORE (no service class); route it to our handler so the
+# sender gets a status saying why it is refused.
+register_uid(MEDIA_STORAGE_DIRECTORY, "MediaStorageDirectoryOverNetwork", StorageServiceClass)
 
 # A-ASSOCIATE-RJ (result, source, diagnostic)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)

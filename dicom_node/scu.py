@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +76,19 @@ def associate(ae: AE, peer: Peer, tls_context=None) -> Association:
         prim = assoc.acceptor.primitive
         reason = _REJECT_REASONS.get((prim.result_source, prim.diagnostic), f"result {prim.result}, source {prim.result_source}, diagnostic {prim.diagnostic}")
         raise AssociationFailed(f"association rejected by {where} for calling AE {ae.ae_title!r}: {reason}")
-    if assoc.is_aborted:
-        raise AssociationFailed(f"association aborted by {where}")
-    raise AssociationFailed(f"could not connect to {where} (peer down, wrong port, or a firewall)")
+    reachable = _tcp_reachable(peer.host, peer.port)
+    if reachable is not True:
+        raise AssociationFailed(f"could not connect to {where}: {reachable} (peer down, wrong host/port, or a firewall)")
+    raise AssociationFailed(f"{where} accepted the connection but aborted or did not answer the association request")
+
+
+def _tcp_reachable(host: str, port: int, timeout: float = 5.0) -> bool | str:
+    """Only used to explain a failed association: True, or the connection error."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 def echo(peer: Peer, calling_ae: str = "DICOM_NODE", tls_context=None) -> int:
