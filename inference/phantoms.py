@@ -115,7 +115,9 @@ def make_chest_pair(seed: int, change: str = "new_nodule", size: int = 512, *,
     if change.endswith("nodule") or change == "stable":
         side, zone_i, (r, c) = _pick_lung_spot(rng, geo, canvas)
         zone = _zone_name(side, zone_i)
-        d = lesion_size_mm or float(rng.uniform(8.0, 30.0))
+        # Growth/shrinkage is only well defined for measurable lesions (>= 10 mm, as in RECIST).
+        lo = 8.0 if change in ("new_nodule", "resolved_nodule", "stable") else 12.0
+        d = lesion_size_mm or float(rng.uniform(lo, 30.0))
         if change == "new_nodule":
             _add_nodule(cur_lesion, r, c, d / 2 / cmm)
             add_truth("nodule", d / 2 / cmm, zone, d, (r, c))
@@ -123,12 +125,12 @@ def make_chest_pair(seed: int, change: str = "new_nodule", size: int = 512, *,
             _add_nodule(pri_lesion, r, c, d / 2 / cmm)
             add_truth("nodule", d / 2 / cmm, zone, d, (r, c))
         elif change == "growing_nodule":
-            d0 = d / rng.uniform(1.5, 2.2)
+            d0 = d / rng.uniform(1.4, 1.8)
             _add_nodule(pri_lesion, r, c, d0 / 2 / cmm)
             _add_nodule(cur_lesion, r, c, d / 2 / cmm)
             add_truth("nodule", d / 2 / cmm, zone, d, (r, c))
         elif change == "shrinking_nodule":
-            d1 = d * rng.uniform(0.35, 0.6)
+            d1 = d * rng.uniform(0.5, 0.7)
             _add_nodule(pri_lesion, r, c, d / 2 / cmm)
             _add_nodule(cur_lesion, r, c, d1 / 2 / cmm)
             add_truth("nodule", d / 2 / cmm, zone, d, (r, c))
@@ -214,8 +216,9 @@ def _render_chest(n: int, geo: _Geo, rng: np.random.Generator) -> np.ndarray:
     a -= lungs * (0.30 - 0.012 * tex)
     hu, hv, ha, hb = geo.heart
     a += 0.22 * np.sqrt(np.clip(1 - ((u - hu) / ha) ** 2 - ((v - hv) / hb) ** 2, 0, 1))
-    a += 0.18 * np.clip(1 - np.abs(u) / 0.09, 0, 1) ** 0.5 * ((v > 0.02) & (v < 0.66))
-    spine = np.clip(1 - np.abs(u) / 0.055, 0, 1) ** 0.5
+    top_bottom = np.clip((v - 0.02) / 0.03, 0, 1) * np.clip((0.66 - v) / 0.05, 0, 1)
+    a += 0.18 * np.sqrt(np.clip(1 - (u / 0.09) ** 2, 0, 1)) * top_bottom
+    spine = np.sqrt(np.clip(1 - (u / 0.055) ** 2, 0, 1))
     a += spine * (0.16 + 0.03 * np.cos(2 * np.pi * v / 0.045))
     inside = body > 0.05
     for s in (-1, 1):
@@ -230,7 +233,8 @@ def _render_chest(n: int, geo: _Geo, rng: np.random.Generator) -> np.ndarray:
         vcl = 0.12 - 0.07 * np.clip(w / 0.45, 0, 1)
         bcl = np.clip(1 - ((v - vcl) / 0.016) ** 2, 0, 1) * ((w > -0.02) & (w < 0.47))
         a += 0.10 * bcl
-    return a
+    # Detector unsharpness (~0.5 mm): real radiographs are band-limited, no feature is a step.
+    return ndimage.gaussian_filter(a, sigma=0.5 / (FOV_MM / n))
 
 
 def _pick_lung_spot(rng, geo: _Geo, n: int) -> tuple[int, int, tuple[float, float]]:
@@ -339,13 +343,14 @@ def _resample(canvas_img: np.ndarray, size: int, angle_deg: float, scale: float,
 def _expose(a: np.ndarray, rng, jitter: bool, spacing_mm: float) -> np.ndarray:
     """Log-attenuation to 12-bit detector values with this exposure's gain, gamma, heel effect, noise."""
     gain = rng.uniform(0.85, 1.15) if jitter else 1.0
-    offset = 400 + (rng.uniform(-150, 150) if jitter else 0.0)
+    offset = 300 + (rng.uniform(-100, 100) if jitter else 0.0)
     gamma = rng.uniform(0.88, 1.12) if jitter else 1.0
     heel = rng.uniform(-0.06, 0.06) if jitter else 0.0
     noise = (rng.uniform(0.8, 1.3) if jitter else 1.0) * 25.0 * min(1.0, 0.2 / spacing_mm)
     n = a.shape[0]
-    ramp = 1 + heel * ((np.arange(n, dtype=np.float32) / n) - 0.5)[:, None]
-    img = offset + gain * 3000.0 * np.clip(a, 0, None) ** gamma * ramp
+    # Heel effect: an exposure gradient, i.e. an additive ramp in this log domain.
+    ramp = heel * 2400.0 * ((np.arange(n, dtype=np.float32) / n) - 0.5)[:, None]
+    img = offset + gain * 2400.0 * np.clip(a, 0, None) ** gamma + ramp
     img += rng.standard_normal(a.shape, dtype=np.float32) * noise
     return np.clip(np.rint(img), 0, 4095).astype(np.uint16)
 

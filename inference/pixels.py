@@ -301,3 +301,24 @@ def _attributes(ds: Dataset) -> dict:
         study_instance_uid=str(ds.get("StudyInstanceUID", "") or ""),
         series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
     )
+
+
+def validate_image(img: ImageInput) -> None:
+    """The checks `load_image` makes, for arrays handed in directly (compare() calls this)."""
+    source = img.source
+    a = img.pixels
+    if not isinstance(a, np.ndarray) or a.ndim not in (2, 3):
+        raise InputError(source, "pixels", f"expected a 2D image or 3D volume, got {getattr(a, 'shape', a)!r}")
+    if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
+        raise InputError(source, "pixels", f"dtype {a.dtype} is not a real number type")
+    rows, cols = a.shape[-2:]
+    frames = a.shape[0] if a.ndim == 3 else 1
+    _check_size(source, rows, cols, frames)
+    if a.ndim == 3 and frames < 2:
+        raise InputError(source, "NumberOfFrames", "a volume needs at least 2 slices")
+    if len(img.spacing_mm) != a.ndim:
+        raise InputError(source, "PixelSpacing", f"{len(img.spacing_mm)} values for a {a.ndim}D image")
+    if not all(math.isfinite(s) and s > 0 for s in img.spacing_mm):
+        raise InputError(source, "PixelSpacing", f"{img.spacing_mm} must be positive and finite")
+    if not np.isfinite(a).all():
+        raise InputError(source, "PixelData", "contains NaN or infinite values")

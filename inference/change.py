@@ -1,0 +1,313 @@
+"""Change map and measured regions between a current image and a registered prior (2D or 3D).
+
+Steps: intensity normalisation of the prior to the current exposure (robust
+quadratic tone curve plus a smooth spatial trend for heel effect / scatter),
+Gaussian denoising, a difference map that tolerates sub-pixel misregistration
+(the current is compared with the local min..max of the prior, so edges of ribs
+and the heart that moved by a fraction of a pixel do not light up), noise
+scaling to z-scores, hysteresis thresholding and connected components.
+
+Each component is measured and given a status from the shared vocabulary by
+asking whether the lesion was already there in the prior (increase: new vs
+worsened) or is still there now (decrease: resolved vs improved): the region's
+contrast against its surrounding ring, relative to the size of the change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+Z_SEED = 5.0  # a region needs at least one pixel this far above the noise
+Z_GROW = 2.5  # and extends to where the change stays above this
+MIN_MEAN_Z = 3.0
+MIN_AREA_MM2 = 20.0  # ~5 mm disc; smaller is below what the denoised map can resolve
+MIN_VOLUME_MM3 = 60.0  # ~5 mm sphere
+PRESENT_RATIO = 0.2  # lesion peak / change peak above which the lesion is "still (or already) there"
+DENOISE_MM = 1.2
+# Denser knots in the bright tail, where bone and mediastinum sit and processing curves bend most.
+_TONE_QUANTILES = np.concatenate([np.linspace(0, 0.9, 10), [0.95, 0.98, 0.995, 1.0]])
+import os
+_DEBUG = bool(os.environ.get("CHANGE_DEBUG"))
+
+
+@dataclass
+class ChangeMap:
+    diff: np.ndarray  # tolerant difference, current minus normalised prior (current units)
+    z: np.ndarray  # diff in noise units
+    current: np.ndarray  # denoised current
+    prior: np.ndarray  # denoised, normalised, registered prior
+    noise: float  # sigma of the plain difference
+    analysed: np.ndarray  # bool: where change was assessed
+
+
+@dataclass
+class RawRegion:
+    mask: np.ndarray  # bool, analysis grid (cropped to `offset`)
+    offset: tuple[int, ...]  # index of mask[0, 0(, 0)] in the analysis grid
+    sign: int
+    mean_z: float
+    peak_z: float
+    mean_change: float  # in units of the current image's robust intensity range
+    status: str
+    confidence: float
+
+
+def change_map(current: np.ndarray, prior: np.ndarray, valid: np.ndarray,
+               spacing: tuple[float, ...]) -> ChangeMap:
+    from scipy import ndimage
+
+    analysed = ndimage.binary_erosion(valid, iterations=3)  # resampling edge
+    # Saturated (clipped) pixels carry no information about change.
+    clipped = (current >= current.max() - 1e-3 * np.ptp(current)) | (prior >= prior[valid].max() - 1e-3 * np.ptp(prior))
+    if clipped.any():
+        analysed &= ~ndimage.binary_dilation(clipped, iterations=3)
+    p = _normalise(current, prior, analysed)
+    sigma = [max(0.6, DENOISE_MM / s) for s in spacing]
+    if current.ndim == 3:
+        sigma[0] = max(0.6, min(sigma[0], 1.0))  # slab: light smoothing across slices only
+    c_s = ndimage.gaussian_filter(current, sigma)
+    p_s = ndimage.gaussian_filter(p, sigma)
+    plain = c_s - p_s
+    noise = _mad(plain[analysed]) if analysed.any() else 1.0
+    size = 3
+    lo = ndimage.minimum_filter(p_s, size=size)
+    hi = ndimage.maximum_filter(p_s, size=size)
+    diff = np.where(c_s > hi, c_s - hi, np.where(c_s < lo, c_s - lo, 0.0)).astype(np.float32)
+    diff[~analysed] = 0.0
+    z = diff / max(noise, 1e-6)
+    return ChangeMap(diff, z.astype(np.float32), c_s, p_s, float(noise), analysed)
+
+
+def _normalise(current: np.ndarray, prior: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Map prior intensities onto the current exposure: robust quadratic tone curve, then a robust
+    quadratic spatial trend of the residual. Both are fitted on a subsample; real changes are
+    small in area and are rejected as outliers."""
+    idx = np.flatnonzero(mask.ravel())
+    if idx.size < 100:
+        return prior
+    step = max(1, idx.size // 60_000)
+    idx = idx[::step]
+    c = current.ravel()[idx].astype(np.float64)
+    p = prior.ravel()[idx].astype(np.float64)
+    # Tone curve: piecewise linear with knots at prior quantiles (gamma and processing curves are
+    # smooth and monotone but not quadratic, and the brightest structures need their own segment).
+    knots = np.unique(np.quantile(p, _TONE_QUANTILES))
+    if knots.size < 3:
+        knots = np.array([p.min(), p.min() + 1e-6, p.max() + 2e-6])
+    a_tone = _hat_basis(p, knots)
+    coords = np.unravel_index(idx, current.shape)
+    grids = [(x.astype(np.float64) / n - 0.5) for x, n in zip(coords, current.shape)]
+    a_sp = _poly2(grids)
+    # Backfitting: the exposure gradient sits inside the prior's tone curve, so fit the two in turn.
+    coef_sp = np.zeros(a_sp.shape[1])
+    for _ in range(4):
+        coef = _robust_lstsq(a_tone, c - a_sp @ coef_sp)
+        coef_sp = _robust_lstsq(a_sp, c - a_tone @ coef)
+    out = _interp_extrapolate(prior.astype(np.float64), knots, coef)
+    axes = [np.arange(n, dtype=np.float64) / n - 0.5 for n in current.shape]
+    mesh = np.meshgrid(*axes, indexing="ij", sparse=True)
+    out = out + sum(k * t for k, t in zip(coef_sp, _poly2(mesh, flat=False)))
+    return out.astype(np.float32)
+
+
+def _interp_extrapolate(x: np.ndarray, knots: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """np.interp, but continuing the end segments linearly (the fit saw a subsample; clamping
+    the brightest pixels to the sample maximum would invent change there)."""
+    out = np.interp(x, knots, values)
+    lo_slope = (values[1] - values[0]) / max(knots[1] - knots[0], 1e-12)
+    hi_slope = (values[-1] - values[-2]) / max(knots[-1] - knots[-2], 1e-12)
+    out = np.where(x < knots[0], values[0] + (x - knots[0]) * lo_slope, out)
+    return np.where(x > knots[-1], values[-1] + (x - knots[-1]) * hi_slope, out)
+
+
+def _hat_basis(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """Linear-interpolation basis: column j is the weight of knot j (np.interp with unit values)."""
+    cols = []
+    for j in range(knots.size):
+        e = np.zeros(knots.size)
+        e[j] = 1.0
+        cols.append(np.interp(x, knots, e))
+    return np.stack(cols, 1)
+
+
+def _poly2(g, flat: bool = True):
+    terms = [np.ones_like(g[0]) if flat else 1.0]
+    terms += list(g)
+    for i in range(len(g)):
+        for j in range(i, len(g)):
+            terms.append(g[i] * g[j])
+    if flat:
+        return np.stack([np.broadcast_to(t, g[0].shape) for t in terms], 1)
+    return terms
+
+
+def _robust_lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    keep = np.ones(len(y), bool)
+    coef = np.zeros(a.shape[1])
+    for _ in range(3):
+        coef, *_ = np.linalg.lstsq(a[keep], y[keep], rcond=None)
+        r = y - a @ coef
+        keep = np.abs(r) < 3.0 * max(_mad(r[keep]), 1e-9)
+    return coef
+
+
+def _mad(v: np.ndarray) -> float:
+    if v.size > 500_000:
+        v = v[:: v.size // 500_000]
+    return float(1.4826 * np.median(np.abs(v - np.median(v))))
+
+
+def find_regions(cm: ChangeMap, spacing: tuple[float, ...], intensity_range: float) -> list[RawRegion]:
+    from scipy import ndimage
+
+    unit = float(np.prod(spacing))
+    min_size = (MIN_VOLUME_MM3 if cm.z.ndim == 3 else MIN_AREA_MM2) / unit
+    near_edge = ~ndimage.binary_erosion(cm.analysed, iterations=4)
+    regions = []
+    for sign in (1, -1):
+        zs = cm.z * sign
+        grow = zs > Z_GROW
+        lab, n = ndimage.label(grow)
+        if n == 0:
+            continue
+        idx = np.arange(1, n + 1)
+        peak = ndimage.maximum(zs, lab, idx)
+        sizes = ndimage.sum(grow, lab, idx)
+        for k, sl in enumerate(ndimage.find_objects(lab)):
+            if peak[k] < Z_SEED or sizes[k] < min_size:
+                continue
+            m = lab[sl] == (k + 1)
+            zvals = zs[sl][m]
+            if zvals.mean() < MIN_MEAN_Z:
+                continue
+            if near_edge[sl][m].mean() > 0.3:
+                continue  # hugging the edge of the registered field: resampling, not anatomy
+            mean_change = float(cm.diff[sl][m].mean() / max(intensity_range, 1e-6))
+            status, conf = _status(cm, sl, m, sign, zvals)
+            if _DEBUG:
+                print("region", sign, sl, float(zvals.mean()), float(peak[k]), int(sizes[k] * unit))
+            regions.append(RawRegion(m, tuple(s.start for s in sl), sign, float(zvals.mean()),
+                                     float(peak[k]), mean_change, status, conf))
+    return regions
+
+
+def _status(cm: ChangeMap, sl, m: np.ndarray, sign: int, zvals: np.ndarray) -> tuple[str, float]:
+    """new/worsened for increases, resolved/improved for decreases (see module doc).
+
+    The lesion at the other time point is measured against a harmonic (Laplace) fill of the
+    surroundings, which follows anatomy crossing the region (a rib, the diaphragm) far better
+    than a ring average; peaks rather than means, because a shrunken lesion is small and central."""
+    from scipy import ndimage
+
+    shape = cm.z.shape
+    pad = 4
+    big = tuple(slice(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(sl, shape))
+    region = np.zeros([b.stop - b.start for b in big], bool)
+    inner = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(sl, big))
+    region[inner] = m
+    hole = ndimage.binary_dilation(region, iterations=2)
+    if hole.all() or not cm.analysed[big][~hole].any():
+        return "indeterminate", 0.3
+    # The core (inner half by distance to the edge) is where a smaller lesion at the other time
+    # point sits; averaging over it lets zero-mean anatomy (texture, rib residue) cancel.
+    dist = ndimage.distance_transform_edt(region)
+    core = dist >= 0.5 * dist.max()
+    delta = float(np.mean((cm.current[big] - cm.prior[big])[core])) * sign
+    other = cm.prior[big] if sign > 0 else cm.current[big]  # the image where the lesion may be absent
+    lesion = float(np.mean((other - _harmonic_fill(other, hole))[core]))
+    if delta <= 0:
+        return "indeterminate", 0.3
+    present = lesion / delta
+    if _DEBUG:
+        print("status", sign, round(present, 3))
+    if sign > 0:
+        status = "worsened" if present > PRESENT_RATIO else "new"
+    else:
+        status = "improved" if present > PRESENT_RATIO else "resolved"
+    strength = 1.0 - math.exp(-(float(zvals.mean()) - Z_GROW) / 4.0)
+    margin = min(1.0, abs(present - PRESENT_RATIO) / 0.2)  # near the threshold the status is less sure
+    return status, round(float(np.clip(strength * (0.6 + 0.4 * margin), 0.05, 0.99)), 3)
+
+
+def _harmonic_fill(img: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Solve Laplace's equation inside `hole` with the surrounding pixels as boundary values."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.linalg import spsolve
+
+    idx = -np.ones(img.shape, np.int64)
+    unknown = np.flatnonzero(hole.ravel())
+    idx.ravel()[unknown] = np.arange(unknown.size)
+    coords = np.unravel_index(unknown, img.shape)
+    rows, cols, vals = [], [], []
+    rhs = np.zeros(unknown.size)
+    diag = np.zeros(unknown.size)
+    flat = img.astype(np.float64)
+    for ax in range(img.ndim):
+        for step in (-1, 1):
+            nb = [c.copy() for c in coords]
+            nb[ax] = nb[ax] + step
+            inside = (nb[ax] >= 0) & (nb[ax] < img.shape[ax])
+            ids = np.arange(unknown.size)[inside]
+            nbi = tuple(c[inside] for c in nb)
+            diag[ids] += 1
+            j = idx[nbi]
+            known = j < 0
+            rhs[ids[known]] += flat[tuple(c[known] for c in nbi)]
+            rows.append(ids[~known])
+            cols.append(j[~known])
+            vals.append(-np.ones((~known).sum()))
+    rows.append(np.arange(unknown.size))
+    cols.append(np.arange(unknown.size))
+    vals.append(diag)
+    a = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                   shape=(unknown.size, unknown.size)).tocsr()
+    out = flat.copy()
+    out.ravel()[unknown] = spsolve(a, rhs)
+    return out.astype(np.float32)
+
+
+def contour_2d(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Outer boundary of a 2D mask, traced clockwise (Moore neighbour), as (row, col) points."""
+    padded = np.pad(mask, 1)
+    rows, cols = np.nonzero(padded)
+    if rows.size == 0:
+        return []
+    start = (int(rows[0]), int(cols[0]))  # top-most, then left-most pixel
+    nbrs = [(-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1)]
+    out = [start]
+    cur, back = start, 6  # we entered start from its west
+    for _ in range(4 * mask.size + 8):
+        for i in range(8):
+            d = (back + 1 + i) % 8
+            nr, nc = cur[0] + nbrs[d][0], cur[1] + nbrs[d][1]
+            if padded[nr, nc]:
+                back = (d + 4) % 8
+                cur = (nr, nc)
+                break
+        else:
+            break  # single isolated pixel
+        if cur == start:
+            break
+        out.append(cur)
+    return [(r - 1, c - 1) for r, c in out]
+
+
+def longest_diameter_mm(points: np.ndarray, spacing: tuple[float, ...]) -> float:
+    """Largest distance between two boundary points, in mm (convex hull keeps it cheap)."""
+    pts = points.astype(np.float64) * np.asarray(spacing, float)
+    if len(pts) < 2:
+        return float(max(spacing))
+    if len(pts) > 3 + pts.shape[1]:
+        try:
+            from scipy.spatial import ConvexHull
+
+            pts = pts[ConvexHull(pts).vertices]
+        except Exception:  # degenerate (collinear) sets: use them all
+            pass
+    if len(pts) > 3000:
+        pts = pts[np.linspace(0, len(pts) - 1, 3000).astype(int)]
+    d = np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)).max()
+    return float(d + max(spacing))  # pixel centres to pixel edges
