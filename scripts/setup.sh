@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server orthanc orthanc-dicomweb dcmtk dicom3tools openssl)
+APT_PACKAGES=(redis-server orthanc orthanc-dicomweb dcmtk dicom3tools openssl iproute2 util-linux)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
