@@ -20,6 +20,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from .priors.settings import PriorSettings
+from .report.settings import ReportSettings
+
 CONFIG_FILE_ENV = "DICOM_NODE_CONFIG_FILE"
 
 
@@ -67,6 +70,10 @@ class Settings(BaseSettings):
     study_idle_seconds: float = 30.0
     assembly_poll_seconds: float = 1.0
     study_rules: dict[str, StudyRule] = Field(default_factory=dict)  # keyed by Modality, e.g. {"CT": {...}}
+
+    # Prior retrieval and reporting: their own sections (see their settings modules)
+    priors: PriorSettings = Field(default_factory=PriorSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
 
     # Logging
     log_level: str = "INFO"

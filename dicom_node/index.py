@@ -113,6 +113,17 @@ associations = Table(
     Column("reason", Text, nullable=False, default=""),
 )
 
+# Studies fetched from an archive as priors (registered before the retrieve starts, so
+# their arrival never queues them for analysis); also the prior cache's LRU bookkeeping.
+prior_studies = Table(
+    "prior_studies",
+    metadata,
+    Column("study_uid", String(64), primary_key=True),
+    Column("requested_at", Float, nullable=False),
+    Column("last_used_at", Float, nullable=False),
+    Column("in_use_until", Float, nullable=False, default=0.0),  # lease: never evicted before this time
+)
+
 # One row per (study, instance set) to analyse; the Celery dispatcher publishes and marks them.
 outbox = Table(
     "outbox",
@@ -373,6 +384,14 @@ class Index:
             ).first()
             if study is None or study.state != "receiving":
                 return None
+            if conn.execute(select(prior_studies.c.study_uid).where(prior_studies.c.study_uid == study_uid)).first():
+                # A prior we fetched ourselves: kept for comparison, never analysed.
+                conn.execute(
+                    update(studies)
+                    .where(studies.c.study_uid == study_uid)
+                    .values(state="complete", completed_at=now, reanalysis=False, is_prior=True)
+                )
+                return None
             sop_uids = conn.execute(
                 select(instances.c.sop_instance_uid)
                 .where(instances.c.study_uid == study_uid, instances.c.analysable.is_(True))
@@ -413,6 +432,21 @@ class Index:
             query = query.where(outbox.c.published_at.is_(None))
         with self.engine.connect() as conn:
             return [OutboxRow(**row._mapping) for row in conn.execute(query)]
+
+    # --- priors -----------------------------------------------------------------------
+
+    def mark_prior(self, study_uid: str, lease_seconds: float = 0.0, now: float | None = None) -> None:
+        """Register a study as a fetched prior (call before retrieving it); renews its LRU time and lease."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            conn.execute(
+                _insert(conn, prior_studies)
+                .values(study_uid=study_uid, requested_at=now, last_used_at=now, in_use_until=now + lease_seconds)
+                .on_conflict_do_update(
+                    index_elements=["study_uid"], set_={"last_used_at": now, "in_use_until": now + lease_seconds}
+                )
+            )
+            conn.execute(update(studies).where(studies.c.study_uid == study_uid).values(is_prior=True))
 
     # --- status -----------------------------------------------------------------------
 

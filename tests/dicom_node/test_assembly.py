@@ -124,3 +124,12 @@ def test_assembler_thread_queues_study_received_over_the_network(node, ct_study)
     run_tool("storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))
     rows = wait_until(node.index.outbox_rows, timeout=10, what="outbox row after the idle time")
     assert [(r.study_uid, r.instance_count, r.published_at) for r in rows] == [(study_uid, len(paths), None)]
+
+
+def test_fetched_prior_completes_without_being_queued(ingest):
+    study = generate_uid()
+    ingest.index.mark_prior(study)  # registered before the retrieve, as the priors module does
+    ingest(study, generate_uid(), 1)
+    assert complete_due_studies(ingest.index, settings(), time.time() + 31) == []
+    row = ingest.index.study(study)
+    assert (row["state"], row["is_prior"]) == ("complete", True)

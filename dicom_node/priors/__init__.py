@@ -1,0 +1,1 @@
+"""Prior study retrieval (query, selection rules, retrieve, cache)."""

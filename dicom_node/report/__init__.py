@@ -1,0 +1,1 @@
+"""Structured Report writing and delivery to the PACS."""
