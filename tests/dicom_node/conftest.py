@@ -1,4 +1,4 @@
-"""Fixtures: a node running in-process on its own loopback port, DCMTK tools, test data."""
+"""Fixtures: DCMTK tools and test data (the in-process node fixtures are in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.config import Settings
-from dicom_node.scp import DicomNode
 from dicom_node.synthetic import write_ct_study
-from tests.support.procs import free_port
+from tests.support.node import NODE_AE  # noqa: F401  (re-exported for the tests here)
 
-NODE_AE = "DICOM_NODE"
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 
 
@@ -32,41 +29,6 @@ def run_tool(*args: str, check: bool = True, timeout: float = 120) -> subprocess
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
-
-
-def node_settings(tmp_path: Path, **overrides) -> Settings:
-    values = dict(
-        host="127.0.0.1",
-        port=free_port(),
-        storage_dir=tmp_path / "store",
-        database_url=f"sqlite:///{tmp_path / 'index.db'}",
-        min_free_disk_mb=1,
-        study_idle_seconds=0.5,
-        assembly_poll_seconds=0.1,
-    )
-    values.update(overrides)
-    return Settings(**values)
-
-
-@pytest.fixture
-def make_node(tmp_path):
-    """Start nodes with custom settings; all are stopped at teardown."""
-    nodes: list[DicomNode] = []
-
-    def start(**overrides) -> DicomNode:
-        node = DicomNode(node_settings(tmp_path, **overrides))
-        node.start()  # returns once the listening sockets are bound
-        nodes.append(node)
-        return node
-
-    yield start
-    for node in nodes:
-        node.stop()
-
-
-@pytest.fixture
-def node(make_node) -> DicomNode:
-    return make_node()
 
 
 @pytest.fixture
