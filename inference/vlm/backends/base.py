@@ -73,6 +73,12 @@ class VLMBackend:
             self._load_vision()
         return self
 
+    def adopt(self, adapter: Adapter, model: torch.nn.Module) -> "VLMBackend":
+        """Serve an already loaded model (switching backends without re-reading the weights)."""
+        self.adapter, self.model = adapter, model
+        self._load_vision()
+        return self
+
     def _load_vision(self) -> None:
         """Prepare the vision encoder runner (torch needs nothing)."""
 
@@ -86,7 +92,7 @@ class VLMBackend:
         with torch.inference_mode():
             return self.adapter.vision_features(self.model, pixel_values, grid)
 
-    def _generate_kwargs(self) -> dict[str, Any]:
+    def _generate_kwargs(self, batch_size: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
         return {}
 
     def _pad_multiple(self) -> int:
@@ -114,7 +120,7 @@ class VLMBackend:
                 do_sample=False,
                 eos_token_id=ad.eos_token_ids(),
                 pad_token_id=ad.pad_token_id,
-                **self._generate_kwargs(),
+                **self._generate_kwargs(len(prompts), batch.prompt_len, n_new),
             )
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
