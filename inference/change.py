@@ -22,11 +22,13 @@ import numpy as np
 
 Z_SEED = 5.0  # a region needs at least one pixel this far above the noise
 Z_GROW = 2.5  # and extends to where the change stays above this
-MIN_MEAN_Z = 3.0
+MIN_MEAN_Z = 3.5
 MIN_AREA_MM2 = 20.0  # ~5 mm disc; smaller is below what the denoised map can resolve
 MIN_VOLUME_MM3 = 60.0  # ~5 mm sphere
 PRESENT_RATIO = 0.2  # lesion peak / change peak above which the lesion is "still (or already) there"
 DENOISE_MM = 1.2
+MIN_INRADIUS_MM = 1.5
+THICKNESS_RATIO = 0.08  # inradius / bounding extent below which a region is an edge band
 # Denser knots in the bright tail, where bone and mediastinum sit and processing curves bend most.
 _TONE_QUANTILES = np.concatenate([np.linspace(0, 0.9, 10), [0.95, 0.98, 0.995, 1.0]])
 import os
@@ -88,7 +90,7 @@ def _normalise(current: np.ndarray, prior: np.ndarray, mask: np.ndarray) -> np.n
     idx = np.flatnonzero(mask.ravel())
     if idx.size < 100:
         return prior
-    step = max(1, idx.size // 60_000)
+    step = max(1, idx.size // 30_000)
     idx = idx[::step]
     c = current.ravel()[idx].astype(np.float64)
     p = prior.ravel()[idx].astype(np.float64)
@@ -148,7 +150,10 @@ def _robust_lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     keep = np.ones(len(y), bool)
     coef = np.zeros(a.shape[1])
     for _ in range(3):
-        coef, *_ = np.linalg.lstsq(a[keep], y[keep], rcond=None)
+        ak = a[keep]
+        # Normal equations with a whisper of ridge: ~20x faster than lstsq for these tall, thin systems.
+        ata = ak.T @ ak
+        coef = np.linalg.solve(ata + 1e-9 * np.trace(ata) * np.eye(a.shape[1]), ak.T @ y[keep])
         r = y - a @ coef
         keep = np.abs(r) < 3.0 * max(_mad(r[keep]), 1e-9)
     return coef
@@ -185,6 +190,8 @@ def find_regions(cm: ChangeMap, spacing: tuple[float, ...], intensity_range: flo
                 continue
             if near_edge[sl][m].mean() > 0.3:
                 continue  # hugging the edge of the registered field: resampling, not anatomy
+            if not _compact_enough(m, spacing):
+                continue  # a long thin band along an edge: residual misregistration, not a lesion
             mean_change = float(cm.diff[sl][m].mean() / max(intensity_range, 1e-6))
             status, conf = _status(cm, sl, m, sign, zvals)
             if _DEBUG:
@@ -192,6 +199,16 @@ def find_regions(cm: ChangeMap, spacing: tuple[float, ...], intensity_range: flo
             regions.append(RawRegion(m, tuple(s.start for s in sl), sign, float(zvals.mean()),
                                      float(peak[k]), mean_change, status, conf))
     return regions
+
+
+def _compact_enough(m: np.ndarray, spacing: tuple[float, ...]) -> bool:
+    """Lesions are blobs (or, for effusions, thick crescents); edge artefacts are thin bands whose
+    thickness is a small fraction of their length."""
+    from scipy import ndimage
+
+    inradius = float(ndimage.distance_transform_edt(np.pad(m, 1), sampling=spacing).max())
+    extent = max((n * s for n, s in zip(m.shape, spacing)))
+    return inradius >= MIN_INRADIUS_MM and inradius >= THICKNESS_RATIO * extent
 
 
 def _status(cm: ChangeMap, sl, m: np.ndarray, sign: int, zvals: np.ndarray) -> tuple[str, float]:

@@ -231,7 +231,8 @@ def _render_chest(n: int, geo: _Geo, rng: np.random.Generator) -> np.ndarray:
             a += 0.06 * np.sqrt(b) * on_side * inside
         # clavicle: a straight bar from the sternal end to the shoulder
         vcl = 0.12 - 0.07 * np.clip(w / 0.45, 0, 1)
-        bcl = np.clip(1 - ((v - vcl) / 0.016) ** 2, 0, 1) * ((w > -0.02) & (w < 0.47))
+        taper = np.clip((w + 0.02) / 0.03, 0, 1) * np.clip((0.47 - w) / 0.06, 0, 1)  # bones taper
+        bcl = np.sqrt(np.clip(1 - ((v - vcl) / 0.016) ** 2, 0, 1)) * taper
         a += 0.10 * bcl
     # Detector unsharpness (~0.5 mm): real radiographs are band-limited, no feature is a step.
     return ndimage.gaussian_filter(a, sigma=0.5 / (FOV_MM / n))
