@@ -18,8 +18,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="PACS-integra
 
 
 @app.command()
-def serve() -> None:
-    """Run the DICOM SCP (C-ECHO, C-STORE) and the study assembler until SIGTERM/SIGINT."""
+def serve(
+    dispatch: Annotated[bool, typer.Option(help="publish completed studies to the pipeline (Redis)")] = True,
+) -> None:
+    """Run the DICOM SCP (C-ECHO, C-STORE), the study assembler and the outbox dispatcher until SIGTERM/SIGINT."""
     from .scp import DicomNode
 
     settings = load_settings()
@@ -29,8 +31,137 @@ def serve() -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     node.start()
+    dispatcher = None
+    if dispatch:
+        from .pipeline.dispatcher import Dispatcher
+
+        dispatcher = Dispatcher(node.index, settings)
+        dispatcher.start()
     stop.wait()
+    if dispatcher:
+        dispatcher.stop()
     node.stop()
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option("--queues", "-Q", help="io, gpu, or io,gpu")] = "io",
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", "-c", help="default: 1 for gpu, 2 for io")] = None,
+    hostname: Annotated[Optional[str], typer.Option("--hostname", "-n")] = None,
+) -> None:
+    """Run a Celery worker for the pipeline queues (prefetch 1, tasks acknowledged late)."""
+    from .pipeline.app import configure
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    celery_app = configure(settings)
+    # One comparison per GPU at a time: the model fills the device.
+    default = 1 if "gpu" in queues.split(",") else 2
+    argv = ["worker", "-Q", queues, "-c", str(concurrency or default), "--prefetch-multiplier", "1", "-l", settings.log_level]
+    if hostname:
+        argv += ["-n", hostname]
+    celery_app.worker_main(argv)
+
+
+@app.command()
+def jobs(
+    state: Annotated[Optional[str], typer.Option(help="only jobs in this state")] = None,
+    limit: int = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List pipeline jobs with their state, stage timings and last error."""
+    from .pipeline.runtime import Runtime
+
+    rt = Runtime.build(load_settings())
+    rows = rt.jobs.list(limit, state)
+    if as_json:
+        typer.echo(json.dumps([job.__dict__ for job in rows], indent=2, default=str))
+        return
+    for job in rows:
+        seconds = {stage: round(t["finished"] - t["started"], 2) for stage, t in job.timings.items() if "finished" in t and "started" in t}
+        typer.echo(f"{job.job_key}  {job.state:8} {job.priority:7} study={job.study_uid} attempts={job.attempts} seconds={seconds}")
+        if job.last_error:
+            typer.echo(f"    last error: {job.last_error}")
+
+
+@app.command()
+def retry(job_key: str) -> None:
+    """Run a failed job again from the start (same inputs, same output UIDs)."""
+    from .pipeline.app import configure
+    from .pipeline.runtime import Runtime
+    from .pipeline.tasks import retry_job
+
+    settings = load_settings()
+    configure(settings)
+    job = retry_job(Runtime.build(settings), job_key)
+    if job is None:
+        typer.echo(f"no job {job_key}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"job {job_key} queued again")
+
+
+@app.command()
+def compare(
+    current: Annotated[Path, typer.Argument(help="DICOM file or folder (a volume's slices) of the current study")],
+    prior: Annotated[Path, typer.Argument(help="DICOM file or folder of the prior study")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    overlay: Annotated[Optional[Path], typer.Option(help="write the change heat map as PNG")] = None,
+) -> None:
+    """Compare two images or volumes offline (no network) with the analysis engine."""
+    import inference
+    from inference.errors import InputError
+    from inference.overlay import save_overlay_png
+    from inference.pixels import load_path
+    from inference.serialize import result_to_dict
+
+    try:
+        result = inference.compare(load_path(current), [load_path(prior)])
+    except InputError as exc:
+        typer.echo(f"cannot compare: {exc}", err=True)
+        raise typer.Exit(2)
+    if overlay is not None:
+        save_overlay_png(result, overlay)
+    if as_json:
+        typer.echo(json.dumps(result_to_dict(result), indent=2, default=str))
+        return
+    typer.echo(result.summary)
+    for flag in result.sanity_flags:
+        typer.echo(f"  sanity: {flag.code}{' (refused)' if flag.blocking else ''}: {flag.reason}")
+    for line in result.findings:
+        typer.echo(f"  - {line}")
+
+
+@app.command()
+def models(
+    root: Annotated[Optional[Path], typer.Option(help="model repository (default: settings models_root)")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List the model repository and whether each model is ready (weights present, engine built)."""
+    from inference.vlm import list_models
+
+    statuses = list_models(root or load_settings().models_root)
+    if as_json:
+        typer.echo(json.dumps([s.to_dict() for s in statuses], indent=2, default=str))
+        return
+    for s in statuses:
+        typer.echo(f"{s.name:28} {s.family:12} weights={'yes' if s.weights_present else 'no':3} engine={'yes' if s.engine_ready else 'no':3} {s.detail}")
+
+
+@app.command("build-engine")
+def build_engine(
+    model: str,
+    root: Annotated[Optional[Path], typer.Option(help="model repository (default: settings models_root)")] = None,
+    force: bool = False,
+) -> None:
+    """Export the vision encoder to ONNX and build its TensorRT engine into the model's cache."""
+    from inference.vlm import VLMError, build_engine as do_build, resolve_model
+
+    try:
+        result = do_build(resolve_model(model, root or load_settings().models_root), force=force)
+    except VLMError as exc:
+        typer.echo(f"build-engine failed: {exc}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{'built' if result.built else 'already built'}: {result.directory} (key {result.key})")
 
 
 @app.command()

@@ -71,6 +71,22 @@ class Settings(BaseSettings):
     assembly_poll_seconds: float = 1.0
     study_rules: dict[str, StudyRule] = Field(default_factory=dict)  # keyed by Modality, e.g. {"CT": {...}}
 
+    # Pipeline: Celery over Redis, queues "io" and "gpu"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = "redis://127.0.0.1:6379/1"
+    work_dir: Path = Path("var/jobs")  # per-job artefacts (chosen priors, findings, overlay)
+    visibility_timeout_seconds: int = 7200  # a task unacknowledged this long is redelivered: keep above the slowest job
+    task_max_retries: int = 5
+    retry_backoff_seconds: float = 5.0  # first retry delay; doubles per attempt, with jitter
+    retry_backoff_max_seconds: float = 600.0
+    dispatch_poll_seconds: float = 1.0  # how often completed studies are published to the broker
+    worker_max_memory_mb: int = 4096  # a worker process is replaced after a job leaves it above this
+
+    # Comparison
+    vlm_model: str = ""  # a folder under models_root; empty: the analysis engine alone
+    models_root: Path = Path("models")
+    vlm_backend: str = "torch"
+
     # Prior retrieval and reporting: their own sections (see their settings modules)
     priors: PriorSettings = Field(default_factory=PriorSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)

@@ -64,6 +64,7 @@ studies = Table(
     Column("state", String(16), nullable=False, default="receiving"),
     Column("reanalysis", Boolean, nullable=False, default=False),
     Column("is_prior", Boolean, nullable=False, default=False),
+    Column("urgent", Boolean, nullable=False, default=False),  # STAT/HIGH request priority: jumps the GPU queue
     Column("first_received_at", Float, nullable=False),
     Column("last_received_at", Float, nullable=False),
     Column("completed_at", Float),
@@ -168,6 +169,7 @@ class InstanceRecord:
     analysable: bool
     path: str
     size: int
+    urgent: bool = False
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,7 @@ class Index:
                         reanalysis=case((reopened, True), else_=studies.c.reanalysis),
                         first_received_at=case((reopened, now), else_=studies.c.first_received_at),
                         modality=case((studies.c.modality == "", rec.modality), else_=studies.c.modality),
+                        urgent=studies.c.urgent | rec.urgent,
                     )
                 )
         if len(self._known_series) > KNOWN_SERIES_LIMIT:
@@ -425,6 +428,16 @@ class Index:
                 select(outbox).where(outbox.c.study_uid == study_uid, outbox.c.instance_set_hash == set_hash)
             ).one()
             return OutboxRow(**row._mapping)
+
+    def mark_published(self, outbox_id: int) -> None:
+        with self._write() as conn:
+            conn.execute(update(outbox).where(outbox.c.id == outbox_id).values(published_at=time.time(), last_error=""))
+
+    def record_publish_error(self, outbox_id: int, error: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                update(outbox).where(outbox.c.id == outbox_id).values(attempts=outbox.c.attempts + 1, last_error=error[:2000])
+            )
 
     def outbox_rows(self, pending_only: bool = False) -> list[OutboxRow]:
         query = select(outbox).order_by(outbox.c.id)

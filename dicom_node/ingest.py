@@ -185,4 +185,15 @@ def _record(
         analysable=has_pixels and modality not in NON_IMAGE_MODALITIES,
         path=path,
         size=size,
+        urgent=_is_urgent(ds),
     )
+
+
+URGENT_PRIORITIES = frozenset({"STAT", "HIGH"})
+
+
+def _is_urgent(ds: Dataset) -> bool:
+    """STAT/HIGH Requested Procedure Priority (0040,1003), at top level or in the Request Attributes Sequence."""
+    values = [_text(ds, "RequestedProcedurePriority")]
+    values += [_text(item, "RequestedProcedurePriority") for item in ds.get("RequestAttributesSequence", [])]
+    return any(value.upper() in URGENT_PRIORITIES for value in values)

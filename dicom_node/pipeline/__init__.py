@@ -1,0 +1,1 @@
+"""The distributed pipeline: outbox dispatcher, job records, Celery tasks."""
