@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 11112
 
+    # HTTP status API (/status, /metrics, /healthz); port 0 disables it
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+
     # Storage and index
     storage_dir: Path = Path("var/store")
     database_url: str = "sqlite:///var/index.db"

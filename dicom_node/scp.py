@@ -32,6 +32,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from .assembly import Assembler
 from .config import Settings
+from .http_api import ASSOCIATIONS, INSTANCES, StatusServer
 from .index import Index
 from .ingest import MEDIA_STORAGE_DIRECTORY, Ingestor
 from .logs import log_event
@@ -105,6 +106,7 @@ class DicomNode:
         self._stats_lock = threading.Lock()
         self._servers: list[ThreadedAssociationServer] = []
         self._assembler: Assembler | None = None
+        self._status: StatusServer | None = None
         self.ae = self._build_ae()
 
     # --- lifecycle --------------------------------------------------------------------
@@ -123,6 +125,9 @@ class DicomNode:
             )
         self._assembler = Assembler(self.index, s)
         self._assembler.start()
+        if s.http_port:
+            self._status = StatusServer(self.index, s.http_host, s.http_port)
+            self._status.start()
         if not s.allowed_callers:
             log_event(log, logging.WARNING, "scp.open_to_any_caller", hint="set DICOM_NODE_ALLOWED_CALLERS")
         log_event(
@@ -143,6 +148,9 @@ class DicomNode:
         for server in self._servers:
             server.shutdown()
         self._servers.clear()
+        if self._status:
+            self._status.stop()
+            self._status = None
         self.index.dispose()
 
     # --- wiring -----------------------------------------------------------------------
@@ -189,6 +197,7 @@ class DicomNode:
             )
 
     def _reject(self, assoc, rsd: tuple[int, int, int], calling: str, called: str, host: str, port: int, reason: str) -> None:
+        ASSOCIATIONS.labels("rejected").inc()
         # Audit first: the peer may look at our status as soon as it has the rejection.
         self.index.open_association(calling, called, host, port, "rejected", reason)
         log_event(log, logging.WARNING, "association.rejected", calling_ae=calling, called_ae=called, peer=f"{host}:{port}", reason=reason)
@@ -226,6 +235,7 @@ class DicomNode:
             stats = self._stats.pop(id(event.assoc), None)
         if stats is None:
             return  # rejected before acceptance: already audited
+        ASSOCIATIONS.labels(result).inc()
         self.index.close_association(stats.audit_id, result, stats.received, stats.failures, stats.last_failure)
         log_event(
             log,
@@ -248,6 +258,7 @@ class DicomNode:
             str(request.AffectedSOPClassUID or ""),
             str(request.AffectedSOPInstanceUID or ""),
         )
+        INSTANCES.labels("accepted" if result.ok else f"0x{result.status:04X}").inc()
         with self._stats_lock:
             stats = self._stats.get(id(event.assoc))
             if stats is not None:

@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from dicom_node.config import CONFIG_FILE_ENV, Settings
+from inference.types import CHANGE_STATUSES
 from tests.support.procs import REPO
 
 from .conftest import NODE_AE
@@ -79,3 +80,53 @@ def test_cli_send_rejected_calling_ae_says_register(make_node, ct_study):
     result = cli("send", "127.0.0.1", str(node.settings.port), str(paths[0]), "-c", NODE_AE, "-a", "STRANGER")
     assert result.returncode == 2
     assert "register this node's AE title" in result.stderr
+
+
+def test_http_status_and_metrics(node, ct_study):
+    import urllib.request
+
+    from .conftest import run_tool
+
+    _, paths = ct_study
+    run_tool("storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))
+    base = f"http://127.0.0.1:{node.settings.http_port}"
+    with urllib.request.urlopen(base + "/status") as response:
+        status = json.loads(response.read())
+    assert status["counts"]["instances"] == len(paths)
+    with urllib.request.urlopen(base + "/metrics") as response:
+        metrics = response.read().decode()
+    assert 'dicom_node_instances_total{outcome="accepted"}' in metrics
+    assert 'dicom_node_index{kind="instances"} 5.0' in metrics
+
+
+def test_cli_compare_offline_finds_new_nodule(tmp_path):
+    from inference.phantoms import make_chest_pair
+
+    pair = make_chest_pair(seed=3, change="new_nodule", size=256)
+    current, prior = tmp_path / "current.dcm", tmp_path / "prior.dcm"
+    pair.current.save_as(current, enforce_file_format=True)
+    pair.prior.save_as(prior, enforce_file_format=True)
+    overlay = tmp_path / "overlay.png"
+    result = cli("compare", str(current), str(prior), "--json", "--overlay", str(overlay))
+    assert result.returncode == 0, result.stderr
+    regions = json.loads(result.stdout)["regions"]
+    # Detection and place are this command's business; status accuracy is benchmarked in inference.
+    assert len(regions) == 1
+    assert regions[0]["zone"] == pair.truth.regions[0].zone
+    assert regions[0]["status"] in CHANGE_STATUSES
+    assert overlay.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_compare_bad_file_names_it(tmp_path):
+    bad = tmp_path / "broken.dcm"
+    bad.write_bytes(b"not dicom at all")
+    result = cli("compare", str(bad), str(bad))
+    assert result.returncode == 2
+    assert "broken.dcm" in result.stderr
+
+
+def test_cli_models_lists_repository():
+    result = cli("models", "--json")
+    assert result.returncode == 0, result.stderr
+    names = {m["name"] for m in json.loads(result.stdout)}
+    assert {"medgemma-4b-it", "qwen2.5-vl-3b-instruct"} <= names

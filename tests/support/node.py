@@ -20,6 +20,7 @@ def node_settings(tmp_path: Path, **overrides) -> Settings:
         min_free_disk_mb=1,
         study_idle_seconds=0.5,
         assembly_poll_seconds=0.1,
+        http_port=free_port(),
     )
     values.update(overrides)
     return Settings(**values)

@@ -40,6 +40,7 @@ def node_env(root: Path, port: int, extra_env: dict[str, str] | None = None) -> 
         DICOM_NODE_DATABASE_URL=f"sqlite:///{root / 'index.db'}",
         DICOM_NODE_MIN_FREE_DISK_MB="1",
         DICOM_NODE_LOG_FORMAT="json",
+        DICOM_NODE_HTTP_PORT=str(free_port()),
     )
     env.update(extra_env or {})
     return env
