@@ -1,0 +1,443 @@
+"""The node's answer as a Comprehensive 3D SR with TID 1500 (Measurement Report), per the IHE AI Results profile.
+
+Content tree:
+
+    Imaging Measurement Report (TID 1500)
+      Language, observer context (device: the algorithm), Procedure Reported
+      Imaging Measurements           one Measurement Group (TID 1410 / 1501) per finding:
+        Tracking Identifier + UID      stable across re-analyses (study + zone + finding kind)
+        Finding, Finding Site          SNOMED CT codes
+        Algorithm Identification       TID 4019 (name, version, parameters)
+        Area / Long axis / Volume / Signal change   UCUM units, each citing current and prior image
+        Image Region (SCOORD)          the region's outline on the current image
+        Description of Change          SNOMED CT (see codes.py for the table)
+        Finding (TEXT), Comment (TEXT) the model's words and evidence
+      Qualitative Evaluations        impression, comparison interval, prior study date and accession,
+                                     or why there was no comparison (no prior / sanity-gate refusal)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from dataclasses import dataclass, field
+
+import highdicom as hd
+import numpy as np
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    Comprehensive3DSR,
+    ContainerContentItem,
+    DeviceObserverIdentifyingAttributes,
+    ImageRegion,
+    LanguageOfContentItemAndDescendants,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
+    RelationshipTypeValues,
+    SourceImageForMeasurement,
+    SourceImageForRegion,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.uid import generate_uid
+
+from inference.types import ChangeRegion, ComparisonResult
+from inference.vlm.schema import DeviceFinding, Finding, VLMResult
+
+from .. import identity
+from . import codes
+from .settings import ReportSettings
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+
+
+@dataclass
+class StudyRef:
+    study_uid: str
+    study_date: str = ""  # DICOM DA (YYYYMMDD)
+    accession_number: str = ""
+    study_description: str = ""
+    instances: list[ImageRef] = field(default_factory=list)
+
+
+@dataclass
+class ReportInput:
+    current_dataset: Dataset  # one current image (header only is fine): patient/study modules are copied from it
+    current: StudyRef
+    priors: list[StudyRef]  # empty: "no prior available" SR
+    comparison: ComparisonResult  # refused=True: sanity-gate refusal SR (reasons from sanity_flags)
+    vlm: VLMResult | None
+    model_name: str
+    model_version: str
+    algorithm_parameters: dict[str, str]
+    input_key: str  # hash of (study uid + instance set + model version): basis for the SR SOP Instance UID
+    predecessor: ImageRef | None = None  # earlier SR of the same study (re-analysis)
+    instance_number: int = 1  # Instance Number of the SR (e.g. 1 + the number of earlier reports)
+
+
+# --- deterministic UIDs -----------------------------------------------------------------------
+
+
+def _uid(*parts: str) -> str:
+    return generate_uid(prefix=identity.UID_ROOT, entropy_srcs=[str(p) for p in parts])
+
+
+def sr_sop_instance_uid(input_key: str) -> str:
+    return _uid("sr", input_key)
+
+
+def sr_series_uid(study_uid: str, model_name: str) -> str:
+    return _uid("sr-series", study_uid, model_name)
+
+
+def overlay_sop_instance_uid(input_key: str) -> str:
+    return _uid("sc", input_key)
+
+
+def overlay_series_uid(study_uid: str, model_name: str) -> str:
+    return _uid("sc-series", study_uid, model_name)
+
+
+def device_uid(model_name: str, model_version: str) -> str:
+    """The algorithm as a device: a new UID whenever the model or the node's software changes."""
+    return _uid("device", model_name, model_version, identity.SOFTWARE_VERSION)
+
+
+def tracking_uid(study_uid: str, zone: str, kind: str, ordinal: int = 0) -> str:
+    """Stable across re-analyses of the same study: depends on where and what, never on the run."""
+    return _uid("tracking", study_uid, zone.strip().lower(), kind, ordinal)
+
+
+# --- findings: VLM findings and measured regions merged ----------------------------------------
+
+
+@dataclass
+class _Item:
+    label: str  # what is found ("nodule", "increase in density", "central line")
+    zone: str
+    status_code: object  # a pydicom Code
+    status_word: str
+    finding_code: object
+    kind: str  # stable word for the tracking UID
+    region: ChangeRegion | None = None
+    text: str = ""  # the model's words
+    evidence: str = ""
+
+
+def _items(inp: ReportInput) -> list[_Item]:
+    regions = list(inp.comparison.regions) if not inp.comparison.refused else []
+    vlm = inp.vlm if inp.vlm is not None and inp.vlm.usable else None
+    items: list[_Item] = []
+    if vlm is not None:
+        for f in vlm.findings:
+            region = _take_region(regions, f)
+            items.append(_vlm_item(f, region))
+    for region in regions:  # measured but not described by the model (or no model output)
+        items.append(
+            _Item(
+                label=f"measured {'increase' if region.kind != 'decrease' else 'decrease'} in density",
+                zone=region.zone,
+                status_code=codes.CHANGE_CODES.get(region.status, codes.UNDETERMINED),
+                status_word=region.status,
+                finding_code=codes.IMAGING_FINDING,
+                kind=f"measured-{region.kind or 'change'}",
+                region=region,
+            )
+        )
+    if vlm is not None:
+        for d in vlm.devices:
+            items.append(_device_item(d))
+    return items
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().replace("_", " ").split())
+
+
+def _take_region(regions: list[ChangeRegion], f: Finding) -> ChangeRegion | None:
+    """The measured region in the zone the model named (same change direction preferred)."""
+    same_zone = [r for r in regions if _norm(r.zone) == _norm(f.region)]
+    if not same_zone:
+        return None
+    same_zone.sort(key=lambda r: (r.status != f.change, -r.confidence))
+    regions.remove(same_zone[0])
+    return same_zone[0]
+
+
+def _vlm_item(f: Finding, region: ChangeRegion | None) -> _Item:
+    return _Item(
+        label=f.finding,
+        zone=f.region,
+        status_code=codes.CHANGE_CODES.get(f.change, codes.UNDETERMINED),
+        status_word=f.change,
+        finding_code=codes.finding_type(f.finding),
+        kind=codes.finding_kind(f.finding),
+        region=region,
+        text=f.finding,
+        evidence=f"{f.evidence} (severity {f.severity}, confidence {f.confidence:.2f}, source {f.source})".strip(),
+    )
+
+
+def _device_item(d: DeviceFinding) -> _Item:
+    return _Item(
+        label=d.device,
+        zone="device",
+        status_code=codes.DEVICE_CODES.get(d.status, codes.UNDETERMINED),
+        status_word=d.status,
+        finding_code=codes.DEVICE,
+        kind="device " + _norm(d.device),
+        text=d.device,
+        evidence=f"device {d.status}",
+    )
+
+
+# --- building -----------------------------------------------------------------------------------
+
+
+def _ref_dataset(ref: ImageRef) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = ref.sop_class_uid
+    ds.SOPInstanceUID = ref.sop_instance_uid
+    ds.SeriesInstanceUID = ref.series_uid
+    ds.StudyInstanceUID = ref.study_uid
+    return ds
+
+
+def _region_image(inp: ReportInput) -> ImageRef:
+    ds = inp.current_dataset
+    return ImageRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID))
+
+
+def _prior_image(inp: ReportInput) -> ImageRef | None:
+    """The prior image actually compared (ComparisonResult.prior_source), else the first prior instance."""
+    all_prior = [ref for study in inp.priors for ref in study.instances]
+    for ref in all_prior:
+        if ref.sop_instance_uid == inp.comparison.prior_source:
+            return ref
+    return all_prior[0] if all_prior else None
+
+
+def _compared_prior_study(inp: ReportInput) -> StudyRef | None:
+    prior = _prior_image(inp)
+    for study in inp.priors:
+        if prior is not None and study.study_uid == prior.study_uid:
+            return study
+    return inp.priors[0] if inp.priors else None
+
+
+def _algorithm(inp: ReportInput) -> AlgorithmIdentification:
+    params = [f"{k}={v}" for k, v in sorted(inp.algorithm_parameters.items())] or None
+    return AlgorithmIdentification(name=inp.model_name, version=inp.model_version, parameters=params)
+
+
+def _polyline(region: ChangeRegion, max_points: int) -> np.ndarray:
+    """Closed outline in (column, row) image coordinates: the contour when known, else the box."""
+    if len(region.contour) >= 3:
+        pts = np.asarray(region.contour, dtype=float)[:, ::-1] + 0.5  # pixel centres
+        if len(pts) > max_points - 1:
+            pts = pts[np.linspace(0, len(pts) - 1, max_points - 1).astype(int)]
+    else:
+        r0, c0, r1, c1 = region.bbox
+        pts = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1]], dtype=float)
+    return np.vstack([pts, pts[:1]])
+
+
+def _group(inp: ReportInput, item: _Item, tracking: TrackingIdentifier, settings: ReportSettings):
+    current_img = _region_image(inp)
+    prior_img = _prior_image(inp)
+    sources = [SourceImageForMeasurement(current_img.sop_class_uid, current_img.sop_instance_uid)]
+    if prior_img is not None:
+        sources.append(SourceImageForMeasurement(prior_img.sop_class_uid, prior_img.sop_instance_uid))
+    algorithm = _algorithm(inp)
+    site = codes.finding_site(item.zone)
+    measurements: list[Measurement] = []
+    region = item.region
+    if region is not None:
+        values = [(codes.AREA, region.area_mm2, codes.MM2), (codes.LONG_AXIS, region.longest_diameter_mm, codes.MM)]
+        if region.volume_mm3 is not None:
+            values.append((codes.VOLUME, region.volume_mm3, codes.MM3))
+        values.append((codes.MEAN_INTENSITY_CHANGE, region.mean_change, codes.NO_UNITS))
+        for name, value, unit in values:
+            measurements.append(
+                Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm, referenced_images=sources)
+            )
+    evaluations = [QualitativeEvaluation(codes.DESCRIPTION_OF_CHANGE, item.status_code)]
+    common = dict(
+        tracking_identifier=tracking,
+        finding_type=item.finding_code,
+        algorithm_id=algorithm,
+        finding_sites=[site] if site is not None else None,
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations,
+    )
+    if region is not None:
+        image_region = ImageRegion(
+            graphic_type="POLYLINE",
+            graphic_data=_polyline(region, settings.max_polygon_points),
+            source_image=SourceImageForRegion(current_img.sop_class_uid, current_img.sop_instance_uid),
+        )
+        group = PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=image_region, **common)
+    else:
+        group = MeasurementsAndQualitativeEvaluations(**common)
+    texts = [(codes.FINDING, f"{item.label} ({item.zone}): {item.status_word}")]
+    if item.evidence:
+        texts.append((codes.COMMENT, item.evidence))
+    for name, value in texts:
+        group[0].ContentSequence.append(
+            TextContentItem(name=name, value=_clip(value), relationship_type=RelationshipTypeValues.CONTAINS)
+        )
+    return group
+
+
+def _clip(text: str, limit: int = 4000) -> str:
+    # UT allows more, but PACS viewers do not; a long model output is cut, never dropped.
+    text = " ".join(text.split()) or "-"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _summary_texts(inp: ReportInput) -> list[tuple[object, str]]:
+    """Report-level statements for the Qualitative Evaluations container (never empty)."""
+    cmp = inp.comparison
+    out: list[tuple[object, str]] = []
+    if cmp.refused:
+        reasons = "; ".join(f"{f.code}: {f.reason}" for f in cmp.sanity_flags if f.blocking) or "no reason given"
+        out.append((codes.COMMENT, f"Comparison not performed: the sanity gate refused the image pair ({reasons})."))
+    elif not inp.priors or cmp.no_prior:
+        out.append((codes.COMMENT, "No prior study available for comparison; the current study was not compared."))
+    else:
+        prior = _compared_prior_study(inp)
+        if prior is not None:
+            out.append((codes.STUDY_DATE, _format_date(prior.study_date) or "unknown"))
+            out.append((codes.ACCESSION_NUMBER, prior.accession_number or "unknown"))
+            out.append((codes.COMMENT, _interval_text(inp, prior)))
+    warnings = [f"{f.code}: {f.reason}" for f in cmp.sanity_flags if not f.blocking]
+    if warnings:
+        out.append((codes.COMMENT, "Warnings: " + "; ".join(warnings)))
+    if inp.vlm is not None:
+        if inp.vlm.usable and inp.vlm.impression:
+            out.append((codes.IMPRESSION, inp.vlm.impression))
+        if inp.vlm.flags:
+            out.append((codes.COMMENT, "Model output flags: " + ", ".join(inp.vlm.flags)))
+        if inp.vlm.usable and inp.vlm.priority != "routine":
+            out.append((codes.COMMENT, f"Priority: {inp.vlm.priority}"))
+    if cmp.summary:
+        out.append((codes.COMMENT, cmp.summary))
+    if not cmp.refused and inp.priors and not cmp.regions and not (inp.vlm and inp.vlm.findings):
+        out.append((codes.COMMENT, "No measurable change from the prior study."))
+    return out
+
+
+def _format_date(da: str) -> str:
+    return f"{da[:4]}-{da[4:6]}-{da[6:8]}" if len(da) == 8 and da.isdigit() else da
+
+
+def _interval_text(inp: ReportInput, prior: StudyRef) -> str:
+    current_da = inp.current.study_date or str(inp.current_dataset.get("StudyDate", ""))
+    text = (f"Compared with prior study of {_format_date(prior.study_date) or 'unknown date'} "
+            f"(accession {prior.accession_number or 'unknown'})")
+    try:
+        days = (dt.datetime.strptime(current_da, "%Y%m%d") - dt.datetime.strptime(prior.study_date, "%Y%m%d")).days
+        text += f"; comparison interval {days} days."
+    except ValueError:
+        text += "; comparison interval unknown."
+    return text
+
+
+def _tracking_identifiers(inp: ReportInput, items: list[_Item]) -> list[TrackingIdentifier]:
+    seen: Counter = Counter()
+    out = []
+    for item in items:
+        key = (_norm(item.zone), item.kind)
+        ordinal = seen[key]
+        seen[key] += 1
+        identifier = f"{item.label} / {item.zone}" + (f" #{ordinal + 1}" if ordinal else "")
+        out.append(TrackingIdentifier(uid=tracking_uid(inp.current.study_uid, item.zone, item.kind, ordinal),
+                                      identifier=identifier[:64]))
+    return out
+
+
+def _evidence(inp: ReportInput) -> list[Dataset]:
+    seen = {str(inp.current_dataset.SOPInstanceUID)}
+    evidence = [inp.current_dataset]
+    for ref in [*inp.current.instances, *(r for p in inp.priors for r in p.instances)]:
+        if ref.sop_instance_uid not in seen:
+            seen.add(ref.sop_instance_uid)
+            evidence.append(_ref_dataset(ref))
+    return evidence
+
+
+def build_sr(inp: ReportInput, settings: ReportSettings) -> Dataset:
+    """The TID 1500 Comprehensive 3D SR for one analysis; same inputs, same SOP Instance UID."""
+    ds = inp.current_dataset
+    if str(ds.StudyInstanceUID) != inp.current.study_uid:
+        raise ValueError(f"current_dataset belongs to study {ds.StudyInstanceUID}, not {inp.current.study_uid}")
+    device = DeviceObserverIdentifyingAttributes(
+        uid=device_uid(inp.model_name, inp.model_version),
+        name=f"{inp.model_name} {inp.model_version}"[:64],
+        manufacturer_name=identity.MANUFACTURER,
+        model_name=identity.MANUFACTURER_MODEL_NAME,
+    )
+    context = ObservationContext(observer_device_context=ObserverContext(dcm_codes.DCM.Device, device))
+    items = _items(inp)
+    groups = [_group(inp, item, tid, settings) for item, tid in zip(items, _tracking_identifiers(inp, items))]
+    placeholder = not groups
+    report = MeasurementReport(
+        observation_context=context,
+        procedure_reported=codes.procedure_code(str(ds.get("Modality", "")), str(ds.get("BodyPartExamined", ""))),
+        imaging_measurements=groups or [MeasurementsAndQualitativeEvaluations(TrackingIdentifier(identifier="none"))],
+        language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(codes.language_code(settings.language)),
+    )
+    root = report[0]
+    if placeholder:  # highdicom insists on a group; a report without findings has no Imaging Measurements
+        root.ContentSequence = [item for item in root.ContentSequence
+                                if item.ConceptNameCodeSequence[0].CodeValue != dcm_codes.DCM.ImagingMeasurements.value]
+    evaluations = ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS)
+    evaluations.ContentSequence = [
+        TextContentItem(name=name, value=_clip(value), relationship_type=RelationshipTypeValues.CONTAINS)
+        for name, value in _summary_texts(inp)
+    ]
+    root.ContentSequence.append(evaluations)
+
+    equipment = hd.ContributingEquipment(
+        manufacturer=identity.MANUFACTURER,
+        purpose_of_reference=dcm_codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=f"{identity.MANUFACTURER_MODEL_NAME} / {inp.model_name}"[:64],
+        software_versions=[identity.SOFTWARE_VERSION, inp.model_version[:64]],
+        contribution_description=f"Comparative analysis by {inp.model_name} {inp.model_version}"[:64],
+    )
+    equipment.DeviceUID = device_uid(inp.model_name, inp.model_version)
+    sr = Comprehensive3DSR(
+        evidence=_evidence(inp),
+        content=report,
+        series_instance_uid=sr_series_uid(inp.current.study_uid, inp.model_name),
+        series_number=settings.series_number,
+        sop_instance_uid=sr_sop_instance_uid(inp.input_key),
+        instance_number=inp.instance_number,
+        manufacturer=identity.MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=settings.institution_name or ds.get("InstitutionName") or None,
+        previous_versions=[_ref_dataset(inp.predecessor)] if inp.predecessor is not None else None,
+        contributing_equipment=[equipment],
+        series_description=identity.RESULT_SERIES_DESCRIPTION,
+        manufacturer_model_name=identity.MANUFACTURER_MODEL_NAME,
+        software_versions=identity.SOFTWARE_VERSION,
+    )
+    return sr
