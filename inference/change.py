@@ -24,7 +24,8 @@ Z_SEED = 5.0  # a region needs at least one pixel this far above the noise
 Z_GROW = 2.5  # and extends to where the change stays above this
 MIN_MEAN_Z = 3.5
 MIN_AREA_MM2 = 20.0  # ~5 mm disc; smaller is below what the denoised map can resolve
-MIN_VOLUME_MM3 = 60.0  # ~5 mm sphere
+MIN_VOLUME_MM3 = 100.0  # ~6 mm sphere
+Z_SEED_3D = 6.0  # a volume has many more voxels in which noise can reach Z_SEED
 PRESENT_RATIO = 0.2  # lesion peak / change peak above which the lesion is "still (or already) there"
 DENOISE_MM = 1.2
 MIN_INRADIUS_MM = 1.5
@@ -182,11 +183,16 @@ def find_regions(cm: ChangeMap, spacing: tuple[float, ...], intensity_range: flo
         peak = ndimage.maximum(zs, lab, idx)
         sizes = ndimage.sum(grow, lab, idx)
         for k, sl in enumerate(ndimage.find_objects(lab)):
-            if peak[k] < Z_SEED or sizes[k] < min_size:
+            if peak[k] < (Z_SEED_3D if cm.z.ndim == 3 else Z_SEED) or sizes[k] < min_size:
                 continue
             m = lab[sl] == (k + 1)
+            if m.ndim == 3:
+                # Volumes: a solid lesion's edge is its half-maximum (partial volume and smoothing
+                # spread a high-contrast CT nodule well beyond it at a noise-based threshold).
+                m &= zs[sl] >= 0.5 * float(np.percentile(zs[sl][m], 95))
+                m = _largest_component(m)
             zvals = zs[sl][m]
-            if zvals.mean() < MIN_MEAN_Z:
+            if zvals.mean() < MIN_MEAN_Z or m.sum() < min_size:
                 continue
             if near_edge[sl][m].mean() > 0.3:
                 continue  # hugging the edge of the registered field: resampling, not anatomy
@@ -199,6 +205,15 @@ def find_regions(cm: ChangeMap, spacing: tuple[float, ...], intensity_range: flo
             regions.append(RawRegion(m, tuple(s.start for s in sl), sign, float(zvals.mean()),
                                      float(peak[k]), mean_change, status, conf))
     return regions
+
+
+def _largest_component(m: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    lab, n = ndimage.label(m)
+    if n <= 1:
+        return m
+    return lab == (1 + int(np.argmax(ndimage.sum(m, lab, range(1, n + 1)))))
 
 
 def _compact_enough(m: np.ndarray, spacing: tuple[float, ...]) -> bool:

@@ -58,7 +58,9 @@ def fft_translation(fixed: np.ndarray, moving: np.ndarray) -> tuple[np.ndarray, 
         w = np.hanning(n).astype(np.float32)
         window = window * w.reshape([-1 if i == ax else 1 for i in range(f.ndim)])
     big = [2 * n for n in f.shape]  # zero padding: linear, not circular, correlation
-    xc = np.fft.irfftn(np.fft.rfftn(f * window, big) * np.conj(np.fft.rfftn(m * window, big)), big)
+    axes = list(range(f.ndim))
+    xc = np.fft.irfftn(np.fft.rfftn(f * window, big, axes=axes) * np.conj(np.fft.rfftn(m * window, big, axes=axes)),
+                       big, axes=axes)
     idx = np.unravel_index(int(np.argmax(xc)), xc.shape)
     shift = np.array([i if i < n else i - 2 * n for i, n in zip(idx, f.shape)])
     return shift, ncc_shifted(fixed, moving, shift)

@@ -19,6 +19,7 @@ NCC_MIN_AFTER = 0.6  # below this the images do not depict the same anatomy well
 MIN_OVERLAP = 0.5  # fraction of the current image the registered prior must cover
 _COARSE_MM = 4.0
 REG_MAX_SIDE = 256
+REG_MAX_SIDE_3D = 96  # rigid 3D needs few voxels; in-plane detail beyond this only costs time
 _SEED = 20240601  # fixed sampling seed: the same inputs always give the same registration
 
 
@@ -37,8 +38,9 @@ def register(fixed: np.ndarray, fixed_spacing: tuple[float, ...], moving: np.nda
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     dim = fixed.ndim
     # Optimise on a grid of at most REG_MAX_SIDE px (the transform is physical, so it applies at any grid).
-    ff = tuple(factor_for(fixed.shape[-2:], REG_MAX_SIDE) if ax >= dim - 2 else 1 for ax in range(dim))
-    mf = tuple(factor_for(moving.shape[-2:], REG_MAX_SIDE) if ax >= dim - 2 else 1 for ax in range(dim))
+    side = REG_MAX_SIDE if dim == 2 else REG_MAX_SIDE_3D
+    ff = tuple(factor_for(fixed.shape[-2:], side) if ax >= dim - 2 else 1 for ax in range(dim))
+    mf = tuple(factor_for(moving.shape[-2:], side) if ax >= dim - 2 else 1 for ax in range(dim))
     f_img = _to_sitk(robust_scale(block_mean(fixed, ff)), tuple(s * k for s, k in zip(fixed_spacing, ff)))
     m_img = _to_sitk(robust_scale(block_mean(moving, mf)), tuple(s * k for s, k in zip(moving_spacing, mf)))
     f_full = _to_sitk(fixed, fixed_spacing)
