@@ -1,0 +1,141 @@
+"""A real Orthanc (Debian package) as the hospital PACS, on loopback ports of its own.
+
+Orthanc 1.10 binds 0.0.0.0 and has no bind option, so it may only run inside a private
+network namespace holding nothing but loopback: scripts/test.sh and scripts/quickstart.sh
+run in one (`unshare -n`). `require_private_network()` refuses to start Orthanc anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .procs import free_port, stop, wait_for_port
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+ROUTING_LUA = Path(__file__).resolve().parents[2] / "deploy" / "orthanc" / "routing.lua"
+
+
+def routing_lua(from_aet: str, to_modality: str) -> str:
+    """The site routing rule (deploy/orthanc/routing.lua) with its two settings filled in."""
+    return f"ROUTE_FROM_AET = {from_aet!r}\nROUTE_TO = {to_modality!r}\n" + ROUTING_LUA.read_text()
+
+
+def require_private_network() -> None:
+    interfaces = sorted(name for _, name in socket.if_nameindex())  # this process's namespace
+    if interfaces != ["lo"]:
+        raise RuntimeError(
+            f"Orthanc binds 0.0.0.0; refusing to start it with network interfaces {interfaces}. "
+            "Run it through scripts/test.sh or scripts/quickstart.sh, which use a private network namespace (unshare -n)."
+        )
+
+
+@dataclass
+class Orthanc:
+    """A running Orthanc; `modalities` maps a name to (AE title, host, port)."""
+
+    root: Path
+    aet: str = "ORTHANC"
+    modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    lua: str = ""
+    dicom_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def config(self) -> dict:
+        config = {
+            "Name": "test-pacs",
+            "StorageDirectory": str(self.root / "storage"),
+            "IndexDirectory": str(self.root / "index"),
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomModalities": {name: list(value) for name, value in self.modalities.items()},
+            "StableAge": 1,
+            "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "LuaScripts": [str(self.root / "routing.lua")] if self.lua else [],
+        }
+        return config
+
+    def start(self) -> "Orthanc":
+        require_private_network()
+        if shutil.which("Orthanc") is None:
+            raise RuntimeError("Orthanc not found: apt-get install orthanc orthanc-dicomweb")
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.lua:
+            (self.root / "routing.lua").write_text(self.lua)
+        (self.root / "orthanc.json").write_text(json.dumps(self.config(), indent=2))
+        log = open(self.root / "orthanc.log", "ab")
+        self.proc = subprocess.Popen(
+            ["Orthanc", str(self.root / "orthanc.json")],
+            env=dict(os.environ, TCP_NODELAY="1"),
+            stdout=log,
+            stderr=log,
+        )
+        wait_for_port(self.http_port, timeout=30, proc=self.proc)
+        wait_for_port(self.dicom_port, timeout=30, proc=self.proc)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.get("/system")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+        raise TimeoutError("Orthanc REST API did not come up")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    # --- REST helpers for assertions -------------------------------------------------------
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: bytes | dict | str):
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body.encode() if isinstance(body, str) else body
+        request = urllib.request.Request(self.url + path, data=data, method="POST")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            payload = response.read()
+            return json.loads(payload) if payload else None
+
+    def upload(self, path: Path) -> dict:
+        return self.post("/instances", path.read_bytes())
+
+    def studies(self) -> list[dict]:
+        return [self.get(f"/studies/{orthanc_id}") for orthanc_id in self.get("/studies")]
+
+    def instances_of_study(self, study_uid: str) -> list[dict]:
+        matches = self.post("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True})
+        return matches
+
+    def instance_file(self, orthanc_id: str) -> bytes:
+        with urllib.request.urlopen(f"{self.url}/instances/{orthanc_id}/file", timeout=30) as response:
+            return response.read()
