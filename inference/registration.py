@@ -19,6 +19,7 @@ NCC_MIN_AFTER = 0.6  # below this the images do not depict the same anatomy well
 MIN_OVERLAP = 0.5  # fraction of the current image the registered prior must cover
 _COARSE_MM = 4.0
 REG_MAX_SIDE = 256
+_START_ANGLES = (-6.0, -3.0, 0.0, 3.0, 6.0)
 REG_MAX_SIDE_3D = 96  # rigid 3D needs few voxels; in-plane detail beyond this only costs time
 _SEED = 20240601  # fixed sampling seed: the same inputs always give the same registration
 
@@ -51,13 +52,23 @@ def register(fixed: np.ndarray, fixed_spacing: tuple[float, ...], moving: np.nda
     fc = sitk.GetArrayFromImage(sitk.Resample(f_img, coarse, sitk.Transform(dim, sitk.sitkIdentity),
                                               sitk.sitkLinear, 0.0))
     mc = sitk.GetArrayFromImage(sitk.Resample(m_img, coarse, centring, sitk.sitkLinear, 0.0))
-    shift, _ = fft_translation(fc, mc)
+    # Gradient descent from zero rotation can settle a few degrees off (a rotated rib cage offers
+    # many local minima), so the start angle is searched too, in-plane.
+    best = (-2.0, np.zeros(dim, int), 0.0)
+    for angle in _START_ANGLES:
+        rotated = mc if angle == 0 else _rotate_inplane(mc, angle)
+        shift, score = fft_translation(fc, rotated)
+        if score > best[0]:
+            best = (score, shift, angle)
+    _, shift, angle = best
     t0 = _centre(m_img) - _centre(f_img) - shift[::-1].astype(float) * _COARSE_MM
 
     if dim == 2:
         rigid = sitk.Similarity2DTransform()
+        rigid.SetAngle(-np.deg2rad(angle))
     else:
         rigid = sitk.Euler3DTransform()
+        rigid.SetRotation(0.0, 0.0, -np.deg2rad(angle))
     rigid.SetCenter(tuple(_centre(f_img)))
     rigid.SetTranslation(tuple(t0))
     rigid = _run(f_img, m_img, rigid, shrink=[4, 2, 1], sigmas=[2, 1, 0], iterations=60)
@@ -68,8 +79,12 @@ def register(fixed: np.ndarray, fixed_spacing: tuple[float, ...], moving: np.nda
         affine.SetCenter(rigid.GetCenter())
         affine.SetMatrix(rigid.GetMatrix())
         affine.SetTranslation(rigid.GetTranslation())
-        final = _run(f_img, m_img, affine, shrink=[2, 1], sigmas=[1, 0], iterations=40)
-        name += "+affine"
+        affine = _run(f_img, m_img, affine, shrink=[2, 1], sigmas=[1, 0], iterations=40, learning_rate=0.5)
+        # The affine step only refines; if it wandered off (shear fits a rib cage surprisingly well
+        # at coarse scale), the similarity result stands.
+        if _score(f_img, m_img, affine) >= _score(f_img, m_img, rigid) - 1e-4:
+            final = affine
+            name += "+affine"
         if deformable:
             final = _bspline(f_img, m_img, final)
             name += "+bspline"
@@ -89,6 +104,12 @@ def register(fixed: np.ndarray, fixed_spacing: tuple[float, ...], moving: np.nda
     desc = f"{name}; {_describe(final, dim)}; overlap {overlap:.0%}"
     return Registered(warped.astype(np.float32), valid,
                       RegistrationQuality(round(ncc_before, 4), round(ncc_after, 4), bool(ok), desc))
+
+
+def _rotate_inplane(a: np.ndarray, angle_deg: float) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.rotate(a, angle_deg, axes=(a.ndim - 1, a.ndim - 2), reshape=False, order=1)
 
 
 def _to_sitk(arr: np.ndarray, spacing: tuple[float, ...]):
@@ -115,7 +136,15 @@ def _grid_like(img, spacing_mm: float):
     return ref
 
 
-def _run(f_img, m_img, transform, *, shrink, sigmas, iterations):
+def _score(f_img, m_img, transform) -> float:
+    import SimpleITK as sitk
+
+    warped = sitk.GetArrayFromImage(sitk.Resample(m_img, f_img, transform, sitk.sitkLinear, np.nan))
+    ok = np.isfinite(warped)
+    return ncc(sitk.GetArrayFromImage(f_img), np.nan_to_num(warped), ok) if ok.any() else -1.0
+
+
+def _run(f_img, m_img, transform, *, shrink, sigmas, iterations, learning_rate=2.0):
     import SimpleITK as sitk
 
     reg = sitk.ImageRegistrationMethod()
@@ -123,7 +152,7 @@ def _run(f_img, m_img, transform, *, shrink, sigmas, iterations):
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(0.15, _SEED)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=iterations,
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=1e-3, numberOfIterations=iterations,
                                                  relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel(shrink)
