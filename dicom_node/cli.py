@@ -240,5 +240,25 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         )
 
 
+@app.command()
+def quickstart(
+    stop: Annotated[bool, typer.Option("--stop", help="stop what an earlier quickstart started")] = False,
+    workdir: Annotated[Path, typer.Option(help="where the quickstart keeps its services' data and logs")] = Path("var/quickstart"),
+    change: Annotated[str, typer.Option(help="the synthetic change in the new study, e.g. new_nodule, stable")] = "new_nodule",
+) -> None:
+    """Run the whole product end to end on loopback: PACS, routing, priors, comparison, SR back in the PACS."""
+    from .local_stack import quickstart as qs
+
+    if stop:
+        stopped = qs.stop(workdir)
+        typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        return
+    try:
+        typer.echo(qs.run(workdir, change, echo=typer.echo))
+    except (RuntimeError, TimeoutError) as exc:
+        typer.echo(f"quickstart failed: {exc}\nlogs: {workdir}/*.log", err=True)
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())

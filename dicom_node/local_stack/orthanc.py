@@ -88,6 +88,7 @@ class Orthanc:
             env=dict(os.environ, TCP_NODELAY="1"),
             stdout=log,
             stderr=log,
+            start_new_session=True,  # outlives the quickstart command that started it
         )
         wait_for_port(self.http_port, timeout=30, proc=self.proc)
         wait_for_port(self.dicom_port, timeout=30, proc=self.proc)

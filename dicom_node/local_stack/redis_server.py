@@ -31,6 +31,7 @@ class RedisServer:
              "--appendonly", "yes", "--save", "", "--protected-mode", "yes"],
             stdout=log,
             stderr=log,
+            start_new_session=True,  # outlives the quickstart command that started it
         )
         wait_for_port(self.port, proc=self.proc)
         return self

@@ -156,7 +156,7 @@ def report_findings(sr: Dataset) -> list[dict]:
                 findings.append(group)
                 walk(item.get("ContentSequence", []), group)
                 continue
-            if group is not None:
+            if group is not None and not name.startswith("Algorithm"):  # repeated per measurement
                 if item.ValueType == "CODE":
                     group[name] = item.ConceptCodeSequence[0].CodeMeaning
                 elif item.ValueType == "TEXT":

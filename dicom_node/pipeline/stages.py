@@ -28,7 +28,11 @@ class PermanentJobError(Exception):
 
 
 class DeliveryPending(Exception):
-    """The SR is in the durable outbox but not accepted yet; retried with backoff."""
+    """The SR is in the durable outbox but not accepted yet; retried (without limit) when next due."""
+
+    def __init__(self, message: str, retry_in: float) -> None:
+        super().__init__(message)
+        self.retry_in = retry_in
 
 
 def job_dir(rt: Runtime, job: Job) -> Path:
@@ -111,13 +115,14 @@ def run_compare(rt: Runtime, job: Job) -> dict:
     except InputError as exc:
         raise PermanentJobError(f"input refused: {exc}") from exc
     vlm = run_vlm(rt, current, prior_images, result, priors)
-    inp: ReportInput = report_input(rt, job, current_rows, current_paths[0], priors, result, vlm)
-    sr_uid = enqueue_report(rt, inp)
+    inp: ReportInput = report_input(rt, job, current_rows, current_paths, priors, result, vlm)
+    sr_uid, sr_series = enqueue_report(rt, inp)
     from inference.serialize import result_to_dict
 
     _write_json(job_dir(rt, job) / "comparison.json", result_to_dict(result))
     return {
         "sr_sop_instance_uid": sr_uid,
+        "sr_series_uid": sr_series,
         "refused": result.refused,
         "no_prior": result.no_prior,
         "regions": [{"zone": r.zone, "status": r.status, "diameter_mm": round(r.longest_diameter_mm, 1)} for r in result.regions],
@@ -143,7 +148,7 @@ def run_deliver(rt: Runtime, job: Job) -> dict:
     sr_uid = job.result.get("sr_sop_instance_uid")
     if not sr_uid:
         raise PermanentJobError("no SR was written for this job; retry it from the start")
-    accepted, last_error = deliver_pending(rt, sr_uid)
+    accepted, last_error, retry_in = deliver_pending(rt, sr_uid)
     if not accepted:
-        raise DeliveryPending(f"SR {sr_uid} not accepted yet: {last_error}")
+        raise DeliveryPending(f"SR {sr_uid} not accepted yet: {last_error}", retry_in)
     return {"delivered": True}

@@ -47,6 +47,11 @@ def _run_stage(task: Task, stage: str, key: str, work: Callable[[Runtime, Job], 
     rt.jobs.start_stage(key, stage)
     try:
         result = work(rt, job)
+    except stages.DeliveryPending as exc:
+        # The SR waits in the durable outbox: retried until the PACS accepts it, never given up.
+        rt.jobs.record_error(key, f"{stage}: {exc}", failed=False)
+        log_event(log, logging.WARNING, "job.delivery_pending", job=key, retry_in=round(exc.retry_in, 1), reason=str(exc))
+        raise task.retry(countdown=exc.retry_in, max_retries=None)
     except stages.PermanentJobError as exc:
         rt.jobs.record_error(key, f"{stage}: {exc}", failed=True)
         log_event(log, logging.ERROR, "job.failed", job=key, stage=stage, reason=str(exc))
