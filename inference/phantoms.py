@@ -164,7 +164,7 @@ def make_chest_pair(seed: int, change: str = "new_nodule", size: int = 512, *,
 
     cur = _expose(_resample(base + cur_lesion, size, 0.0, 1.0, np.zeros(2)), rng, exposure_jitter, spacing_out)
     pri = _expose(_resample(base + pri_lesion, size, angle, scale, shift), rng, exposure_jitter, spacing_out)
-    uid_root = f"{patient.patient_id}|{seed}|{change}|{size}"
+    uid_root = f"{patient.patient_id}|{seed}|{change}|{size}|{view}|{patient.current_accession}|{patient.prior_accession}"
     cur_ds = _dx_dataset(cur, spacing_out, patient, patient.current_date, patient.current_accession,
                          f"{uid_root}|current", view, monochrome1)
     pri_ds = _dx_dataset(pri, spacing_out, patient, patient.prior_date, patient.prior_accession,
@@ -398,7 +398,7 @@ def make_ct_pair(seed: int, change: str = "new_nodule", shape: tuple[int, int, i
                                                cz + rad[0] + 1, cy + rad[1] + 1, cx + rad[2] + 1))
         zone = f"{'right' if side < 0 else 'left'} lung"
         truth.regions.append(TruthRegion("nodule", EXPECTED_STATUS[change], zone, bbox, size, (cz, cy, cx)))
-    root = f"{patient.patient_id}|{seed}|ct|{change}"
+    root = f"{patient.patient_id}|{seed}|ct|{change}|{patient.current_accession}|{patient.prior_accession}"
     return Pair(_ct_datasets(cur, spacing_mm, patient, patient.current_date, patient.current_accession, f"{root}|c"),
                 _ct_datasets(pri, spacing_mm, patient, patient.prior_date, patient.prior_accession, f"{root}|p"),
                 truth)
