@@ -3,6 +3,7 @@
 from .codes import CHANGE_CODES, DEVICE_CODES
 from .overlay_sc import build_overlay_sc
 from .settings import Destination, ReportSettings, TlsFiles
+from .delivery import DeliveryQueue, DeliveryRow, DeliverySummary, report_deliveries
 from .sr import (
     ImageRef,
     ReportInput,
@@ -15,6 +16,6 @@ from .sr import (
 )
 
 __all__ = [
-    "CHANGE_CODES", "DEVICE_CODES", "Destination", "ImageRef", "ReportInput", "ReportSettings", "StudyRef",
-    "TlsFiles", "build_overlay_sc", "build_sr", "device_uid", "sr_series_uid", "sr_sop_instance_uid", "tracking_uid",
+    "CHANGE_CODES", "DEVICE_CODES", "DeliveryQueue", "DeliveryRow", "DeliverySummary", "Destination", "ImageRef", "ReportInput", "ReportSettings", "StudyRef",
+    "TlsFiles", "build_overlay_sc", "build_sr", "report_deliveries", "device_uid", "sr_series_uid", "sr_sop_instance_uid", "tracking_uid",
 ]

@@ -58,6 +58,7 @@ class ReportSettings(BaseModel):
     language: str = "en-US"  # RFC 5646 language of the report text (Language of Content Item and Descendants)
     institution_name: str = ""  # Institution Name written into the SR / SC; empty: copied from the current image
     series_number: int = 9901  # Series Number of the SR series (the SC overlay series uses series_number + 1)
+    commitment_timeout_seconds: float = 600.0  # no Storage Commitment result this long after the store: send again
     max_polygon_points: int = 64  # a region's outline in the SR is simplified to at most this many points
 
     @field_validator("destinations")
