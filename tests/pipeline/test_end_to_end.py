@@ -1,0 +1,81 @@
+"""The main job end to end, through the same code as `dicom-node quickstart`: a study acquired
+into Orthanc is routed to the node, the prior is fetched from Orthanc, compared, and the SR
+comes back into Orthanc. Assertions are on the SR fetched back from the PACS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.local_stack.scenario import acquire, report_findings, seed_pacs, wait_for_report, write_history
+from dicom_node.local_stack.stack import LocalStack, Ports
+from dicom_node.report.codes import CHANGE_CODES
+from tests.support.validation import assert_valid_dicom
+
+
+@pytest.fixture
+def stack(tmp_path):
+    stack = LocalStack(tmp_path / "stack", Ports.free())
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+
+
+def evidence_studies(sr, keyword: str) -> set[str]:
+    return {item.StudyInstanceUID for item in sr.get(keyword, [])}
+
+
+@pytest.mark.parametrize("change", ["new_nodule", "stable"])
+def test_study_routed_compared_and_reported_back_to_the_pacs(stack, tmp_path, change):
+    scenario = write_history(tmp_path / "data", change, size=512)
+    seed_pacs(stack.orthanc, scenario)
+    acquire(stack.orthanc, scenario)
+    sr = wait_for_report(stack.orthanc, scenario.current_study_uid, timeout=150)
+
+    # In the right study, referencing the current study and the prior the rules should pick
+    # (the 2025 PA, not the newer lateral, the older PA or the namesake).
+    assert sr.StudyInstanceUID == scenario.current_study_uid
+    assert evidence_studies(sr, "CurrentRequestedProcedureEvidenceSequence") == {scenario.current_study_uid}
+    assert evidence_studies(sr, "PertinentOtherEvidenceSequence") == {scenario.expected_prior_uid}
+
+    findings = report_findings(sr)
+    changes = [f.get("Description of Change") for f in findings]
+    if change == "stable":
+        assert all(c in (None, CHANGE_CODES["stable"].meaning) for c in changes), findings
+    else:
+        expected = CHANGE_CODES[scenario.expected_status].meaning
+        matching = [f for f in findings if f.get("Description of Change") == expected]
+        assert matching, f"no {scenario.expected_status!r} finding in {findings}"
+        side, level, _ = scenario.expected_zone.split(" ")  # e.g. "left middle zone"
+        assert any(level.capitalize() in f.get("Finding Site", "") and f.get("Laterality", "").lower() == side for f in matching), findings
+
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert_valid_dicom(path)
+    # Exactly one report in the PACS for this study.
+    reports = [i for i in stack.orthanc.instances_of_study(scenario.current_study_uid) if i["MainDicomTags"].get("SOPInstanceUID") == sr.SOPInstanceUID]
+    assert len(reports) == 1
+
+
+def test_quickstart_command_prints_the_result(tmp_path):
+    """The README's first command, minus the package installation: the same run a new user sees."""
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "qs"
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "quickstart", "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = result.stdout
+        assert "Structured Report in the PACS" in out
+        assert "chose 20251118" in out and "view differs" in out
+        assert "Stop everything" in out
+    finally:
+        stopped = subprocess.run([sys.executable, "-m", "dicom_node", "quickstart", "--stop", "--workdir", str(workdir)],
+                                 capture_output=True, text=True, timeout=60)
+    assert "node" in stopped.stdout and "orthanc" in stopped.stdout
