@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID, generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import StorageCommitmentPushModel
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from sqlalchemy import Column, Float, Integer, String, Table, Text, UniqueConstraint, select, update
 
 from .. import identity
@@ -296,6 +296,9 @@ class DeliveryQueue:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         if dest.storage_commitment:
             ae.add_requested_context(StorageCommitmentPushModel)
+        # Always offered too, so a PACS that refuses every report SOP class still accepts the association
+        # and the refusal is reported per SOP class instead of as an unexplained abort.
+        ae.add_requested_context(Verification)
         peer = Peer(dest.host, dest.port, dest.ae_title)
         try:
             assoc = associate(ae, peer, self._tls(dest))
