@@ -26,7 +26,6 @@ import highdicom as hd
 import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
-    CodedConcept,
     Comprehensive3DSR,
     ContainerContentItem,
     DeviceObserverIdentifyingAttributes,

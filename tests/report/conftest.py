@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
@@ -25,26 +22,6 @@ CHANGES = {  # phantom change -> expected status of its one region
     "new_nodule": "new", "growing_nodule": "worsened", "shrinking_nodule": "improved",
     "resolved_nodule": "resolved", "stable": "stable",
 }
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    if shutil.which(args[0]) is None:
-        pytest.fail(f"{args[0]} not found: apt-get install dicom3tools dcmtk")
-    return subprocess.run(args, capture_output=True, text=True, timeout=60)
-
-
-def assert_valid_dicom(path: Path) -> str:
-    """dciodvfy (dicom3tools) reports no error, and DCMTK dsrdump parses SRs; returns the dsrdump text."""
-    result = _run("dciodvfy", str(path))
-    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
-    assert not errors, f"dciodvfy errors in {path.name}:\n" + "\n".join(errors)
-    text = ""
-    if "SR" in _run("dcmdump", "+P", "0008,0060", str(path)).stdout:
-        dump = _run("dsrdump", "-Ee", "-Ec", str(path))
-        bad = [line for line in (dump.stdout + dump.stderr).splitlines() if line.startswith(("E:", "F:"))]
-        assert dump.returncode == 0 and not bad, f"dsrdump failed on {path.name}:\n{dump.stderr}"
-        text = dump.stdout
-    return text
 
 
 def ref(ds: Dataset) -> ImageRef:

@@ -7,7 +7,6 @@ import io
 import time
 from dataclasses import dataclass
 
-import pytest
 from pydicom import dcmread
 from pydicom.filewriter import dcmwrite
 from pynetdicom import AE, evt
@@ -19,7 +18,9 @@ from tests.support.orthanc import Orthanc
 from tests.support.procs import free_port
 from tests.support.waiting import wait_until
 
-from .conftest import assert_valid_dicom, pacs_destination, settings_for
+from tests.support.validation import assert_valid_dicom
+
+from .conftest import pacs_destination, settings_for
 
 FAR_FUTURE = 1e12  # "now" for deliver_due when a retry must be due whatever the backoff
 
@@ -141,7 +142,7 @@ def test_stow_rs_destination(cases, orthanc, index, tmp_path):
     stow = dict(name="web", kind="stow-rs", stow_url=f"{orthanc.url}/dicom-web", timeout_seconds=10)
     settings = settings_for(stow, pacs_destination(orthanc))
     queue = DeliveryQueue(index, tmp_path / "reports", settings)
-    sr = build_sr(cases["worsened" if "worsened" in cases else "growing_nodule"].inp, settings)
+    sr = build_sr(cases["growing_nodule"].inp, settings)
     queue.enqueue(sr)
     assert {r.destination for r in queue.rows()} == {"web", "pacs"}  # one row per destination
     summary = queue.deliver_due()

@@ -12,10 +12,12 @@ from pydicom.dataset import Dataset
 from dicom_node import identity
 from dicom_node.report import CHANGE_CODES, ImageRef, ReportSettings, build_overlay_sc, build_sr, tracking_uid
 from dicom_node.report.sr import device_uid
-from inference.types import ChangeRegion, ComparisonResult
+from inference.types import ChangeRegion
 from inference.vlm.schema import FLAG_UNUSABLE, VLMResult
 
-from .conftest import CHANGES, assert_valid_dicom, compared, make_input, vlm_for
+from tests.support.validation import assert_valid_dicom
+
+from .conftest import CHANGES, compared, make_input, vlm_for
 
 SNOMED_CHANGE = {"new": "52101004", "resolved": "2667000", "worsened": "35105006", "improved": "1250004",
                  "stable": "260388006"}
@@ -237,4 +239,4 @@ def test_real_comparison_of_another_seed_is_valid(tmp_path):
     sr = build_sr(make_input(cur, pri, result, vlm_for(result)), ReportSettings())
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     assert_valid_dicom(tmp_path / "sr.dcm")
-    assert isinstance(result, ComparisonResult)
+    assert len(groups(sr)) == len(result.regions) + 1  # each measured region, plus the device
