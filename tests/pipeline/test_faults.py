@@ -1,0 +1,155 @@
+"""The pipeline through crashes and outages: real Redis, real worker processes, real Orthanc.
+
+Each test runs the whole local stack (the quickstart's), breaks one part of it on purpose and
+checks that every study still gets exactly one report in the PACS.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from dicom_node.identity import RESULT_SERIES_DESCRIPTION
+from dicom_node.index import Index
+from dicom_node.local_stack.scenario import acquire, seed_pacs, wait_for_report, write_history
+from dicom_node.local_stack.stack import MODALITY_AE, NODE_AE, LocalStack, Ports
+from dicom_node.pipeline.jobs import JobStore
+from dicom_node.scu import Peer, send
+from tests.support.waiting import wait_until
+
+
+@pytest.fixture
+def make_stack(tmp_path):
+    stacks: list[LocalStack] = []
+
+    def start(io_workers: int = 1, gpu_workers: int = 1, **env: str) -> LocalStack:
+        stack = LocalStack(tmp_path / f"stack{len(stacks)}", Ports.free(), extra_env=env)
+        stacks.append(stack)
+        return stack.start(io_workers, gpu_workers)
+
+    yield start
+    for stack in stacks:
+        stack.stop()
+
+
+def jobs_of(stack: LocalStack, study_uid: str) -> list:
+    index = Index(f"sqlite:///{stack.workdir / 'node' / 'index.db'}")
+    try:
+        return JobStore(index).for_study(study_uid)
+    finally:
+        index.dispose()
+
+
+def reports_in_pacs(stack: LocalStack, study_uid: str) -> list[str]:
+    uids = []
+    for instance in stack.orthanc.instances_of_study(study_uid):
+        if stack.orthanc.get(f"/instances/{instance['ID']}/simplified-tags").get("SeriesDescription") == RESULT_SERIES_DESCRIPTION:
+            uids.append(instance["MainDicomTags"]["SOPInstanceUID"])
+    return uids
+
+
+def new_patient_study(folder: Path, number: int, change: str = "new_nodule") -> tuple[str, Path]:
+    """A current chest radiograph of a patient the archive knows nothing about."""
+    from inference.phantoms import PatientInfo, make_chest_pair
+
+    patient = PatientInfo(patient_id=f"FAULT-{number:03d}", current_date=date(2026, 11, 1), current_accession=f"F{number:05d}")
+    pair = make_chest_pair(100 + number, change, size=256, patient=patient)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"study{number}.dcm"
+    pair.current.save_as(path, enforce_file_format=True)
+    return str(pair.current.StudyInstanceUID), path
+
+
+def send_to_node(stack: LocalStack, *paths: Path) -> None:
+    report = send(Peer("127.0.0.1", stack.ports.node, NODE_AE), list(paths), MODALITY_AE)
+    assert report.sent == len(paths) and not report.failed, report.failed
+
+
+def assert_exactly_one_report(stack: LocalStack, study_uid: str) -> None:
+    wait_for_report(stack.orthanc, study_uid, timeout=120)
+    time.sleep(2)  # a duplicate delivery would land right after the first
+    assert len(reports_in_pacs(stack, study_uid)) == 1
+
+
+def test_gpu_worker_killed_mid_comparison(make_stack, tmp_path):
+    # Unacknowledged tasks of a dead worker go back to the queue after the visibility timeout.
+    stack = make_stack(gpu_workers=1, DICOM_NODE_VISIBILITY_TIMEOUT_SECONDS="10")
+    scenario = write_history(tmp_path / "data", "new_nodule", size=512)
+    seed_pacs(stack.orthanc, scenario)
+    acquire(stack.orthanc, scenario)
+    wait_until(lambda: [j for j in jobs_of(stack, scenario.current_study_uid) if j.state == "compare"],
+               timeout=90, interval=0.02, what="the comparison to start")
+    stack.kill_group("worker-gpu1")  # the worker and its pool child, as in a node crash
+    assert jobs_of(stack, scenario.current_study_uid)[-1].state == "compare"  # killed before it finished
+    stack.start_worker("gpu", 2)
+    assert_exactly_one_report(stack, scenario.current_study_uid)
+    [job] = jobs_of(stack, scenario.current_study_uid)
+    assert job.state == "done"
+
+
+def test_redis_down_while_studies_arrive(make_stack, tmp_path):
+    stack = make_stack()
+    stack.redis.stop()
+    studies = [new_patient_study(tmp_path / "in", n) for n in (1, 2)]
+    send_to_node(stack, *(path for _, path in studies))  # the SCP acknowledges with the broker down
+    index = Index(f"sqlite:///{stack.workdir / 'node' / 'index.db'}")
+    try:
+        rows = wait_until(lambda: [r for r in index.outbox_rows() if r.attempts > 0] if len(index.outbox_rows()) == 2 else None,
+                          timeout=60, what="both studies complete and a failed publish recorded")
+        assert all(r.published_at is None and r.last_error for r in rows)
+        assert index.counts()["instances"] == 2
+    finally:
+        index.dispose()
+    stack.redis.start()
+    for study_uid, _ in studies:
+        assert_exactly_one_report(stack, study_uid)
+
+
+def test_pacs_down_during_delivery(make_stack, tmp_path):
+    stack = make_stack(DICOM_NODE_PRIORS__ARCHIVES="[]")  # no archive: the job goes straight to delivery
+    stack.orthanc.stop()
+    study_uid, path = new_patient_study(tmp_path / "in", 3)
+    send_to_node(stack, path)
+    job = wait_until(lambda: [j for j in jobs_of(stack, study_uid) if j.state == "deliver" and j.last_error],
+                     timeout=90, what="a failed delivery attempt")[0]
+    assert "orthanc" in job.last_error.lower()
+    stack.orthanc.start()
+    assert_exactly_one_report(stack, study_uid)
+    assert wait_until(lambda: jobs_of(stack, study_uid)[-1].state == "done", timeout=30, what="job done")
+
+
+def test_every_process_restarted_mid_flight(make_stack, tmp_path):
+    stack = make_stack()
+    studies = [new_patient_study(tmp_path / "in", n) for n in (4, 5, 6)]
+    send_to_node(stack, *(path for _, path in studies))
+    wait_until(lambda: any(jobs_of(stack, uid) for uid, _ in studies), timeout=60, what="the first job")
+    for name in list(stack.processes):
+        stack.kill_group(name)  # node, dispatcher and workers die at once
+    stack.redis.stop()
+    stack.redis.start()
+    stack.start_node()
+    stack.start_worker("io")
+    stack.start_worker("gpu")
+    for study_uid, _ in studies:
+        assert_exactly_one_report(stack, study_uid)
+        assert len(jobs_of(stack, study_uid)) == 1  # same input set: one job, never two
+
+
+def test_poison_study_fails_with_reason_and_does_not_block(make_stack, tmp_path):
+    stack = make_stack(DICOM_NODE_TASK_MAX_RETRIES="1")
+    poison_uid, poison = new_patient_study(tmp_path / "in", 7)
+    from pydicom import dcmread
+
+    ds = dcmread(poison)
+    ds.PixelSpacing = [0, 0]  # decodes, but no measurement is possible: the analysis refuses it
+    ds.save_as(poison)
+    good_uid, good = new_patient_study(tmp_path / "in", 8)
+    send_to_node(stack, poison)
+    send_to_node(stack, good)
+    job = wait_until(lambda: [j for j in jobs_of(stack, poison_uid) if j.state == "failed"], timeout=90, what="the poison job to fail")[0]
+    assert "PixelSpacing" in job.last_error
+    assert_exactly_one_report(stack, good_uid)
+    assert reports_in_pacs(stack, poison_uid) == []
