@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from dicom_node import identity
 from dicom_node.report import CHANGE_CODES, ImageRef, ReportSettings, build_overlay_sc, build_sr, tracking_uid
 from dicom_node.report.sr import device_uid
-from inference.types import ChangeRegion
+from inference.types import CHANGE_STATUSES, ChangeRegion
 from inference.vlm.schema import FLAG_UNUSABLE, VLMResult
 
 from tests.support.validation import assert_valid_dicom
@@ -65,6 +65,22 @@ def evidence_uids(sr: Dataset, attribute: str) -> set[str]:
             for series in study.ReferencedSeriesSequence for sop in series.ReferencedSOPSequence}
 
 
+@pytest.mark.parametrize("status", CHANGE_STATUSES)
+def test_each_change_status_is_coded(cases, status, tmp_path):
+    """The vocabulary -> SNOMED CT table, independent of what the phantom analysis happens to measure."""
+    case = cases["new_nodule"]
+    region = ChangeRegion(zone="right upper zone", bbox=(60, 50, 80, 72), area_mm2=250.0, longest_diameter_mm=20.0,
+                          mean_change=0.3, status=status, confidence=0.9, kind="increase")
+    comparison = replace(case.inp.comparison, regions=[region])
+    sr = build_sr(replace(case.inp, comparison=comparison, vlm=vlm_for(comparison)), ReportSettings())
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    assert_valid_dicom(tmp_path / "sr.dcm")
+    [group] = [g for g in groups(sr) if values(g, "Image Region")]
+    expected = {**SNOMED_CHANGE, "indeterminate": "373068000"}[status]
+    assert values(group, "Description of Change") == [expected] == [CHANGE_CODES[status].value]
+    assert values(group, "Finding Site") == ["281392002"] and values(group, "Laterality") == ["24028007"]
+
+
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_change_report_content_and_validity(cases, change, tmp_path):
     case = cases[change]
@@ -98,14 +114,14 @@ def test_change_report_content_and_validity(cases, change, tmp_path):
 
     found = groups(sr)
     measured = [g for g in found if values(g, "Image Region")]
-    expected = CHANGES[change]
-    if expected == "stable":
-        assert not measured  # an unchanged nodule is not a finding; the device still is
+    regions = case.inp.comparison.regions  # what the analysis measured (its accuracy is tested in tests/inference)
+    if not regions:
+        assert not measured  # nothing changed: no finding, and the report says so; the device is still listed
         assert any(n == "Comment" and "No measurable change" in str(v) for n, v in tree)
     else:
-        assert len(measured) == 1
+        assert len(measured) == len(regions) == 1
         g = measured[0]
-        assert values(g, "Description of Change") == [SNOMED_CHANGE[expected]]
+        assert values(g, "Description of Change") == [SNOMED_CHANGE[regions[0].status]]
         assert values(g, "Finding")[0] == "27925004"  # nodule
         assert values(g, "Finding Site")[0] in ("281392002", "281393007", "281394001")
         assert values(g, "Laterality")[0] in ("24028007", "7771000")
@@ -113,7 +129,7 @@ def test_change_report_content_and_validity(cases, change, tmp_path):
         units = {name: unit for name, (value, unit) in ((n, v) for n, v in g if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], str))}
         assert units["Area"] == "mm2" and units["Long axis"] == "mm" and units["Signal change"] == "1"
         area = values(g, "Area")[0][0]
-        assert area == pytest.approx(case.inp.comparison.regions[0].area_mm2, rel=1e-3)
+        assert area == pytest.approx(regions[0].area_mm2, rel=1e-3)
         # measurements cite both the current and the prior image
         assert set(values(g, "Source of Measurement")) == {case.current.SOPInstanceUID, case.prior.SOPInstanceUID}
         graphic_type, points = values(g, "Image Region")[0]
