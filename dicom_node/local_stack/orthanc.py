@@ -76,6 +76,7 @@ class Orthanc:
 
     def start(self) -> "Orthanc":
         require_private_network()
+        self.root = self.root.resolve()  # Orthanc resolves relative paths against its config file
         if shutil.which("Orthanc") is None:
             raise RuntimeError("Orthanc not found: apt-get install orthanc orthanc-dicomweb")
         self.root.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,7 @@ class LocalStack:
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self, io_workers: int = 1, gpu_workers: int = 1) -> "LocalStack":
+        self.workdir = self.workdir.resolve()  # every process gets absolute paths, whatever its cwd
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.redis = RedisServer(self.workdir / "redis", port=self.ports.redis).start()
         self.orthanc = Orthanc(

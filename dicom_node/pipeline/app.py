@@ -8,8 +8,15 @@ from ..config import Settings, load_settings
 
 IO_QUEUE = "io"
 GPU_QUEUE = "gpu"
-# Redis emulates priorities with one list per step; 0 is served first.
-PRIORITY = {"urgent": 0, "routine": 6}
+# Redis emulates priorities with one list per step; 0 is served first. Urgent studies jump
+# every queue; among routine ones, later stages go first, so started jobs finish before new
+# ones begin (lower latency per study at the same throughput).
+STAGE_PRIORITY = {"priors": 6, "compare": 5, "deliver": 3}
+URGENT_PRIORITY = 0
+
+
+def priority_for(stage: str, study_priority: str) -> int:
+    return URGENT_PRIORITY if study_priority == "urgent" else STAGE_PRIORITY[stage]
 
 app = Celery("dicom_node", include=["dicom_node.pipeline.tasks"])
 
@@ -27,7 +34,7 @@ def configure(settings: Settings | None = None) -> Celery:
         },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
         task_default_queue=IO_QUEUE,
-        task_default_priority=PRIORITY["routine"],
+        task_default_priority=STAGE_PRIORITY["priors"],
         # A task is acknowledged only when it finished; a worker that dies mid-task gives it back.
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -16,7 +16,7 @@ from celery import Task
 
 from ..logs import log_event
 from . import stages
-from .app import GPU_QUEUE, IO_QUEUE, PRIORITY, app
+from .app import GPU_QUEUE, IO_QUEUE, app, priority_for
 from .jobs import Job
 from .runtime import Runtime, runtime
 
@@ -33,7 +33,7 @@ def backoff_seconds(attempt: int, base: float, cap: float) -> float:
 
 def publish(stage: str, key: str, priority: str = "routine", countdown: float | None = None) -> None:
     task = {"priors": fetch_priors, "compare": compare, "deliver": deliver}[stage]
-    task.apply_async((key,), queue=STAGE_QUEUE[stage], priority=PRIORITY.get(priority, PRIORITY["routine"]), countdown=countdown)
+    task.apply_async((key,), queue=STAGE_QUEUE[stage], priority=priority_for(stage, priority), countdown=countdown)
 
 
 def _run_stage(task: Task, stage: str, key: str, work: Callable[[Runtime, Job], dict]) -> None:
