@@ -35,6 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 metadata = MetaData()
 KNOWN_SERIES_LIMIT = 10_000
@@ -235,6 +236,17 @@ class Index:
 
     def record_instance(self, rec: InstanceRecord, now: float | None = None) -> bool:
         """Index one stored instance in a single transaction. Returns True if it was new."""
+        try:
+            return self._record_instance(rec, now)
+        except IntegrityError:
+            if rec.series_uid not in self._known_series:
+                raise
+            # Another process deleted this series' rows (prior cache eviction) since this one
+            # wrote them: forget them and write the parent rows again.
+            self._known_series.discard(rec.series_uid)
+            return self._record_instance(rec, now)
+
+    def _record_instance(self, rec: InstanceRecord, now: float | None) -> bool:
         now = time.time() if now is None else now
         with self._write() as conn:
             if rec.series_uid not in self._known_series:
@@ -460,6 +472,94 @@ class Index:
                 )
             )
             conn.execute(update(studies).where(studies.c.study_uid == study_uid).values(is_prior=True))
+
+    # --- prior retrieval reads and cache eviction (dicom_node.priors) -------------------
+
+    def study_overview(self, study_uid: str) -> dict | None:
+        """A study with its patient fields and its series, each with the views, lateralities and
+        instance counts of its instances: what prior matching needs of the current study."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(studies, patients.c.patient_id, patients.c.issuer, patients.c.patient_name, patients.c.birth_date)
+                .join(patients, patients.c.id == studies.c.patient_key)
+                .where(studies.c.study_uid == study_uid)
+            ).first()
+            if row is None:
+                return None
+            overview = dict(row._mapping)
+            series_rows = conn.execute(select(series).where(series.c.study_uid == study_uid)).all()
+            instance_rows = conn.execute(
+                select(
+                    instances.c.series_uid, instances.c.view_position, instances.c.laterality,
+                    instances.c.analysable, instances.c.path,
+                ).where(instances.c.study_uid == study_uid)
+            ).all()
+        by_series: dict[str, dict] = {}
+        for srow in series_rows:
+            entry = dict(srow._mapping)
+            entry.update(views=set(), lateralities=set(), instance_count=0, analysable_count=0, paths=[])
+            by_series[srow.series_uid] = entry
+        for irow in instance_rows:
+            entry = by_series.get(irow.series_uid)
+            if entry is None:
+                continue
+            entry["instance_count"] += 1
+            entry["analysable_count"] += int(bool(irow.analysable))
+            entry["paths"].append(irow.path)
+            if irow.view_position:
+                entry["views"].add(irow.view_position)
+            if irow.laterality:
+                entry["lateralities"].add(irow.laterality)
+        overview["series"] = list(by_series.values())
+        return overview
+
+    def prior_cache(self) -> list[dict]:
+        """Fetched prior studies (LRU order) with their bytes on disk and lease. A study that was ever
+        queued for analysis is left out: it arrived as a current study and is never evicted as a prior."""
+        size = (
+            select(func.coalesce(func.sum(instances.c.size), 0))
+            .where(instances.c.study_uid == prior_studies.c.study_uid)
+            .scalar_subquery()
+        )
+        analysed = select(outbox.c.id).where(outbox.c.study_uid == prior_studies.c.study_uid).exists()
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(prior_studies, size.label("bytes"))
+                .where(~analysed)
+                .order_by(prior_studies.c.last_used_at, prior_studies.c.study_uid)
+            ).all()
+        return [dict(row._mapping) for row in rows]
+
+    def release_prior(self, study_uid: str, now: float | None = None) -> None:
+        """End a prior's lease early (the comparison that used it is done); it stays cached."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            conn.execute(
+                update(prior_studies)
+                .where(prior_studies.c.study_uid == study_uid, prior_studies.c.in_use_until > now)
+                .values(in_use_until=now)
+            )
+
+    def delete_prior_study(self, study_uid: str, now: float | None = None) -> list[str]:
+        """Remove a fetched prior's instance, series, study and prior_studies rows in one transaction
+        and return its file paths (the caller deletes the files after the commit). Does nothing and
+        returns [] when the study is leased, was ever queued for analysis, or is not a fetched prior."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            entry = conn.execute(select(prior_studies).where(prior_studies.c.study_uid == study_uid)).first()
+            if entry is None or entry.in_use_until > now:
+                return []
+            if conn.execute(select(outbox.c.id).where(outbox.c.study_uid == study_uid).limit(1)).first():
+                return []
+            paths = conn.execute(select(instances.c.path).where(instances.c.study_uid == study_uid)).scalars().all()
+            series_uids = conn.execute(select(series.c.series_uid).where(series.c.study_uid == study_uid)).scalars().all()
+            conn.execute(instances.delete().where(instances.c.study_uid == study_uid))
+            conn.execute(series.delete().where(series.c.study_uid == study_uid))
+            conn.execute(studies.delete().where(studies.c.study_uid == study_uid))
+            conn.execute(prior_studies.delete().where(prior_studies.c.study_uid == study_uid))
+        # Rows of these series must be written again if the study is ever fetched anew.
+        self._known_series.difference_update(series_uids)
+        return list(paths)
 
     # --- status -----------------------------------------------------------------------
 

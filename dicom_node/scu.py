@@ -66,9 +66,20 @@ def _make_ae(calling_ae: str, timeouts: float = 30.0) -> AE:
     return ae
 
 
-def associate(ae: AE, peer: Peer, tls_context=None) -> Association:
+def associate(ae: AE, peer: Peer, tls_context=None, ext_neg=None, evt_handlers=()) -> Association:
+    """Associate with TCP_NODELAY on; raise AssociationFailed saying why it failed.
+
+    `ext_neg` (e.g. SCP/SCU role selection for C-GET) and extra `evt_handlers` pass through to pynetdicom.
+    """
     tls_args = (tls_context, None) if tls_context else None
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[CONNECTION_HANDLER], tls_args=tls_args)
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        ext_neg=ext_neg,
+        evt_handlers=[CONNECTION_HANDLER, *evt_handlers],
+        tls_args=tls_args,
+    )
     if assoc.is_established:
         return assoc
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
