@@ -85,6 +85,23 @@ def jobs(
 
 
 @app.command()
+def deliveries(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Reports waiting in the delivery outbox, with their destination, attempts and last error."""
+    from .index import Index
+    from .pipeline.reporting import queue_for
+
+    settings = load_settings()
+    queue = queue_for(settings, Index(settings.database_url))
+    rows = queue.pending()
+    if as_json:
+        typer.echo(json.dumps({"counts": queue.counts(), "pending": [row.__dict__ for row in rows]}, indent=2, default=str))
+        return
+    typer.echo(f"deliveries: {queue.counts()}")
+    for row in rows:
+        typer.echo(f"  {row.sop_instance_uid} -> {row.destination}: {row.status}, attempts {row.attempts}, last error: {row.last_error or '-'}")
+
+
+@app.command()
 def retry(job_key: str) -> None:
     """Run a failed job again from the start (same inputs, same output UIDs)."""
     from .pipeline.app import configure

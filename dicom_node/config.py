@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from .priors.settings import PriorSettings
+from .validators import check_ae_title
 from .report.settings import ReportSettings
 
 CONFIG_FILE_ENV = "DICOM_NODE_CONFIG_FILE"
@@ -102,9 +103,7 @@ class Settings(BaseSettings):
     @field_validator("ae_title")
     @classmethod
     def _valid_ae_title(cls, value: str) -> str:
-        if not value or len(value) > 16 or "\\" in value or not value.isprintable():
-            raise ValueError(f"AE title {value!r} must be 1-16 printable characters without backslash")
-        return value
+        return check_ae_title(value)
 
     @field_validator("allowed_callers", mode="before")
     @classmethod

@@ -41,7 +41,7 @@ class _IndexCollector:
 def job_counts(index: Index) -> dict[str, int]:
     from sqlalchemy import func, select
 
-    from .pipeline.jobs import jobs
+    from .index import jobs
 
     with index.engine.connect() as conn:
         rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
@@ -50,8 +50,10 @@ def job_counts(index: Index) -> dict[str, int]:
 
 def status_document(index: Index, limit: int = 20) -> dict:
     from .pipeline.jobs import JobStore
+    from .report.delivery import delivery_counts
 
     return {
+        "deliveries": delivery_counts(index),
         "counts": index.counts(),
         "jobs_by_state": job_counts(index),
         "recent_jobs": [job.__dict__ for job in JobStore(index).list(limit)],
@@ -62,9 +64,6 @@ def status_document(index: Index, limit: int = 20) -> dict:
 
 class StatusServer:
     def __init__(self, index: Index, host: str, port: int) -> None:
-        from .pipeline.jobs import JobStore
-
-        JobStore(index)  # make sure the jobs table exists before the first scrape
         # Process-wide counters live in REGISTRY; the index gauges belong to this server's index.
         gauges = CollectorRegistry()
         gauges.register(_IndexCollector(index))

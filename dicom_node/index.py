@@ -143,6 +143,49 @@ outbox = Table(
 )
 
 
+# Pipeline jobs: one per (study, instance set, model version); see pipeline/jobs.py.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("job_key", String(64), primary_key=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("outbox_id", Integer, nullable=False),
+    Column("instance_set_hash", String(64), nullable=False),
+    Column("model_version", String(128), nullable=False),
+    Column("priority", String(16), nullable=False, default="routine"),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=False, default=""),
+    Column("timings", Text, nullable=False, default="{}"),  # {stage: {"started": t, "finished": t}}
+    Column("result", Text, nullable=False, default="{}"),  # summary for status pages: SR UID, finding count...
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+# status: pending -> accepted, or pending -> committing -> committed (storage commitment on)
+report_deliveries = Table(
+    "report_deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("sop_instance_uid", String(64), nullable=False, index=True),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("destination", String(64), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("status", String(16), nullable=False, default="pending", index=True),
+    Column("created_at", Float, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("last_attempt_at", Float),
+    Column("last_error", Text, nullable=False, default=""),
+    Column("response_status", Integer),  # last DIMSE status (or HTTP status for STOW-RS)
+    Column("accepted_at", Float),
+    Column("commitment_uid", String(64)),  # Transaction UID of the outstanding N-ACTION
+    Column("committed_at", Float),
+    UniqueConstraint("sop_instance_uid", "destination"),
+)
+
+
 @dataclass(frozen=True)
 class InstanceRecord:
     """What the index keeps of one received instance (everything prior matching and analysis need)."""

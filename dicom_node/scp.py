@@ -27,7 +27,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import Verification, register_uid
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification, register_uid
 from pynetdicom.transport import ThreadedAssociationServer
 
 from .assembly import Assembler
@@ -107,6 +107,7 @@ class DicomNode:
         self._servers: list[ThreadedAssociationServer] = []
         self._assembler: Assembler | None = None
         self._status: StatusServer | None = None
+        self._delivery_queue = None  # built on the first Storage Commitment report
         self.ae = self._build_ae()
 
     # --- lifecycle --------------------------------------------------------------------
@@ -168,6 +169,8 @@ class DicomNode:
             ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         # Accepted only so a sender gets a clear refusal status rather than a bare context rejection.
         ae.add_supported_context(MEDIA_STORAGE_DIRECTORY, ACCEPTED_TRANSFER_SYNTAXES)
+        # The PACS answers Storage Commitment requests for delivered reports on an association of its own.
+        ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         return ae
 
     def _handlers(self) -> list:
@@ -180,6 +183,7 @@ class DicomNode:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, self._on_commitment_report),
         ]
 
     # --- access control and audit -----------------------------------------------------
@@ -247,6 +251,13 @@ class DicomNode:
         )
 
     # --- services ---------------------------------------------------------------------
+
+    def _on_commitment_report(self, event: evt.Event) -> int:
+        if self._delivery_queue is None:
+            from .pipeline.reporting import queue_for
+
+            self._delivery_queue = queue_for(self.settings, self.index)
+        return self._delivery_queue.handle_commitment_report(event)
 
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000

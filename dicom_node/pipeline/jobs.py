@@ -11,32 +11,13 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy import Column, Float, Integer, String, Table, Text, select, update
+from sqlalchemy import select, update
 
-from ..index import Index, _insert, metadata
+from ..index import Index, _insert, jobs
 
 STAGES = ("priors", "compare", "deliver")
 # queued -> priors -> compare -> deliver -> done; failed at any stage (retryable from the CLI)
 STATES = ("queued", *STAGES, "done", "failed")
-
-jobs = Table(
-    "jobs",
-    metadata,
-    Column("job_key", String(64), primary_key=True),
-    Column("study_uid", String(64), nullable=False, index=True),
-    Column("outbox_id", Integer, nullable=False),
-    Column("instance_set_hash", String(64), nullable=False),
-    Column("model_version", String(128), nullable=False),
-    Column("priority", String(16), nullable=False, default="routine"),
-    Column("state", String(16), nullable=False),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("last_error", Text, nullable=False, default=""),
-    Column("timings", Text, nullable=False, default="{}"),  # {stage: {"started": t, "finished": t}}
-    Column("result", Text, nullable=False, default="{}"),  # summary for status pages: SR UID, finding count...
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
-)
-
 
 def job_key(study_uid: str, instance_set_hash: str, model_version: str) -> str:
     return hashlib.sha256(f"{study_uid}|{instance_set_hash}|{model_version}".encode()).hexdigest()[:32]
@@ -69,7 +50,6 @@ class Job:
 class JobStore:
     def __init__(self, index: Index) -> None:
         self.index = index
-        metadata.create_all(index.engine, tables=[jobs])
 
     def create(self, study_uid: str, outbox_id: int, instance_set_hash: str, model_version: str, priority: str = "routine") -> Job:
         """Insert the job unless it exists (same input set and model): returns it either way."""

@@ -10,6 +10,8 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from ..report import ImageRef, ReportInput, StudyRef, build_overlay_sc, build_sr
 from ..report.delivery import DONE, DeliveryQueue
+from ..config import Settings
+from ..index import Index
 from .jobs import Job
 from .runtime import Runtime, model_version
 
@@ -17,7 +19,12 @@ ENGINE_NAME = "dicom-node analysis engine"
 
 
 def delivery_queue(rt: Runtime) -> DeliveryQueue:
-    return DeliveryQueue(rt.index, Path(rt.settings.work_dir) / "outbox", rt.settings.report, rt.settings.ae_title)
+    return queue_for(rt.settings, rt.index)
+
+
+def queue_for(settings: Settings, index: Index) -> DeliveryQueue:
+    """The durable delivery outbox: SR files under work_dir/outbox, rows in the index."""
+    return DeliveryQueue(index, Path(settings.work_dir) / "outbox", settings.report, settings.ae_title)
 
 
 def _refs(rows: list[dict]) -> list[ImageRef]:

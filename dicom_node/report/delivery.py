@@ -29,10 +29,10 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
-from sqlalchemy import Column, Float, Integer, String, Table, Text, UniqueConstraint, select, update
+from sqlalchemy import func, Column, Float, Integer, String, Table, Text, UniqueConstraint, select, update
 
 from .. import identity
-from ..index import Index, _insert, metadata
+from ..index import Index, _insert, report_deliveries
 from ..logs import log_event
 from ..netutil import client_tls_context
 from ..scu import AssociationFailed, Peer, associate
@@ -42,29 +42,6 @@ from .settings import Destination, ReportSettings
 log = logging.getLogger(__name__)
 
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP Instance of the Push Model
-
-# status: pending -> accepted, or pending -> committing -> committed (storage commitment on)
-report_deliveries = Table(
-    "report_deliveries",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("sop_instance_uid", String(64), nullable=False, index=True),
-    Column("sop_class_uid", String(64), nullable=False),
-    Column("study_uid", String(64), nullable=False, index=True),
-    Column("destination", String(64), nullable=False),
-    Column("path", Text, nullable=False),
-    Column("status", String(16), nullable=False, default="pending", index=True),
-    Column("created_at", Float, nullable=False),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("next_attempt_at", Float, nullable=False),
-    Column("last_attempt_at", Float),
-    Column("last_error", Text, nullable=False, default=""),
-    Column("response_status", Integer),  # last DIMSE status (or HTTP status for STOW-RS)
-    Column("accepted_at", Float),
-    Column("commitment_uid", String(64)),  # Transaction UID of the outstanding N-ACTION
-    Column("committed_at", Float),
-    UniqueConstraint("sop_instance_uid", "destination"),
-)
 
 DONE = ("accepted", "committed")
 
@@ -130,7 +107,6 @@ class DeliveryQueue:
         self.store = InstanceStore(Path(store_dir), duplicate_policy="keep_first")
         _remove_stale_partial_writes(self.store.incoming)
         self.rng = rng or random.Random()
-        metadata.create_all(index.engine, tables=[report_deliveries])
 
     # --- outbox -----------------------------------------------------------------------------
 
@@ -168,10 +144,7 @@ class DeliveryQueue:
         return [row for row in self.rows() if row.status not in DONE]
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for row in self.rows():
-            out[row.status] = out.get(row.status, 0) + 1
-        return out
+        return delivery_counts(self.index)
 
     # --- delivery ---------------------------------------------------------------------------
 
@@ -441,6 +414,13 @@ def _remove_stale_partial_writes(incoming: Path, older_than_s: float = 3600.0) -
                 leftover.unlink()
         except FileNotFoundError:
             continue
+
+
+def delivery_counts(index: Index) -> dict[str, int]:
+    """Deliveries by status (pending, committing, accepted, committed), for status pages."""
+    with index.engine.connect() as conn:
+        rows = conn.execute(select(report_deliveries.c.status, func.count()).group_by(report_deliveries.c.status)).all()
+    return {status: count for status, count in rows}
 
 
 def _encode(ds: Dataset) -> bytes:

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from ..validators import check_ae_title
+
 
 class TlsFiles(BaseModel):
     """TLS for one destination (DICOM TLS for C-STORE, https for STOW-RS)."""
@@ -36,9 +38,7 @@ class Destination(BaseModel):
     @field_validator("ae_title")
     @classmethod
     def _valid_ae_title(cls, value: str) -> str:
-        if not value or len(value) > 16 or "\\" in value or not value.isprintable():
-            raise ValueError(f"AE title {value!r} must be 1-16 printable characters without backslash")
-        return value
+        return check_ae_title(value)
 
     @model_validator(mode="after")
     def _kind_needs(self) -> "Destination":
