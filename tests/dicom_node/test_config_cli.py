@@ -130,3 +130,20 @@ def test_cli_models_lists_repository():
     assert result.returncode == 0, result.stderr
     names = {m["name"] for m in json.loads(result.stdout)}
     assert {"medgemma-4b-it", "qwen2.5-vl-3b-instruct"} <= names
+
+
+def _fields(model) -> set[str]:
+    return set(model.model_fields)
+
+
+def test_readme_documents_every_setting():
+    from dicom_node.priors.settings import ArchiveConfig, PriorSettings
+    from dicom_node.report.settings import Destination, ReportSettings
+
+    readme = (REPO / "README.md").read_text()
+    documented = set(__import__("re").findall(r"`([a-z_]+)`", readme))
+    sections = {"Settings": _fields(Settings) - {"priors", "report"}, "PriorSettings": _fields(PriorSettings),
+                "ArchiveConfig": _fields(ArchiveConfig), "ReportSettings": _fields(ReportSettings),
+                "Destination": _fields(Destination)}
+    missing = {name: sorted(fields - documented) for name, fields in sections.items() if fields - documented}
+    assert not missing, f"settings missing from the README's configuration reference: {missing}"
