@@ -470,6 +470,9 @@ class DicomWebArchive(Archive):
             config.dicomweb_url.rstrip("/"), session=session,
             timeout=(config.timeout_seconds, config.retrieve_timeout_seconds),
         )
+        # dicomweb-client would otherwise retry every failed request itself, up to a minute,
+        # on top of (and blind to) priors.retries / retry_backoff_seconds.
+        self.client.set_http_retry_params(retry=False)
 
     def close(self) -> None:
         pass

@@ -99,8 +99,9 @@ class PriorRetrieval:
     candidates: list[CandidateDecision] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     evicted: list[str] = field(default_factory=list)  # prior studies evicted from the cache by this run
+    # True: the comparison proceeds in "no prior available" mode (a warning says why)
+    no_prior: bool = True
 
-    @property
-    def no_prior(self) -> bool:
-        """True: the comparison proceeds in "no prior available" mode (and says so)."""
-        return not any(prior.instance_paths for prior in self.chosen)
+    def update_no_prior(self) -> bool:
+        self.no_prior = not any(prior.instance_paths for prior in self.chosen)
+        return self.no_prior

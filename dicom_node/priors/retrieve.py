@@ -244,7 +244,7 @@ def retrieve_priors(
                 result.chosen.append(prior)
     finally:
         selection.close()
-    if result.no_prior and not any("no prior" in w for w in result.warnings):
+    if result.update_no_prior() and not any("no prior" in w for w in result.warnings):
         result.warnings.append("no prior available: the comparison proceeds without one")
     eviction = evict_priors(index, int(ps.cache_budget_mb * 2**20), settings.storage_dir)
     result.evicted = eviction.evicted

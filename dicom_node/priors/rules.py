@@ -159,7 +159,7 @@ def study_rule(current: StudyRecord, cand: StudyRecord, settings: PriorSettings)
         wanted = {modality_key(m, settings) for m in current_modalities(current)}
         offered = {modality_key(m, settings) for m in cand.modalities}
         if wanted and not wanted & offered:
-            return f"modality differs: {'/'.join(sorted(cand.modalities))}, current {'/'.join(sorted(wanted))}"
+            return f"modality differs: {'/'.join(sorted(cand.modalities))}, current {'/'.join(sorted(current_modalities(current)))}"
     return None
 
 
@@ -187,7 +187,8 @@ def matching_series(current: StudyRecord, cand: StudyRecord, settings: PriorSett
         wanted = {modality_key(m, settings) for m in current_modalities(current)}
         kept = [s for s in images if modality_key(s.modality, settings) in wanted] if wanted else images
         if not kept:
-            return [], f"modality differs: {'/'.join(sorted({s.modality for s in images}))}, current {'/'.join(sorted(wanted))}"
+            current_names = "/".join(sorted(current_modalities(current)))
+            return [], f"modality differs: {'/'.join(sorted({s.modality for s in images}))}, current {current_names}"
         images = kept
     if settings.match_body_part:
         wanted = {region(s.body_part, settings) for s in current_images if s.body_part}

@@ -322,3 +322,27 @@ def test_cache_evicts_least_recently_used_unleased_priors_only(archive, node, wo
     assert {p.study_uid for p in again.chosen} == {h.recent.uid, h.older_cr.uid}
     assert all(len(p.instance_paths) >= 1 and all(f.is_file() for f in p.instance_paths) for p in again.chosen)
     assert not any(p.reused_from_cache for p in again.chosen) and not again.warnings
+
+
+def test_dicomweb_archive_down_is_unavailable_after_retries(archive, node, worker_for):
+    current = ingest_current(node, archive)
+    dead = archive.config("dicomweb", dicomweb_url=f"http://127.0.0.1:{free_port()}/dicom-web")
+    settings = prior_settings(node, dead, retries=2, retry_backoff_seconds=0.01)
+    worker = worker_for(node)
+    sleeps: list[float] = []
+    with pytest.raises(ArchiveUnavailable, match="QIDO|study query failed after 2 attempt"):
+        retrieve_priors(settings, worker.index, worker.ingestor, current, sleep=sleeps.append)
+    assert sleeps == [0.01]
+
+
+def test_result_serialises_for_the_pipeline(archive, node, worker_for):
+    import dataclasses
+    import json
+
+    archive.register(node)
+    current = ingest_current(node, archive)
+    worker = worker_for(node)
+    result = retrieve_priors(prior_settings(node, archive.config("c-move")), worker.index, worker.ingestor, current)
+    data = json.loads(json.dumps(dataclasses.asdict(result), default=str))
+    assert data["no_prior"] is False and data["chosen"][0]["study_uid"] == archive.history.recent.uid
+    assert {"study_uid", "kept", "rule"} <= set(data["candidates"][0])
