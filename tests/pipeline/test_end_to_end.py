@@ -23,6 +23,15 @@ def stack(tmp_path):
         stack.stop()
 
 
+def all_text_values(ds) -> list[str]:
+    values = []
+    for item in ds.get("ContentSequence", []):
+        if item.ValueType == "TEXT":
+            values.append(item.TextValue)
+        values.extend(all_text_values(item))
+    return values
+
+
 def evidence_studies(sr, keyword: str) -> set[str]:
     return {item.StudyInstanceUID for item in sr.get(keyword, [])}
 
@@ -79,3 +88,30 @@ def test_quickstart_command_prints_the_result(tmp_path):
         stopped = subprocess.run([sys.executable, "-m", "dicom_node", "quickstart", "--stop", "--workdir", str(workdir)],
                                  capture_output=True, text=True, timeout=60)
     assert "node" in stopped.stdout and "orthanc" in stopped.stdout
+
+
+def test_with_a_vlm_configured_the_model_reads_the_pair(tmp_path):
+    """A model folder configured: the gpu worker loads it (tiny random Gemma 3 here) and its
+    reading goes into the SR; a random model writes garbage, so the SR must say the model
+    output was unusable and keep the measured findings."""
+    from inference.vlm.tiny import write_tiny_model
+
+    models = tmp_path / "models"
+    write_tiny_model(models, "gemma3", name="tiny-gemma")
+    stack = LocalStack(tmp_path / "stack", Ports.free(),
+                       extra_env={"DICOM_NODE_VLM_MODEL": "tiny-gemma", "DICOM_NODE_MODELS_ROOT": str(models)})
+    try:
+        stack.start()
+        scenario = write_history(tmp_path / "data", "new_nodule", size=512)
+        seed_pacs(stack.orthanc, scenario)
+        acquire(stack.orthanc, scenario)
+        sr = wait_for_report(stack.orthanc, scenario.current_study_uid, timeout=180)
+    finally:
+        stack.stop()
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    dump = assert_valid_dicom(path)
+    assert "tiny-gemma" in dump  # the algorithm identification names the model
+    texts = " ".join(all_text_values(sr))
+    assert "vlm_output_unusable" in texts
+    assert any(f.get("Description of Change") == CHANGE_CODES["new"].meaning for f in report_findings(sr))

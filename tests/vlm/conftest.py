@@ -10,9 +10,7 @@ import pytest
 
 from inference.types import ChangeRegion, ImageInput
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
+# torch and transformers are installed by scripts/setup.sh: a missing one must fail, not skip.
 from inference.vlm import BackendOptions, load_model  # noqa: E402
 from inference.vlm.tiny import write_tiny_model  # noqa: E402
 

@@ -11,7 +11,7 @@ from inference.vlm.spec import resolve_model
 
 
 def test_onnx_vision_encoder_matches_torch(models_root, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
     spec = resolve_model("tiny-gemma3", models_root)
     ad = make_adapter(spec)
     model = ad.load_model("cpu", "float32")
@@ -31,7 +31,6 @@ def _greedy(vlm, req, n=8):
 
 
 def test_onnxruntime_backend_generates_like_torch(models_root, torch_vlms, pair, regions):
-    pytest.importorskip("onnxruntime")
     prior, current = pair
     req = CompareRequest(current, prior, tuple(regions))
     vlm = load_model("tiny-gemma3", models_root, backend="onnxruntime")
