@@ -26,18 +26,11 @@ from dicom_node.synthetic import write_ct_study  # noqa: E402
 from tests.support.procs import free_port, start_node, start_storescp, wait_for_port  # noqa: E402
 
 
-def rss_mb(pid: int) -> float:
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory now (VmRSS) or its peak (VmHWM) of a process, from /proc."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def hwm_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -95,7 +88,7 @@ def main() -> None:
     try:
         wait_for_port(node_port)
         wait_for_port(ref_port)
-        rss_before = rss_mb(node.pid)
+        rss_before = memory_mb(node.pid)
         for label, folders in (("1 association", single), ("4 associations", four)):
             for name, port, ae in (("node", node_port, "DICOM_NODE"), ("storescp", ref_port, "STORESCP")):
                 elapsed = storescu(port, ae, folders)
@@ -109,7 +102,6 @@ def main() -> None:
             (work / "storescp").mkdir()
             node = start_node(work / "node", node_port, extra_env={"DICOM_NODE_STUDY_IDLE_SECONDS": "3600"})
             wait_for_port(node_port)
-        rss_after = rss_mb(node.pid)
 
         print(f"\n{args.instances} CT instances of {args.size}x{args.size} ({size_kb:.0f} KiB each), storescu with TCP_NODELAY=1")
         print(f"{'':16} {'node img/s':>11} {'storescp img/s':>15} {'ratio':>7} {'target':>7}")
@@ -128,9 +120,8 @@ def main() -> None:
                 for path in mem_paths[batch::batches]:
                     os.link(path, folder / path.name)
                 storescu(node_port, "DICOM_NODE", [folder])
-                print(f"  after {(batch + 1) * len(mem_paths) // batches:6d}: RSS {rss_mb(node.pid):6.1f} MiB")
-            print(f"  peak RSS (VmHWM) {hwm_mb(node.pid):.1f} MiB")
-        del rss_after
+                print(f"  after {(batch + 1) * len(mem_paths) // batches:6d}: RSS {memory_mb(node.pid):6.1f} MiB")
+            print(f"  peak RSS (VmHWM) {memory_mb(node.pid, 'VmHWM'):.1f} MiB")
     finally:
         node.terminate()
         ref.terminate()
