@@ -23,10 +23,28 @@ _EXPORTS = {
     "retrieve_priors": ".retrieve",
     "select_priors": ".retrieve",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ArchiveConfig",
+    "ArchiveUnavailable",
+    "CandidateDecision",
+    "PriorRetrieval",
+    "PriorSettings",
+    "PriorStudy",
+    "RetrieveRefused",
+    "explain_priors",
+    "release_priors",
+    "retrieve_priors",
+    "select_priors",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import ArchiveUnavailable, CandidateDecision, PriorRetrieval, PriorStudy, RetrieveRefused
+    from .model import (
+        ArchiveUnavailable,
+        CandidateDecision,
+        PriorRetrieval,
+        PriorStudy,
+        RetrieveRefused,
+    )
     from .retrieve import explain_priors, release_priors, retrieve_priors, select_priors
     from .settings import ArchiveConfig, PriorSettings
 

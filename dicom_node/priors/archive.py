@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import requests
 from pydicom.dataset import Dataset
@@ -30,7 +31,13 @@ from ..logs import log_event
 from ..netutil import client_tls_context
 from ..scp import ACCEPTED_TRANSFER_SYNTAXES
 from ..scu import AssociationFailed, Peer, associate
-from .model import ArchiveUnavailable, MalformedResponse, RetrieveRefused, SeriesRecord, StudyRecord
+from .model import (
+    ArchiveUnavailable,
+    MalformedResponse,
+    RetrieveRefused,
+    SeriesRecord,
+    StudyRecord,
+)
 from .settings import ArchiveConfig
 
 log = logging.getLogger(__name__)
@@ -57,7 +64,7 @@ class _Lost(Exception):
 
 
 class _MoveFailedEarly(Exception):
-    def __init__(self, transfer: "Transfer") -> None:
+    def __init__(self, transfer: Transfer) -> None:
         super().__init__("C-MOVE failed before any sub-operation")
         self.transfer = transfer
 
@@ -241,12 +248,12 @@ def quiesce_reactor(assoc: Association, settle_s: float = 0.003) -> None:
     C-FIND pending answer every few dozen queries. Clearing the checkpoint ourselves and letting
     the reactor finish its current turn first closes that window (it can then only block).
     """
-    assoc._reactor_checkpoint.clear()  # noqa: SLF001 - no public way to do this in pynetdicom 3.0
+    assoc._reactor_checkpoint.clear()  # private: pynetdicom 3.0 has no public way to do this
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
-        if assoc._is_paused:  # noqa: SLF001
+        if assoc._is_paused:
             time.sleep(settle_s)  # releases the GIL: a reactor past its checkpoint runs its turn out
-            if assoc._is_paused:  # noqa: SLF001
+            if assoc._is_paused:
                 return
         else:
             time.sleep(0.0001)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from pydicom import dcmread
 
@@ -211,7 +211,7 @@ def select_priors(
     except BaseException:
         selection.close()
         raise
-    selection.decisions.sort(key=lambda d: (not d.kept, d.study_date), reverse=False)
+    # Kept ones first, then newest first (stable sorts).
     selection.decisions.sort(key=lambda d: d.study_date, reverse=True)
     selection.decisions.sort(key=lambda d: not d.kept)
     return selection

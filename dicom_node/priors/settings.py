@@ -32,7 +32,7 @@ class ArchiveConfig(BaseModel):
     required: bool = True  # unreachable after retries: True fails the job (retried later), False records a warning and goes on
 
     @model_validator(mode="after")
-    def _complete(self) -> "ArchiveConfig":
+    def _complete(self) -> ArchiveConfig:
         if self.method == "dicomweb" and not self.dicomweb_url:
             raise ValueError(f"archive {self.name!r}: method dicomweb needs dicomweb_url")
         if self.method != "dicomweb" and not (self.ae_title and self.host):

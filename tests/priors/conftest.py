@@ -8,6 +8,7 @@ import json
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -88,8 +89,8 @@ class Archive:
             pass
 
     def config(self, method: str = "c-move", **overrides) -> ArchiveConfig:
-        values = dict(name="pacs", method=method, ae_title=self.orthanc.aet, host="127.0.0.1", port=self.orthanc.dicom_port,
-                      timeout_seconds=10, retrieve_timeout_seconds=30)
+        values = {"name": "pacs", "method": method, "ae_title": self.orthanc.aet, "host": "127.0.0.1", "port": self.orthanc.dicom_port,
+                      "timeout_seconds": 10, "retrieve_timeout_seconds": 30}
         if method == "dicomweb":
             values["dicomweb_url"] = f"{self.orthanc.url}/dicom-web"
         values.update(overrides)
@@ -119,7 +120,7 @@ def archive(tmp_path_factory) -> Archive:
 
 
 def prior_settings(node: DicomNode, *archives: ArchiveConfig, **overrides) -> Settings:
-    values = dict(archives=list(archives), retry_backoff_seconds=0.05, retries=2)
+    values = {"archives": list(archives), "retry_backoff_seconds": 0.05, "retries": 2}
     values.update(overrides)
     return node.settings.model_copy(update={"priors": PriorSettings(**values)})
 
@@ -153,5 +154,15 @@ def ingest_current(node: DicomNode, archive: Archive) -> str:
     study = archive.history.current
     for path in archive.files[study.uid]:
         result = node.ingestor.ingest(path.read_bytes())
+        assert result.ok, result
+    return study.uid
+
+
+def ingest_study(node: DicomNode, study: Study) -> str:
+    """A study that is not in the archive arrives at the node."""
+    for ds in study.datasets():
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        result = node.ingestor.ingest(buffer.getvalue())
         assert result.ok, result
     return study.uid

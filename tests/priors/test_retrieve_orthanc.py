@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node import identity
 from dicom_node.priors import (
     ArchiveUnavailable,
     RetrieveRefused,
@@ -16,11 +15,10 @@ from dicom_node.priors import (
     retrieve_priors,
 )
 from dicom_node.priors.cache import evict_priors
-from dicom_node.priors.settings import ArchiveConfig
 from tests.support.procs import free_port
 from tests.support.waiting import wait_until
 
-from .conftest import JANE, ingest_current, prior_settings
+from .conftest import JANE, ingest_current, ingest_study, prior_settings
 from .history import Patient, Study
 
 pytestmark = pytest.mark.integration
@@ -250,12 +248,7 @@ def test_partial_move_records_a_warning_and_uses_what_arrived(archive, make_node
 def test_no_prior_at_all_proceeds_in_no_prior_mode(archive, node, worker_for):
     archive.register(node)
     lonely = Study(Patient("PAT555", "NEW^PATIENT", "19900101", issuer="HOSP_A"), "20240601", "DX", "CHEST", "XR CHEST PA", "N1")
-    for ds in lonely.datasets():
-        from io import BytesIO
-
-        buffer = BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        assert node.ingestor.ingest(buffer.getvalue()).ok
+    ingest_study(node, lonely)
     settings = prior_settings(node, archive.config("c-move"))
     worker = worker_for(node)
     result = retrieve_priors(settings, worker.index, worker.ingestor, lonely.uid)
@@ -268,12 +261,7 @@ def test_patient_id_shared_by_two_issuers_without_issuer_on_current_study_is_ref
     archive.register(node)
     anonymous_issuer = Patient("PAT001", "DOE^JANE", "19600101", issuer="")
     current = Study(anonymous_issuer, "20240610", "DX", "CHEST", "XR CHEST PA", "ACC200", views=("PA",))
-    from io import BytesIO
-
-    for ds in current.datasets():
-        buffer = BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        assert node.ingestor.ingest(buffer.getvalue()).ok
+    ingest_study(node, current)
     settings = prior_settings(node, archive.config("c-move"))
     worker = worker_for(node)
     result = retrieve_priors(settings, worker.index, worker.ingestor, current.uid)
@@ -301,7 +289,7 @@ def test_cache_evicts_least_recently_used_unleased_priors_only(archive, node, wo
     entries = {e["study_uid"]: e for e in worker.index.prior_cache()}
     worker.index.mark_prior(h.recent.uid, lease_seconds=0, now=entries[h.recent.uid]["last_used_at"] + 5)  # used later
     recent_bytes = worker.index.prior_cache()[-1]["bytes"]
-    baseline_paths = [p for p in result.chosen if p.role == "baseline"][0].instance_paths
+    baseline_paths = next(p for p in result.chosen if p.role == "baseline").instance_paths
 
     eviction = evict_priors(worker.index, recent_bytes, node.settings.storage_dir, now=entries[h.recent.uid]["last_used_at"] + 10)
 
@@ -346,3 +334,15 @@ def test_result_serialises_for_the_pipeline(archive, node, worker_for):
     data = json.loads(json.dumps(dataclasses.asdict(result), default=str))
     assert data["no_prior"] is False and data["chosen"][0]["study_uid"] == archive.history.recent.uid
     assert {"study_uid", "kept", "rule"} <= set(data["candidates"][0])
+
+
+def test_disabled_or_unconfigured_prior_retrieval_says_why_without_touching_an_archive(archive, node, worker_for):
+    current = ingest_current(node, archive)
+    worker = worker_for(node)
+    disabled = prior_settings(node, archive.config("c-move"), enabled=False)
+    result = retrieve_priors(disabled, worker.index, worker.ingestor, current)
+    assert result.no_prior and result.warnings[0] == "prior retrieval is disabled (priors.enabled=false)"
+    result = retrieve_priors(prior_settings(node), worker.index, worker.ingestor, current)
+    assert result.no_prior and result.warnings[0] == "no archive configured (priors.archives is empty)"
+    with pytest.raises(LookupError, match="is not in the index"):
+        explain_priors(prior_settings(node, archive.config("c-move")), "1.2.3.4")

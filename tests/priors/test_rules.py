@@ -22,8 +22,8 @@ CURRENT = StudyRecord("9.9", "PAT1", "HOSP_A", "19600101", "20240601", "101500",
 
 
 def cand(uid="2.1", date="20231115", time="090000", modalities=("DX",), series=None, **fields) -> StudyRecord:
-    values = dict(patient_id="PAT1", issuer="HOSP_A", birth_date="19600101", study_date=date, study_time=time,
-                  description="XR CHEST PA", modalities=frozenset(modalities), archive="pacs")
+    values = {"patient_id": "PAT1", "issuer": "HOSP_A", "birth_date": "19600101", "study_date": date, "study_time": time,
+                  "description": "XR CHEST PA", "modalities": frozenset(modalities), "archive": "pacs"}
     values.update(fields)
     return StudyRecord(uid, series=tuple(series) if series is not None else None, **values)
 
