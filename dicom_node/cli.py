@@ -48,6 +48,7 @@ def worker(
     queues: Annotated[str, typer.Option("--queues", "-Q", help="io, gpu, or io,gpu")] = "io",
     concurrency: Annotated[Optional[int], typer.Option("--concurrency", "-c", help="default: 1 for gpu, 2 for io")] = None,
     hostname: Annotated[Optional[str], typer.Option("--hostname", "-n")] = None,
+    pool: Annotated[str, typer.Option(help="prefork (default), or threads to batch VLM comparisons")] = "prefork",
 ) -> None:
     """Run a Celery worker for the pipeline queues (prefetch 1, tasks acknowledged late)."""
     from .pipeline.app import configure
@@ -57,7 +58,7 @@ def worker(
     celery_app = configure(settings)
     # One comparison per GPU at a time: the model fills the device.
     default = 1 if "gpu" in queues.split(",") else 2
-    argv = ["worker", "-Q", queues, "-c", str(concurrency or default), "--prefetch-multiplier", "1", "-l", settings.log_level]
+    argv = ["worker", "-Q", queues, "-c", str(concurrency or default), "-P", pool, "--prefetch-multiplier", "1", "-l", settings.log_level]
     if hostname:
         argv += ["-n", hostname]
     celery_app.worker_main(argv)

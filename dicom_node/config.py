@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     vlm_model: str = ""  # a folder under models_root; empty: the analysis engine alone
     models_root: Path = Path("models")
     vlm_backend: str = "torch"
+    vlm_max_batch_size: int = 4  # comparisons run together by a threaded gpu worker
+    vlm_max_wait_ms: float = 50.0  # how long the first request of a batch waits for others
 
     # Prior retrieval and reporting: their own sections (see their settings modules)
     priors: PriorSettings = Field(default_factory=PriorSettings)

@@ -1,4 +1,9 @@
-"""The VLM step of a comparison, when a model is configured (loaded once per worker process)."""
+"""The VLM step of a comparison, when a model is configured.
+
+The model is loaded once per worker process. Requests go through a micro-batcher: with a
+threaded gpu worker (`dicom-node worker -Q gpu --pool threads -c 4`) concurrent comparisons
+run as one batch of up to `vlm_max_batch_size`; with the default prefork pool, batches of one.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,21 @@ from ..config import Settings
 
 
 @functools.cache
-def _model(name: str, root: str, backend: str):
-    from inference.vlm import load_model
+def _batcher(name: str, root: str, backend: str, max_batch_size: int, max_wait_ms: float):
+    from inference.vlm import Batcher, load_model
 
-    return load_model(name, root, backend=backend, warm_up=True)
+    model = load_model(name, root, backend=backend, warm_up=True)
+    return Batcher(model.compare_many, max_batch_size=max_batch_size, max_wait_s=max_wait_ms / 1000)
 
 
 def vlm_compare(settings: Settings, current, prior_images: list, result, priors: dict):
     """Model reading grounded on the measured regions; garbage output comes back flagged, never raised."""
-    model = _model(settings.vlm_model, str(settings.models_root), settings.vlm_backend)
+    from inference.vlm import CompareRequest
+
+    batcher = _batcher(settings.vlm_model, str(settings.models_root), settings.vlm_backend,
+                       settings.vlm_max_batch_size, settings.vlm_max_wait_ms)
     prior = prior_images[0] if prior_images and not result.refused else None
     chosen = priors.get("chosen") or []
     report = chosen[0].get("report_text") if chosen else None
-    return model.compare(current, prior, regions=result.regions, prior_report=report)
+    request = CompareRequest(current, prior, tuple(result.regions), prior_report=report)
+    return batcher.submit(request).result()

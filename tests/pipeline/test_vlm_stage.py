@@ -1,0 +1,31 @@
+"""The pipeline's VLM step: concurrent comparisons from a threaded gpu worker share one batcher."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import inference
+from dicom_node.config import Settings
+from dicom_node.pipeline.vlm import _batcher, vlm_compare
+from inference.phantoms import make_chest_pair
+from inference.pixels import image_from_dataset
+from inference.vlm.tiny import write_tiny_model
+
+
+def test_concurrent_comparisons_are_batched(tmp_path):
+    write_tiny_model(tmp_path, "gemma3", name="tiny-gemma")
+    settings = Settings(vlm_model="tiny-gemma", models_root=tmp_path, vlm_max_batch_size=2, vlm_max_wait_ms=2000)
+    pair = make_chest_pair(5, "new_nodule", size=256)
+    current, prior = image_from_dataset(pair.current), image_from_dataset(pair.prior)
+    result = inference.compare(current, [prior])
+    batcher = _batcher(settings.vlm_model, str(settings.models_root), settings.vlm_backend, 2, 2000.0)
+    sizes: list[int] = []
+    run = batcher._run
+    batcher._run = lambda batch: (sizes.append(len(batch)), run(batch))[1]  # observe the batch sizes
+    priors = {"chosen": [{"report_text": "Lungs clear."}]}
+    with ThreadPoolExecutor(2) as pool:
+        readings = list(pool.map(lambda _: vlm_compare(settings, current, [prior], result, priors), range(2)))
+    assert sizes == [2]  # both requests ran as one batch
+    assert all(r.mode == "comparison" for r in readings)
+    # A random model writes garbage: each reading falls back to the measured region, flagged.
+    assert all(r.findings and not r.usable for r in readings)
