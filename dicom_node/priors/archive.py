@@ -302,6 +302,7 @@ class DimseArchive(Archive):
         self.calling_ae = config.calling_ae_title or settings.ae_title
         self.move_destination = config.move_destination or settings.ae_title
         self._assoc: Association | None = None
+        self._get_state: tuple[Association, set[str], Ingestor] | None = None
 
     def _tls(self):
         c = self.config
@@ -325,6 +326,7 @@ class DimseArchive(Archive):
         return self._assoc
 
     def close(self) -> None:
+        self._release_get()
         if self._assoc is not None:
             if self._assoc.is_established:
                 self._assoc.release()
@@ -364,9 +366,20 @@ class DimseArchive(Archive):
             return self._classify_early_failure(exc.transfer, started)
 
     def _get(self, identifier: Dataset, sop_classes: set[str], ingestor: Ingestor) -> Transfer:
+        assoc = self._get_assoc(sop_classes, ingestor)
+        quiesce_reactor(assoc)
+        return self._track(assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet), "C-GET", assoc)
+
+    def _get_assoc(self, sop_classes: set[str], ingestor: Ingestor) -> Association:
+        """One C-GET association (SCP role for the storage classes) serves every series of a run
+        whose SOP classes it negotiated; callers pass the union of a prior's classes up front."""
+        current = self._get_state
+        if current and current[0].is_established and sop_classes <= current[1] and current[2] is ingestor:
+            return current[0]
+        self._release_get()
         classes = sorted(sop_classes)
         if len(classes) > MAX_GET_STORAGE_CONTEXTS:
-            raise RetrieveRefused(f"archive {self.name!r}: series has {len(classes)} SOP classes, more than one C-GET association can carry")
+            raise RetrieveRefused(f"archive {self.name!r}: {len(classes)} SOP classes, more than one C-GET association can carry")
         ae = self._ae(self.config.retrieve_timeout_seconds)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
         for sop_class in classes:
@@ -386,12 +399,14 @@ class DimseArchive(Archive):
             return response
 
         assoc = associate(ae, self.peer, self._tls(), ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        try:
-            quiesce_reactor(assoc)
-            return self._track(assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet), "C-GET", assoc)
-        finally:
-            if assoc.is_established:
-                assoc.release()
+        self._get_state = (assoc, set(sop_classes), ingestor)
+        return assoc
+
+    def _release_get(self) -> None:
+        if self._get_state is not None:
+            if self._get_state[0].is_established:
+                self._get_state[0].release()
+            self._get_state = None
 
     def _track(self, responses, what: str, assoc: Association | None = None) -> Transfer:
         """Follow pending responses to the final status; classify it."""

@@ -288,11 +288,12 @@ def _fetch(settings: Settings, index: Index, ingestor: Ingestor, chosen: Chosen,
         # lease keeps it from eviction while the comparison runs.
         index.mark_prior(uid, lease_seconds=settings.priors.lease_seconds)
     reused = not any(missing.values())
+    # Every SOP class of the prior's missing series: a C-GET association then carries them all.
+    sop_classes = {sop_class for s in all_series if missing[s.series_uid] for sop_class in expected[s.series_uid].values()}
     try:
         for series in all_series:
             if not missing[series.series_uid]:
                 continue
-            sop_classes = set(expected[series.series_uid].values())
             transfer = archive.retrieve_series(uid, series.series_uid, sop_classes, ingestor)
             warnings.extend(f"prior {uid} series {series.series_uid}: {p}" for p in transfer.problems)
     except ArchiveUnavailable as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from dicom_node.priors import (
     ArchiveUnavailable,
@@ -14,6 +15,7 @@ from dicom_node.priors import (
     release_priors,
     retrieve_priors,
 )
+from dicom_node.priors import archive as archive_module
 from dicom_node.priors.cache import evict_priors
 from tests.support.procs import free_port
 from tests.support.waiting import wait_until
@@ -110,14 +112,25 @@ def test_explain_prints_each_candidate_with_its_rule_and_retrieves_nothing(archi
     assert stored_studies(node) == {current}
 
 
-def test_cget_retrieves_recent_and_baseline_in_one_association(archive, node, worker_for):
+def test_cget_retrieves_recent_and_baseline_in_one_association(archive, node, worker_for, monkeypatch):
     h = archive.history
     archive.register(node, port=free_port())  # known caller; C-GET needs no reachable move destination
     current = ingest_current(node, archive)
     settings = prior_settings(node, archive.config("c-get"), include_baseline=True)
     worker = worker_for(node)
+    opened = []
+    real_associate = archive_module.associate
+
+    def counting_associate(ae, *args, **kwargs):
+        opened.append([c.abstract_syntax for c in ae.requested_contexts])
+        return real_associate(ae, *args, **kwargs)
+
+    monkeypatch.setattr(archive_module, "associate", counting_associate)
 
     result = retrieve_priors(settings, worker.index, worker.ingestor, current)
+
+    get_associations = [c for c in opened if StudyRootQueryRetrieveInformationModelGet in c]
+    assert len(get_associations) == 1  # 4 series of 2 studies (images and a report) over one association
 
     assert [(p.study_uid, p.role) for p in result.chosen] == [(h.recent.uid, "recent"), (h.older_cr.uid, "baseline")]
     recent, baseline = result.chosen
