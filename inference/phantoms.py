@@ -162,7 +162,10 @@ def make_chest_pair(seed: int, change: str = "new_nodule", size: int = 512, *,
         angle, scale, shift = 0.0, 1.0, np.zeros(2)
     truth.prior_to_current = {"angle_deg": angle, "scale": scale, "shift_px": tuple(float(s) for s in shift)}
 
-    cur = _expose(_resample(base + cur_lesion, size, 0.0, 1.0, np.zeros(2)), rng, exposure_jitter, spacing_out)
+    # The current is resampled too (by a sub-pixel offset), so that both images carry the same
+    # interpolation blur, as two real exposures share the detector's sampling.
+    jitter_px = rng.uniform(0.3, 0.7, size=2) * (1 if reposition else 0)
+    cur = _expose(_resample(base + cur_lesion, size, 0.0, 1.0, jitter_px), rng, exposure_jitter, spacing_out)
     pri = _expose(_resample(base + pri_lesion, size, angle, scale, shift), rng, exposure_jitter, spacing_out)
     uid_root = f"{patient.patient_id}|{seed}|{change}|{size}|{view}|{patient.current_accession}|{patient.prior_accession}"
     cur_ds = _dx_dataset(cur, spacing_out, patient, patient.current_date, patient.current_accession,

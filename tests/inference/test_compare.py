@@ -55,13 +55,15 @@ def test_stable_repositioned_pair_gives_no_regions(stable_case):
     assert "No measurable change" in res.summary
 
 
-@pytest.mark.parametrize("seed,change,status", [
-    (31, "growing_nodule", "worsened"),
-    (32, "resolved_effusion", "resolved"),
-    (33, "new_consolidation", "new"),
+@pytest.mark.parametrize("seed,change,status,size_mm", [
+    (31, "growing_nodule", "worsened", 24.0),
+    (34, "shrinking_nodule", "improved", 24.0),
+    (35, "resolved_nodule", "resolved", 16.0),
+    (32, "resolved_effusion", "resolved", None),
+    (33, "new_consolidation", "new", None),
 ])
-def test_change_status_matches_truth(seed, change, status):
-    cur, pri, truth = chest_images(seed, change)
+def test_change_status_matches_truth(seed, change, status, size_mm):
+    cur, pri, truth = chest_images(seed, change, lesion_size_mm=size_mm)
     res = compare(cur, [pri], with_overlay=False)
     t = truth.regions[0]
     hits = [r for r in res.regions if _centre_inside(r, t.bbox)]
