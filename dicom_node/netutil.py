@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 import types
 from pathlib import Path
@@ -19,14 +20,20 @@ from pynetdicom import _config, evt
 POLL_INTERVAL_S = 0.0001
 
 
-def _capped_sleep(seconds: float) -> None:
-    time.sleep(min(seconds, POLL_INTERVAL_S))
+def _reactor_sleep(seconds: float) -> None:
+    # Only associations we accept poll faster. On the ones we request, pynetdicom pauses the
+    # reactor with a handshake that has a window (the reactor can pass its checkpoint just
+    # before it is cleared and take a response off the queue); faster polling widens that
+    # window until C-FIND answers get lost, so requestors keep pynetdicom's own interval.
+    if getattr(threading.current_thread(), "is_acceptor", False):
+        seconds = min(seconds, POLL_INTERVAL_S)
+    time.sleep(seconds)
 
 
 def tune_pynetdicom() -> None:
     """Apply once per process, before any association starts."""
-    # The association reactor's only use of `time` is its polling sleeps.
-    pynetdicom.association.time = types.SimpleNamespace(sleep=_capped_sleep)  # type: ignore[attr-defined]
+    # The association reactor (an Association thread) uses `time` only for its polling sleeps.
+    pynetdicom.association.time = types.SimpleNamespace(sleep=_reactor_sleep)  # type: ignore[attr-defined]
     # pynetdicom's standard log handlers format every PDU; the node audits associations itself.
     _config.LOG_HANDLER_LEVEL = "none"
 
