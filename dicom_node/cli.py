@@ -119,6 +119,24 @@ def retry(job_key: str) -> None:
 
 
 @app.command()
+def priors(
+    study_uid: str,
+    series: Annotated[Optional[list[str]], typer.Option("--series", help="current series being analysed")] = None,
+) -> None:
+    """Print every prior candidate of STUDY_UID with the rule that kept or dropped it (queries only)."""
+    from .priors import ArchiveUnavailable, RetrieveRefused, explain_priors
+
+    try:
+        typer.echo(explain_priors(load_settings(), study_uid, series or None))
+    except LookupError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2)
+    except (ArchiveUnavailable, RetrieveRefused) as exc:
+        typer.echo(f"priors failed: {exc}", err=True)
+        raise typer.Exit(3)
+
+
+@app.command()
 def compare(
     current: Annotated[Path, typer.Argument(help="DICOM file or folder (a volume's slices) of the current study")],
     prior: Annotated[Path, typer.Argument(help="DICOM file or folder of the prior study")],

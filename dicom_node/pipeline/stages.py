@@ -120,6 +120,8 @@ def run_compare(rt: Runtime, job: Job) -> dict:
     from inference.serialize import result_to_dict
 
     _write_json(job_dir(rt, job) / "comparison.json", result_to_dict(result))
+    for prior in priors.get("chosen", []):
+        rt.index.release_prior(prior["study_uid"])  # compared: the cache may evict it again
     return {
         "sr_sop_instance_uid": sr_uid,
         "sr_series_uid": sr_series,

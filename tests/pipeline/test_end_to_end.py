@@ -4,6 +4,8 @@ comes back into Orthanc. Assertions are on the SR fetched back from the PACS."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,11 @@ def test_study_routed_compared_and_reported_back_to_the_pacs(stack, tmp_path, ch
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert_valid_dicom(path)
+    # The choice is explainable from the command line, with the node's own settings.
+    explained = subprocess.run([sys.executable, "-m", "dicom_node", "priors", scenario.current_study_uid],
+                               env=stack.node_env(), capture_output=True, text=True, timeout=60)
+    assert explained.returncode == 0, explained.stderr
+    assert scenario.expected_prior_uid in explained.stdout and "LAT" in explained.stdout
     # Exactly one report in the PACS for this study.
     reports = [i for i in stack.orthanc.instances_of_study(scenario.current_study_uid) if i["MainDicomTags"].get("SOPInstanceUID") == sr.SOPInstanceUID]
     assert len(reports) == 1
@@ -70,9 +77,6 @@ def test_study_routed_compared_and_reported_back_to_the_pacs(stack, tmp_path, ch
 
 def test_quickstart_command_prints_the_result(tmp_path):
     """The README's first command, minus the package installation: the same run a new user sees."""
-    import subprocess
-    import sys
-
     workdir = tmp_path / "qs"
     result = subprocess.run(
         [sys.executable, "-m", "dicom_node", "quickstart", "--workdir", str(workdir)],
