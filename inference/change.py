@@ -26,6 +26,7 @@ MIN_MEAN_Z = 4.5
 MIN_AREA_MM2 = 20.0  # ~5 mm disc; smaller is below what the denoised map can resolve
 MIN_VOLUME_MM3 = 100.0  # ~6 mm sphere
 Z_SEED_3D = 6.0  # a volume has many more voxels in which noise can reach Z_SEED
+VOLUME_PRESENT_RATIO = 0.2  # volumes: lesion contrast at the other time point / change
 PROFILE_RATIO = 1.0  # core/annulus change below which the lesion exists at both time points
 DENOISE_MM = 1.2
 MIN_INRADIUS_MM = 1.5
@@ -76,7 +77,7 @@ def change_map(current: np.ndarray, prior: np.ndarray, valid: np.ndarray,
     p_s = ndimage.gaussian_filter(p, sigma)
     plain = c_s - p_s
     noise = _mad(plain[analysed]) if analysed.any() else 1.0
-    size = TOLERANCE_PX
+    size = TOLERANCE_PX if current.ndim == 2 else 3  # volumes: +-1 voxel (a slice is 3 mm or more)
     lo = ndimage.minimum_filter(p_s, size=size)
     hi = ndimage.maximum_filter(p_s, size=size)
     diff = np.where(c_s > hi, c_s - hi, np.where(c_s < lo, c_s - lo, 0.0)).astype(np.float32)
@@ -251,12 +252,15 @@ def _status(cm: ChangeMap, sl, m: np.ndarray, sign: int, zvals: np.ndarray) -> t
     seed[tuple(slice(o - s.start, o - s.start + k) for o, s, k in zip(origin, sl, m.shape))] = m
     plain = (cm.current[sl] - cm.prior[sl]) * sign / max(cm.noise, 1e-6) > Z_GROW
     lab, _ = ndimage.label(plain | seed)
-    m = np.isin(lab, np.unique(lab[seed])) & cm.analysed[sl]
+    # Filled: a solid lesion that grew in a volume changes only in a shell around its old self.
+    m = ndimage.binary_fill_holes(np.isin(lab, np.unique(lab[seed]))) & cm.analysed[sl]
     dist = ndimage.distance_transform_edt(np.pad(m, 1))[tuple(slice(1, -1) for _ in m.shape)]
     top = float(dist.max())
     if top < 2.0:
         return "indeterminate", 0.3  # too thin to have a core
     delta = (cm.current[sl] - cm.prior[sl]) * sign
+    if m.ndim == 3:
+        return _status_volume(cm, sl, m, sign, delta, zvals)
     core = dist >= 0.6 * top
     annulus = (dist >= 0.2 * top) & ~core
     if not annulus.any() or not core.any():
@@ -271,6 +275,31 @@ def _status(cm: ChangeMap, sl, m: np.ndarray, sign: int, zvals: np.ndarray) -> t
         status = "improved" if present else "resolved"
     strength = 1.0 - math.exp(-(float(zvals.mean()) - Z_GROW) / 4.0)
     margin = min(1.0, abs(ratio - PROFILE_RATIO) / 0.2)  # near the threshold the status is less sure
+    return status, round(float(np.clip(strength * (0.6 + 0.4 * margin), 0.05, 0.99)), 3)
+
+
+def _status_volume(cm: ChangeMap, sl, m: np.ndarray, sign: int, delta: np.ndarray,
+                   zvals: np.ndarray) -> tuple[str, float]:
+    """Volumes have no superimposed anatomy and calibrated units, so the other time point is read
+    directly: is there lesion density in the region's core, against the tissue around it?"""
+    from scipy import ndimage
+
+    core = ndimage.binary_erosion(m, iterations=1)
+    if not core.any():
+        core = m
+    ring = ndimage.binary_dilation(m, iterations=3) & ~ndimage.binary_dilation(m, iterations=1)
+    ring &= cm.analysed[sl]
+    change = float(delta[core].mean())
+    if ring.sum() < 8 or change <= 0:
+        return "indeterminate", 0.3
+    other = cm.prior[sl] if sign > 0 else cm.current[sl]
+    present_ratio = (float(other[core].mean()) - float(np.median(other[ring]))) / change
+    if _DEBUG:
+        print("status3d", sign, round(present_ratio, 3))
+    present = present_ratio > VOLUME_PRESENT_RATIO
+    status = ("worsened" if present else "new") if sign > 0 else ("improved" if present else "resolved")
+    strength = 1.0 - math.exp(-(float(zvals.mean()) - Z_GROW) / 4.0)
+    margin = min(1.0, abs(present_ratio - VOLUME_PRESENT_RATIO) / 0.2)
     return status, round(float(np.clip(strength * (0.6 + 0.4 * margin), 0.05, 0.99)), 3)
 
 

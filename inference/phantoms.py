@@ -381,9 +381,9 @@ def make_ct_pair(seed: int, change: str = "new_nodule", shape: tuple[int, int, i
     side = int(rng.choice([-1, 1]))
     centre = np.array([rng.uniform(-0.25, 0.25) * ext[0], rng.uniform(-0.12, 0.12) * ext[1],
                        side * rng.uniform(0.2, 0.32) * ext[2]])
-    d = lesion_size_mm or float(rng.uniform(8.0, 20.0))
-    d_prior, d_cur = {"new_nodule": (0.0, d), "growing_nodule": (d / rng.uniform(1.5, 2.0), d),
-                      "shrinking_nodule": (d, d * rng.uniform(0.35, 0.6)), "stable": (d, d)}[change]
+    d = lesion_size_mm or float(rng.uniform(8.0 if change in ("new_nodule", "stable") else 12.0, 20.0))
+    d_prior, d_cur = {"new_nodule": (0.0, d), "growing_nodule": (d / rng.uniform(1.4, 1.8), d),
+                      "shrinking_nodule": (d, d * rng.uniform(0.5, 0.7)), "stable": (d, d)}[change]
     if reposition:
         angle = float(rng.uniform(-3, 3))
         shift = rng.uniform(-6, 6, size=3) * np.array([0.5, 1, 1])
