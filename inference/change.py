@@ -7,15 +7,17 @@ Gaussian denoising, a difference map that tolerates sub-pixel misregistration
 and the heart that moved by a fraction of a pixel do not light up), noise
 scaling to z-scores, hysteresis thresholding and connected components.
 
-Each component is measured and given a status from the shared vocabulary by
-asking whether the lesion was already there in the prior (increase: new vs
-worsened) or is still there now (decrease: resolved vs improved): the region's
-contrast against its surrounding ring, relative to the size of the change.
+Each component is measured and given a status from the shared vocabulary: for
+radiographs from the profile of the change (a lesion that appeared or vanished
+changes most at its centre; one that grew or shrank keeps its smaller self in the
+middle), which is free of superimposed anatomy; for volumes from the lesion's
+calibrated contrast at the other time point.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,8 +36,7 @@ TOLERANCE_PX = 5  # +-2 analysis pixels (~1.7 mm at 512 px): residual misregistr
 THICKNESS_RATIO = 0.08  # inradius / bounding extent below which a region is an edge band
 # Denser knots in the bright tail, where bone and mediastinum sit and processing curves bend most.
 _TONE_QUANTILES = np.concatenate([np.linspace(0, 0.9, 10), [0.95, 0.98, 0.995, 1.0]])
-import os
-_DEBUG = bool(os.environ.get("CHANGE_DEBUG"))
+_DEBUG = bool(os.environ.get("INFERENCE_CHANGE_DEBUG"))  # print per-region statistics while tuning
 
 
 @dataclass
@@ -301,43 +302,6 @@ def _status_volume(cm: ChangeMap, sl, m: np.ndarray, sign: int, delta: np.ndarra
     strength = 1.0 - math.exp(-(float(zvals.mean()) - Z_GROW) / 4.0)
     margin = min(1.0, abs(present_ratio - VOLUME_PRESENT_RATIO) / 0.2)
     return status, round(float(np.clip(strength * (0.6 + 0.4 * margin), 0.05, 0.99)), 3)
-
-
-def _harmonic_fill(img: np.ndarray, hole: np.ndarray) -> np.ndarray:
-    """Solve Laplace's equation inside `hole` with the surrounding pixels as boundary values."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.linalg import spsolve
-
-    idx = -np.ones(img.shape, np.int64)
-    unknown = np.flatnonzero(hole.ravel())
-    idx.ravel()[unknown] = np.arange(unknown.size)
-    coords = np.unravel_index(unknown, img.shape)
-    rows, cols, vals = [], [], []
-    rhs = np.zeros(unknown.size)
-    diag = np.zeros(unknown.size)
-    flat = img.astype(np.float64)
-    for ax in range(img.ndim):
-        for step in (-1, 1):
-            nb = [c.copy() for c in coords]
-            nb[ax] = nb[ax] + step
-            inside = (nb[ax] >= 0) & (nb[ax] < img.shape[ax])
-            ids = np.arange(unknown.size)[inside]
-            nbi = tuple(c[inside] for c in nb)
-            diag[ids] += 1
-            j = idx[nbi]
-            known = j < 0
-            rhs[ids[known]] += flat[tuple(c[known] for c in nbi)]
-            rows.append(ids[~known])
-            cols.append(j[~known])
-            vals.append(-np.ones((~known).sum()))
-    rows.append(np.arange(unknown.size))
-    cols.append(np.arange(unknown.size))
-    vals.append(diag)
-    a = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                   shape=(unknown.size, unknown.size)).tocsr()
-    out = flat.copy()
-    out.ravel()[unknown] = spsolve(a, rhs)
-    return out.astype(np.float32)
 
 
 def contour_2d(mask: np.ndarray) -> list[tuple[int, int]]:
