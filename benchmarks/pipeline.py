@@ -58,6 +58,22 @@ def make_studies(folder: Path, count: int, size: int) -> tuple[list[Path], list[
     return priors, currents
 
 
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (a Celery worker and its pool)."""
+    total = 0.0
+    for child in [pid, *map(int, subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split())]:
+        try:
+            with open(f"/proc/{child}/status") as status:
+                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def worker_rss(stack: LocalStack) -> dict[str, float]:
+    return {name: round(tree_rss_mb(proc.pid)) for name, proc in stack.processes.items() if name.startswith("worker-gpu")}
+
+
 def percentiles(values: list[float]) -> str:
     if not values:
         return "      n/a"
@@ -78,11 +94,15 @@ def run(workdir: Path, workers: int, priors: list[Path], currents: list[Path], t
         index = Index(f"sqlite:///{workdir / 'node' / 'index.db'}")
         jobs = JobStore(index)
         deadline = time.time() + timeout
+        rss_after_first: dict[str, float] = {}
         while time.time() < deadline:
             finished = [j for j in jobs.list(limit=10_000) if j.state in ("done", "failed")]
+            if finished and not rss_after_first:
+                rss_after_first = worker_rss(stack)
             if len(finished) >= len(currents):
                 break
             time.sleep(1)
+        rss_at_end = worker_rss(stack)
         with index.engine.connect() as conn:
             received = dict(conn.execute(select(studies.c.study_uid, studies.c.last_received_at)).all())
             completed = dict(conn.execute(select(studies.c.study_uid, studies.c.completed_at)).all())
@@ -103,6 +123,7 @@ def run(workdir: Path, workers: int, priors: list[Path], currents: list[Path], t
         "received_to_accepted": [accepted[j.study_uid] - received[j.study_uid] for j in done],
         "completed_to_accepted": [accepted[j.study_uid] - completed[j.study_uid] for j in done if completed.get(j.study_uid)],
         "queue_wait": [j.timings["priors"]["started"] - completed[j.study_uid] for j in done if completed.get(j.study_uid)],
+        "rss": (rss_after_first, rss_at_end),
         **stage,
     }
 
@@ -132,6 +153,10 @@ def main() -> None:
     print("\nper-stage seconds, p50 / p95:")
     for r in results:
         print(f"  {r['workers']} worker(s)/queue: " + "  ".join(f"{s} {percentiles(r[s])}" for s in ("priors", "compare", "deliver")))
+    print("\ngpu worker RSS (MiB, worker + pool) after the first job -> after the last:")
+    for r in results:
+        first, last = r["rss"]
+        print(f"  {r['workers']} worker(s)/queue: " + ", ".join(f"{name} {first.get(name, 0):.0f} -> {last.get(name, 0):.0f}" for name in last))
     if len(results) > 1 and results[0]["per_minute"]:
         print(f"\nthroughput ratio {results[-1]['workers']} vs {results[0]['workers']} workers: {results[-1]['per_minute'] / results[0]['per_minute']:.2f}")
     subprocess.run(["rm", "-rf", str(root)], check=False)
