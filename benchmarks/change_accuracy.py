@@ -241,7 +241,7 @@ def accuracy_section(args) -> None:
           f"({len(CHEST_CHANGES)} classes incl. stable; repositioning, exposure and noise differences)")
     per_class, big, small, stable_pairs, stable_false, secs = run_accuracy(args.pairs, args.size, args.seed)
     print()
-    print(f"| class | truth | sensitivity | precision | status right | zone right | mean IoU | nodule diam. err |")
+    print("| class | truth | sensitivity | precision | status right | zone right | mean IoU | nodule diam. err |")
     print("|---|---|---|---|---|---|---|---|")
     tot = defaultdict(int)
     for change in CHEST_CHANGES:

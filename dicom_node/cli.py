@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Optional
@@ -294,7 +293,3 @@ def quickstart(
     except (RuntimeError, TimeoutError) as exc:
         typer.echo(f"quickstart failed: {exc}\nlogs: {workdir}/*.log", err=True)
         raise typer.Exit(1)
-
-
-def main() -> None:  # pragma: no cover - console entry
-    sys.exit(app())

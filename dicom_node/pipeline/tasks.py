@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import logging
 import random
-import time
 from collections.abc import Callable
 
 from celery import Task
@@ -100,13 +99,3 @@ def retry_job(rt: Runtime, key: str) -> Job | None:
     if job is not None:
         publish("priors", key, job.priority)
     return job
-
-
-def wait_for(rt: Runtime, key: str, timeout: float) -> Job | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = rt.jobs.get(key)
-        if job and job.state in ("done", "failed"):
-            return job
-        time.sleep(0.2)
-    return rt.jobs.get(key)

@@ -29,7 +29,7 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
-from sqlalchemy import func, Column, Float, Integer, String, Table, Text, UniqueConstraint, select, update
+from sqlalchemy import func, select, update
 
 from .. import identity
 from ..index import Index, _insert, report_deliveries
