@@ -15,7 +15,7 @@ import yaml
 
 from .errors import ModelConfigError, ModelNotFoundError
 
-FAMILIES = ("gemma3", "qwen2_5_vl")
+FAMILIES = ("gemma3", "qwen2_5_vl", "qwen3_vl")
 DTYPES = ("float32", "float16", "bfloat16")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 MODELS_ROOT_ENV = "DICOM_NODE_MODELS_ROOT"
@@ -41,7 +41,7 @@ class ModelSpec:
     weights_dir: Path
     dtype: str = "bfloat16"
     prompt_set: str = "chest_compare_v1"
-    image_size: int = 896  # gemma3: fixed square side; qwen2_5_vl: longest side cap
+    image_size: int = 896  # gemma3: fixed square side; qwen2_5_vl / qwen3_vl: pixel budget side
     crop_size: int = 448  # side of the zoomed region crops before the image processor
     max_regions: int = 4  # crop pairs per comparison (most significant regions first)
     max_new_tokens: int = 512

@@ -87,6 +87,30 @@ def _qwen2_5_vl(wdir: Path, image_size: int) -> dict[str, Any]:
     return {"image_size": image_size, "crop_size": image_size // 2}
 
 
+def _qwen3_vl(wdir: Path, image_size: int) -> dict[str, Any]:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tok = train_tokenizer(wdir, QWEN_SPECIALS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    cfg = Qwen3VLConfig(
+        # head_dim 32 -> 16 rotary pairs split t/h/w like the real [24, 20, 20] of 64, interleaved.
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
+                                          "mrope_interleaved": True},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        # 8x8 learned position grid (interpolated per image); DeepStack from both vision layers.
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    _randomise_zeros(Qwen3VLForConditionalGeneration(cfg)).save_pretrained(wdir)
+    return {"image_size": image_size, "crop_size": image_size // 2}
+
+
 def _randomise_zeros(model: torch.nn.Module) -> torch.nn.Module:
     # Some weights initialise to zero (Gemma 3's projector): random ones make outputs informative,
     # so a broken export or a dropped image would change them.
@@ -97,7 +121,7 @@ def _randomise_zeros(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-_BUILDERS = {"gemma3": _gemma3, "qwen2_5_vl": _qwen2_5_vl}
+_BUILDERS = {"gemma3": _gemma3, "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl}
 
 
 def write_tiny_model(models_root: str | Path, family: str, name: str | None = None, image_size: int = 32,

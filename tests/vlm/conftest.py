@@ -1,4 +1,4 @@
-"""Session fixtures: tiny random Gemma 3 and Qwen2.5-VL models (trained tiny tokenizer, random
+"""Session fixtures: tiny random Gemma 3, Qwen2.5-VL and Qwen3-VL models (trained tiny tokenizer, random
 weights) written as model-repository entries in a temp dir. Nothing downloaded or committed."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from inference.types import ChangeRegion, ImageInput
 from inference.vlm import BackendOptions, load_model  # noqa: E402
 from inference.vlm.tiny import write_tiny_model  # noqa: E402
 
-FAMILIES = ("gemma3", "qwen2_5_vl")
+FAMILIES = ("gemma3", "qwen2_5_vl", "qwen3_vl")
 
 
 @pytest.fixture(scope="session")

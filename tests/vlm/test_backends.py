@@ -44,12 +44,13 @@ def test_onnxruntime_backend_generates_like_torch(models_root, torch_vlms, pair,
     assert (onnx_dirs[0] / "vision.onnx").stat().st_mtime_ns == mtime
 
 
-def test_onnxruntime_refuses_dynamic_resolution_family_clearly(models_root):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_onnxruntime_refuses_dynamic_resolution_family_clearly(models_root, family):
     with pytest.raises(BackendUnavailableError, match="dynamic resolution.*torch"):
-        load_model("tiny-qwen2_5_vl", models_root, backend="onnxruntime")
+        load_model(f"tiny-{family}", models_root, backend="onnxruntime")
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_5_vl", "qwen3_vl"])
 def test_torch_compile_static_cache_matches_eager(models_root, torch_vlms, family, pair, regions):
     prior, current = pair
     req = CompareRequest(current, prior, tuple(regions))

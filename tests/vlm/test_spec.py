@@ -51,7 +51,8 @@ def test_repository_models_parse():
     # The committed model.yaml files must stay loadable.
     root = Path(__file__).resolve().parents[2] / "models"
     names = {s.name: s for s in list_models(root, platform=Platform())}
-    assert {"medgemma-4b-it", "qwen2.5-vl-3b-instruct"} <= set(names)
+    assert {"medgemma-4b-it", "qwen2.5-vl-3b-instruct", "qwen3-vl-4b-instruct"} <= set(names)
+    assert names["qwen3-vl-4b-instruct"].family == "qwen3_vl"
     assert names["medgemma-4b-it"].family == "gemma3"
 
 

@@ -17,7 +17,11 @@ def adapter_class(family: str) -> type[Adapter]:
         from .qwen2_5_vl import Qwen2_5_VLAdapter
 
         return Qwen2_5_VLAdapter
-    raise ModelConfigError(f"no adapter for family {family!r}; expected gemma3 or qwen2_5_vl")
+    if family == "qwen3_vl":
+        from .qwen3_vl import Qwen3VLAdapter
+
+        return Qwen3VLAdapter
+    raise ModelConfigError(f"no adapter for family {family!r}; expected gemma3, qwen2_5_vl or qwen3_vl")
 
 
 def make_adapter(spec: ModelSpec) -> Adapter:
