@@ -128,7 +128,7 @@ def volume_from_datasets(datasets: list[Dataset], sources: list[str] | None = No
     base = _attributes(first)
     return ImageInput(pixels=vol, spacing_mm=(dz, row_mm, col_mm), spacing_known=known,
                       source=sources[0] if len(sources) == 1 else f"{sources[0]} (+{len(sources) - 1} slices)",
-                      **base)
+                      slice_sources=tuple(src for _, _, src in keyed), **base)
 
 
 def image_from_dataset(ds: Dataset, source: str = "") -> ImageInput:

@@ -37,6 +37,7 @@ class ImageInput:
     spacing_known: bool = True
     study_instance_uid: str = ""
     series_instance_uid: str = ""
+    slice_sources: tuple[str, ...] = ()  # volumes: the file (or SOP Instance UID) of each slice, in pixel order
 
     @property
     def is_volume(self) -> bool:

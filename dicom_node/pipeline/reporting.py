@@ -45,9 +45,10 @@ def _predecessor(rt: Runtime, job: Job) -> tuple[ImageRef | None, int]:
     return ImageRef(Comprehensive3DSRStorage, last["sr_sop_instance_uid"], last["sr_series_uid"], job.study_uid), len(earlier)
 
 
-def report_input(rt: Runtime, job: Job, current_rows: list[dict], analysed: list[Path], priors: dict, result, vlm) -> ReportInput:
+def report_input(rt: Runtime, job: Job, current_rows: list[dict], analysed: list[Path], current_image, priors: dict, result, vlm) -> ReportInput:
     analysed_set = {str(p) for p in analysed}
     current_images = [r for r in current_rows if r["path"] in analysed_set]
+    by_path = {r["path"]: ref for r, ref in zip(current_images, _refs(current_images))}
     prior_refs = []
     for prior in priors.get("chosen", []):
         paths = set(prior.get("instance_paths", []))
@@ -67,6 +68,8 @@ def report_input(rt: Runtime, job: Job, current_rows: list[dict], analysed: list
         input_key=job.job_key,
         predecessor=predecessor,
         instance_number=earlier + 1,
+        # Volumes: regions sit on their key slice, so the SR must point at that slice's instance.
+        slice_refs=[by_path[source] for source in current_image.slice_sources if source in by_path],
     )
 
 

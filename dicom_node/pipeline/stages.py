@@ -115,7 +115,7 @@ def run_compare(rt: Runtime, job: Job) -> dict:
     except InputError as exc:
         raise PermanentJobError(f"input refused: {exc}") from exc
     vlm = run_vlm(rt, current, prior_images, result, priors)
-    inp: ReportInput = report_input(rt, job, current_rows, current_paths, priors, result, vlm)
+    inp: ReportInput = report_input(rt, job, current_rows, current_paths, current, priors, result, vlm)
     sr_uid, sr_series = enqueue_report(rt, inp)
     from inference.serialize import result_to_dict
 

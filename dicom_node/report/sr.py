@@ -88,6 +88,7 @@ class ReportInput:
     input_key: str  # hash of (study uid + instance set + model version): basis for the SR SOP Instance UID
     predecessor: ImageRef | None = None  # earlier SR of the same study (re-analysis)
     instance_number: int = 1  # Instance Number of the SR (e.g. 1 + the number of earlier reports)
+    slice_refs: list[ImageRef] = field(default_factory=list)  # volumes: the current image of each slice, in analysis order
 
 
 # --- deterministic UIDs -----------------------------------------------------------------------
@@ -218,7 +219,10 @@ def _ref_dataset(ref: ImageRef) -> Dataset:
     return ds
 
 
-def _region_image(inp: ReportInput) -> ImageRef:
+def _region_image(inp: ReportInput, region: ChangeRegion | None = None) -> ImageRef:
+    """The current image a region was measured on: its key slice for volumes, else the current image."""
+    if region is not None and region.key_slice is not None and 0 <= region.key_slice < len(inp.slice_refs):
+        return inp.slice_refs[region.key_slice]
     ds = inp.current_dataset
     return ImageRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID))
 
@@ -258,7 +262,7 @@ def _polyline(region: ChangeRegion, max_points: int) -> np.ndarray:
 
 
 def _group(inp: ReportInput, item: _Item, tracking: TrackingIdentifier, settings: ReportSettings):
-    current_img = _region_image(inp)
+    current_img = _region_image(inp, item.region)
     prior_img = _prior_image(inp)
     sources = [SourceImageForMeasurement(current_img.sop_class_uid, current_img.sop_instance_uid)]
     if prior_img is not None:

@@ -119,7 +119,7 @@ def test_change_report_content_and_validity(cases, change, tmp_path):
         assert not measured  # nothing changed: no finding, and the report says so; the device is still listed
         assert any(n == "Comment" and "No measurable change" in str(v) for n, v in tree)
     else:
-        assert len(measured) == len(regions) == 1
+        assert len(measured) == len(regions)  # one group per measured region, in the analysis' order
         g = measured[0]
         assert values(g, "Description of Change") == [SNOMED_CHANGE[regions[0].status]]
         assert values(g, "Finding")[0] == "27925004"  # nodule
