@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,11 @@ def associate(ae: AE, peer: Peer, tls_context=None, ext_neg=None, evt_handlers=(
     reachable = _tcp_reachable(peer.host, peer.port)
     if reachable is not True:
         raise AssociationFailed(f"could not connect to {where}: {reachable} (peer down, wrong host/port, or a firewall)")
+    if tls_context is not None:
+        # pynetdicom only logs a failed handshake; without this the error would read like an AE problem.
+        failure = _tls_failure(peer.host, peer.port, tls_context)
+        if failure:
+            raise AssociationFailed(f"DICOM TLS handshake with {where} failed: {failure}")
     raise AssociationFailed(f"{where} accepted the connection but aborted or did not answer the association request")
 
 
@@ -100,6 +106,31 @@ def _tcp_reachable(host: str, port: int, timeout: float = 5.0) -> bool | str:
             return True
     except OSError as exc:
         return exc.strerror or str(exc)
+
+
+def _tls_failure(host: str, port: int, context: ssl.SSLContext, timeout: float = 5.0) -> str | None:
+    """Only used to explain a failed TLS association: what went wrong in a fresh handshake, or None."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, context.wrap_socket(raw) as tls:
+            # With TLS 1.3 the server checks our certificate after our side of the handshake is done:
+            # its refusal arrives as an alert on the first read. A DICOM server that accepted us just waits.
+            tls.settimeout(1.0)
+            try:
+                tls.recv(1)
+            except TimeoutError:
+                pass
+    except ssl.SSLCertVerificationError as exc:
+        return (f"the peer's certificate is not trusted ({exc.verify_message}): the TLS CA file must hold the CA "
+                "that signed the peer's certificate")
+    except ssl.SSLError as exc:
+        reason = exc.reason or str(exc)
+        hint = ": is this the peer's DICOM TLS port?"
+        if "CERTIFICATE" in reason.upper() or "HANDSHAKE_FAILURE" in reason.upper():
+            hint = ": the peer wants a client certificate it trusts; set the TLS cert and key (signed by a CA the peer trusts)"
+        return f"TLS error {reason}{hint}"
+    except OSError:
+        return None
+    return None
 
 
 def echo(peer: Peer, calling_ae: str = "DICOM_NODE", tls_context=None) -> int:

@@ -40,15 +40,25 @@ def require_private_network() -> None:
 
 @dataclass
 class Orthanc:
-    """A running Orthanc; `modalities` maps a name to (AE title, host, port)."""
+    """A running Orthanc; `modalities` maps a name to (AE title, host, port), or to Orthanc's object
+    form ({"AET": ..., "Host": ..., "Port": ..., "UseDicomTls": true, ...}), passed through as is.
+
+    With `tls_cert` and `tls_key` its DICOM port speaks DICOM TLS only (Orthanc has one DICOM port);
+    the same certificate serves its outgoing (SCU) associations to modalities with "UseDicomTls".
+    `tls_trusted` is the PEM bundle it trusts, both ways; `tls_require_peer_cert` makes it refuse
+    peers without a certificate (DCMTK --require-peer-cert)."""
 
     root: Path
     aet: str = "ORTHANC"
-    modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    modalities: dict[str, tuple[str, str, int] | dict] = field(default_factory=dict)
     lua: str = ""
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_trusted: Path | None = None
+    tls_require_peer_cert: bool = True
 
     @property
     def url(self) -> str:
@@ -66,12 +76,23 @@ class Orthanc:
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": True,
             "DicomAlwaysAllowStore": True,
-            "DicomModalities": {name: list(value) for name, value in self.modalities.items()},
+            "DicomModalities": {name: value if isinstance(value, dict) else list(value) for name, value in self.modalities.items()},
             "StableAge": 1,
             "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "LuaScripts": [str(self.root / "routing.lua")] if self.lua else [],
         }
+        if self.tls_cert or self.tls_key:
+            if not (self.tls_cert and self.tls_key):
+                raise ValueError("Orthanc DICOM TLS needs both tls_cert and tls_key")
+            config.update({
+                "DicomTlsEnabled": True,
+                "DicomTlsCertificate": str(Path(self.tls_cert).resolve()),
+                "DicomTlsPrivateKey": str(Path(self.tls_key).resolve()),
+                "DicomTlsRemoteCertificateRequired": self.tls_require_peer_cert,
+            })
+            if self.tls_trusted:
+                config["DicomTlsTrustedCertificates"] = str(Path(self.tls_trusted).resolve())
         return config
 
     def start(self) -> "Orthanc":

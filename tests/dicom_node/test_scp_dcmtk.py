@@ -12,6 +12,7 @@ from pydicom.uid import JPEGLSLossless, RLELossless
 
 from dicom_node.synthetic import write_ct_study
 from tests.support.dicom import dataset_bytes, stored_files
+from tests.support.pki import make_pki
 from tests.support.procs import free_port
 from tests.support.waiting import wait_until
 
@@ -142,18 +143,7 @@ def test_maximum_associations(make_node):
 @pytest.fixture
 def tls_files(tmp_path) -> dict[str, Path]:
     """A CA, a server certificate and a client certificate signed by it."""
-    require_tool("openssl")
-    d = tmp_path / "pki"
-    d.mkdir()
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"), "-days", "2", "-subj", "/CN=Test CA")
-    for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"), "-subj", f"/CN={name}")
-        openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / f"{name}.pem"), "-days", "2")
-    return {p.stem + p.suffix: p for p in d.iterdir()}
+    return make_pki(tmp_path / "pki")
 
 
 def test_tls_association_with_client_certificate(make_node, tls_files, ct_study):
