@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
@@ -57,6 +58,19 @@ def sr_text(ds: Dataset) -> str:
     return "\n".join(line for line in lines if line.strip())
 
 
+def _pdf_text(document: bytes, path: Path) -> tuple[str | None, str | None]:
+    """Text of an encapsulated PDF report (a scanned PDF has none: said, not guessed)."""
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        pages = PdfReader(BytesIO(document.rstrip(b"\x00"))).pages  # DICOM pads odd lengths with a NUL
+        text = "\n".join((page.extract_text() or "").strip() for page in pages).strip()
+    except (PdfReadError, ValueError, KeyError, OSError) as exc:
+        return None, f"report {path.name}: encapsulated PDF unreadable: {exc}"
+    return (text or None), (None if text else f"report {path.name}: encapsulated PDF has no text layer (scanned?)")
+
+
 def report_text(path: Path) -> tuple[str | None, str | None]:
     """(text, problem): the text of an SR file; a problem when it is not a readable text report."""
     try:
@@ -71,7 +85,10 @@ def report_text(path: Path) -> tuple[str | None, str | None]:
         return (text or None), (None if text else f"report {path.name} has no text content items")
     if "EncapsulatedDocument" in ds:
         mime = str(ds.get("MIMETypeOfEncapsulatedDocument", "unknown type"))
+        document = bytes(ds.EncapsulatedDocument)
         if mime.startswith("text/"):
-            return bytes(ds.EncapsulatedDocument).decode("utf-8", "replace").strip("\x00 \n") or None, None
+            return document.decode("utf-8", "replace").strip("\x00 \n") or None, None
+        if mime == "application/pdf":
+            return _pdf_text(document, path)
         return None, f"report {path.name} is an encapsulated {mime}: text not extracted"
     return None, f"report {path.name} ({modality}) holds no text"

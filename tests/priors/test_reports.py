@@ -52,14 +52,45 @@ def test_the_nodes_own_report_is_not_context(tmp_path):
     assert report_text(path) == (None, None)
 
 
-def test_a_pdf_report_is_kept_but_its_text_is_not_guessed(tmp_path):
+def _pdf(text: str) -> bytes:
+    """A one-page PDF with a text layer (built by hand: no PDF writer is a dependency)."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 5 0 R >> >> /Contents 4 0 R >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def _pdf_report(tmp_path, document: bytes):
     ds = _base(study(), generate_uid(), EncapsulatedPDFStorage, "DOC", 98)
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
-    ds.EncapsulatedDocument = b"%PDF-1.4 fake"
+    ds.EncapsulatedDocument = document
     ds.BurnedInAnnotation = "YES"
     [path] = write([ds], tmp_path)
-    text, problem = report_text(path)
-    assert text is None and "encapsulated application/pdf: text not extracted" in problem
+    return path
+
+
+def test_a_pdf_report_gives_its_text(tmp_path):
+    text, problem = report_text(_pdf_report(tmp_path, _pdf("Impression: small left effusion.")))
+    assert problem is None
+    assert text == "Impression: small left effusion."
+
+
+def test_a_broken_pdf_report_is_a_problem_not_a_guess(tmp_path):
+    text, problem = report_text(_pdf_report(tmp_path, b"%PDF-1.4 fake"))
+    assert text is None and "encapsulated PDF" in problem
 
 
 def test_an_unreadable_report_is_a_problem_not_a_crash(tmp_path):
