@@ -8,18 +8,24 @@ Public API (the node calls only these):
     build_engine(resolve_model(name, root), force=False) -> BuildResult   (`dicom-node build-engine`)
 """
 
-from .backends import BACKENDS, BackendOptions
-from .batcher import Batcher
-from .engine import BuildResult, build_engine, check_engine, detect_platform
-from .errors import BackendUnavailableError, EngineError, ModelConfigError, ModelNotFoundError, VLMError
-from .model import VLM, CompareRequest, load_model
-from .repository import ModelStatus, list_models
-from .schema import DeviceFinding, Finding, VLMResult
-from .spec import ModelSpec, load_spec, resolve_model
+from importlib import import_module
 
-__all__ = [
-    "BACKENDS", "BackendOptions", "BackendUnavailableError", "Batcher", "BuildResult", "CompareRequest",
-    "DeviceFinding", "EngineError", "Finding", "ModelConfigError", "ModelNotFoundError", "ModelSpec",
-    "ModelStatus", "VLM", "VLMError", "VLMResult", "build_engine", "check_engine", "detect_platform",
-    "list_models", "load_model", "load_spec", "resolve_model",
-]
+# Loaded on first use: the node imports the result schema (for its reports) in processes that
+# never run a model, and those must not pay for torch and transformers.
+_EXPORTS = {
+    "BACKENDS": ".backends", "BackendOptions": ".backends", "Batcher": ".batcher",
+    "BuildResult": ".engine", "build_engine": ".engine", "check_engine": ".engine", "detect_platform": ".engine",
+    "BackendUnavailableError": ".errors", "EngineError": ".errors", "ModelConfigError": ".errors",
+    "ModelNotFoundError": ".errors", "VLMError": ".errors",
+    "VLM": ".model", "CompareRequest": ".model", "load_model": ".model",
+    "ModelStatus": ".repository", "list_models": ".repository",
+    "DeviceFinding": ".schema", "Finding": ".schema", "VLMResult": ".schema",
+    "ModelSpec": ".spec", "load_spec": ".spec", "resolve_model": ".spec",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name], __name__), name)

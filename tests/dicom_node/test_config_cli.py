@@ -147,3 +147,12 @@ def test_readme_documents_every_setting():
                 "Destination": _fields(Destination)}
     missing = {name: sorted(fields - documented) for name, fields in sections.items() if fields - documented}
     assert not missing, f"settings missing from the README's configuration reference: {missing}"
+
+
+def test_scp_and_io_processes_do_not_load_the_model_stack():
+    """The SCP and io workers never run a model: importing them must not pull in torch (~200 MB RSS)."""
+    code = ("import sys, dicom_node.scp, dicom_node.pipeline.tasks, dicom_node.report.delivery; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
