@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     vlm_max_batch_size: int = 4  # comparisons run together by a threaded gpu worker
     vlm_max_wait_ms: float = 50.0  # how long the first request of a batch waits for others
 
+    # Worklist notification: HL7 ORU^R01 over MLLP to the RIS after the SR is delivered
+    worklist_hl7_host: str = ""  # empty: no worklist notification
+    worklist_hl7_port: int = 2575
+    worklist_receiving_application: str = "RIS"
+    worklist_timeout_seconds: float = 30.0
+
     # Prior retrieval and reporting: their own sections (see their settings modules)
     priors: PriorSettings = Field(default_factory=PriorSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)

@@ -11,7 +11,7 @@ GPU_QUEUE = "gpu"
 # Redis emulates priorities with one list per step; 0 is served first. Urgent studies jump
 # every queue; among routine ones, later stages go first, so started jobs finish before new
 # ones begin (lower latency per study at the same throughput).
-STAGE_PRIORITY = {"priors": 6, "compare": 5, "deliver": 3}
+STAGE_PRIORITY = {"priors": 6, "compare": 5, "deliver": 3, "notify": 3}
 URGENT_PRIORITY = 0
 
 

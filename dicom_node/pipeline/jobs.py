@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 
 from ..index import Index, _insert, jobs
 
-# States: queued -> priors -> compare -> deliver -> done; failed at any stage (retryable from the CLI).
+# States: queued -> priors -> compare -> deliver -> notify -> done; failed at any stage (retryable from the CLI).
 
 def job_key(study_uid: str, instance_set_hash: str, model_version: str) -> str:
     return hashlib.sha256(f"{study_uid}|{instance_set_hash}|{model_version}".encode()).hexdigest()[:32]

@@ -122,7 +122,10 @@ def run_compare(rt: Runtime, job: Job) -> dict:
     _write_json(job_dir(rt, job) / "comparison.json", result_to_dict(result))
     for prior in priors.get("chosen", []):
         rt.index.release_prior(prior["study_uid"])  # compared: the cache may evict it again
+    usable_vlm = vlm is not None and vlm.usable
     return {
+        "impression": vlm.impression if usable_vlm and vlm.impression else result.summary,
+        "changes": [r.status for r in result.regions] + ([f.change for f in vlm.findings] if usable_vlm else []),
         "sr_sop_instance_uid": sr_uid,
         "sr_series_uid": sr_series,
         "refused": result.refused,
@@ -154,3 +157,35 @@ def run_deliver(rt: Runtime, job: Job) -> dict:
     if not accepted:
         raise DeliveryPending(f"SR {sr_uid} not accepted yet: {last_error}", retry_in)
     return {"delivered": True}
+
+
+# --- notify the worklist ---------------------------------------------------------------
+
+
+def run_notify(rt: Runtime, job: Job) -> dict:
+    """HL7 ORU^R01 to the RIS (when configured): the worklist shows the result, flagged when worse."""
+    from ..worklist import WorklistRejected, WorklistResult, oru_message, send_result
+
+    settings = rt.settings
+    if not settings.worklist_hl7_host:
+        return {"worklist": "not configured"}
+    study = rt.index.study_overview(job.study_uid) or {}
+    result = WorklistResult(
+        patient_id=study.get("patient_id", ""),
+        issuer=study.get("issuer", ""),
+        patient_name=study.get("patient_name", ""),
+        birth_date=study.get("birth_date", ""),
+        accession_number=study.get("accession_number", ""),
+        study_uid=job.study_uid,
+        study_datetime=(study.get("study_date", "") + study.get("study_time", "")[:6]),
+        impression=job.result.get("impression", ""),
+        changes=tuple(job.result.get("changes", [])),
+        sr_sop_instance_uid=job.result.get("sr_sop_instance_uid", ""),
+        control_id=job.job_key,
+    )
+    message = oru_message(result, settings.ae_title, settings.worklist_receiving_application)
+    try:
+        send_result(message, settings.worklist_hl7_host, settings.worklist_hl7_port, settings.worklist_timeout_seconds)
+    except WorklistRejected as exc:
+        raise PermanentJobError(str(exc)) from exc
+    return {"worklist": "notified", "worklist_flagged": result.flagged}

@@ -1,6 +1,7 @@
 """Celery tasks: one per stage, each publishing the next when its work is durable.
 
-priors (io) -> compare + SR (gpu) -> deliver (io). Every task takes only the job key:
+priors (io) -> compare + SR (gpu) -> deliver (io) -> notify the worklist (io). Every task takes
+only the job key:
 its inputs are in the index and the job folder, so a re-delivered task simply re-runs.
 """
 
@@ -21,8 +22,8 @@ from .runtime import Runtime, runtime
 
 log = logging.getLogger(__name__)
 
-NEXT_STAGE = {"priors": "compare", "compare": "deliver", "deliver": None}
-STAGE_QUEUE = {"priors": IO_QUEUE, "compare": GPU_QUEUE, "deliver": IO_QUEUE}
+NEXT_STAGE = {"priors": "compare", "compare": "deliver", "deliver": "notify", "notify": None}
+STAGE_QUEUE = {"priors": IO_QUEUE, "compare": GPU_QUEUE, "deliver": IO_QUEUE, "notify": IO_QUEUE}
 
 
 def backoff_seconds(attempt: int, base: float, cap: float) -> float:
@@ -31,7 +32,7 @@ def backoff_seconds(attempt: int, base: float, cap: float) -> float:
 
 
 def publish(stage: str, key: str, priority: str = "routine", countdown: float | None = None) -> None:
-    task = {"priors": fetch_priors, "compare": compare, "deliver": deliver}[stage]
+    task = {"priors": fetch_priors, "compare": compare, "deliver": deliver, "notify": notify}[stage]
     task.apply_async((key,), queue=STAGE_QUEUE[stage], priority=priority_for(stage, priority), countdown=countdown)
 
 
@@ -91,6 +92,11 @@ def compare(self: Task, key: str) -> None:
 @app.task(bind=True, name="dicom_node.deliver", max_retries=None)
 def deliver(self: Task, key: str) -> None:
     _run_stage(self, "deliver", key, stages.run_deliver)
+
+
+@app.task(bind=True, name="dicom_node.notify", max_retries=None)
+def notify(self: Task, key: str) -> None:
+    _run_stage(self, "notify", key, stages.run_notify)
 
 
 def retry_job(rt: Runtime, key: str) -> Job | None:

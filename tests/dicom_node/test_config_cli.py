@@ -141,7 +141,7 @@ def test_readme_documents_every_setting():
     from dicom_node.report.settings import Destination, ReportSettings
 
     readme = (REPO / "README.md").read_text()
-    documented = set(__import__("re").findall(r"`([a-z_]+)`", readme))
+    documented = set(__import__("re").findall(r"`([a-z0-9_]+)`", readme))
     sections = {"Settings": _fields(Settings) - {"priors", "report"}, "PriorSettings": _fields(PriorSettings),
                 "ArchiveConfig": _fields(ArchiveConfig), "ReportSettings": _fields(ReportSettings),
                 "Destination": _fields(Destination)}

@@ -16,8 +16,8 @@ from dicom_node.identity import RESULT_SERIES_DESCRIPTION
 from dicom_node.index import Index
 from dicom_node.local_stack.scenario import acquire, seed_pacs, wait_for_report, write_history
 from dicom_node.local_stack.stack import MODALITY_AE, NODE_AE, LocalStack, Ports
-from dicom_node.pipeline.jobs import JobStore
 from dicom_node.scu import Peer, send
+from tests.support.pipeline import jobs_of
 from tests.support.waiting import wait_until
 
 
@@ -33,14 +33,6 @@ def make_stack(tmp_path):
     yield start
     for stack in stacks:
         stack.stop()
-
-
-def jobs_of(stack: LocalStack, study_uid: str) -> list:
-    index = Index(f"sqlite:///{stack.workdir / 'node' / 'index.db'}")
-    try:
-        return JobStore(index).for_study(study_uid)
-    finally:
-        index.dispose()
 
 
 def reports_in_pacs(stack: LocalStack, study_uid: str) -> list[str]:
@@ -86,8 +78,7 @@ def test_gpu_worker_killed_mid_comparison(make_stack, tmp_path):
     assert jobs_of(stack, scenario.current_study_uid)[-1].state == "compare"  # killed before it finished
     stack.start_worker("gpu", 2)
     assert_exactly_one_report(stack, scenario.current_study_uid)
-    [job] = jobs_of(stack, scenario.current_study_uid)
-    assert job.state == "done"
+    wait_until(lambda: [j.state for j in jobs_of(stack, scenario.current_study_uid)] == ["done"], timeout=30, what="one job, done")
 
 
 def test_redis_down_while_studies_arrive(make_stack, tmp_path):
