@@ -4,8 +4,9 @@
 
 For each worker count: a fresh local stack (Redis, Orthanc as the PACS, the node, workers),
 every patient's prior seeded into Orthanc, then the current studies sent to the node over
-C-STORE. Prints studies/minute end to end and p50/p95 latencies per stage, from the last
-instance received to the SR accepted by Orthanc. Runs itself in a private network
+C-STORE, all at once (a burst: throughput). Then, with one worker per queue, the same studies
+one every --interval seconds (steady load: latency). Prints studies/minute end to end and
+p50/p95 latencies per stage, from the last instance received to the SR accepted by Orthanc. Runs itself in a private network
 namespace (Orthanc binds 0.0.0.0), as the tests do.
 """
 
@@ -82,7 +83,7 @@ def percentiles(values: list[float]) -> str:
     return f"{statistics.median(ordered):6.2f} / {p95:6.2f}"
 
 
-def run(workdir: Path, workers: int, priors: list[Path], currents: list[Path], timeout: float) -> dict:
+def run(workdir: Path, workers: int, priors: list[Path], currents: list[Path], timeout: float, interval: float = 0.0) -> dict:
     stack = LocalStack(workdir, Ports.free(), study_idle_seconds=1.0).start(io_workers=workers, gpu_workers=workers)
     try:
         report = send(Peer("127.0.0.1", stack.orthanc.dicom_port, stack.orthanc.aet), priors, ARCHIVE_LOADER_AE)
@@ -91,6 +92,7 @@ def run(workdir: Path, workers: int, priors: list[Path], currents: list[Path], t
         # One association per study, as modalities send them.
         for path in currents:
             assert send(Peer("127.0.0.1", stack.ports.node, NODE_AE), [path], MODALITY_AE).sent == 1
+            time.sleep(interval)  # 0: a burst (throughput); > 0: steady arrivals (latency)
         index = Index(f"sqlite:///{workdir / 'node' / 'index.db'}")
         jobs = JobStore(index)
         deadline = time.time() + timeout
@@ -116,6 +118,7 @@ def run(workdir: Path, workers: int, priors: list[Path], currents: list[Path], t
              for name in ("priors", "compare", "deliver")}
     end = max((accepted[j.study_uid] for j in done), default=time.time())
     return {
+        "label": f"{workers}" + (f" paced {interval:g}s" if interval else " burst"),
         "workers": workers,
         "done": len(done),
         "failed": sum(j.state == "failed" for j in all_jobs),
@@ -134,6 +137,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--interval", type=float, default=2.0,
+                        help="also run 1 worker/queue with one study every INTERVAL seconds (latency at steady load); 0: skip")
     args = parser.parse_args()
     if not in_private_namespace():
         # Re-run inside a private network namespace holding only loopback.
@@ -144,21 +149,24 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-pipeline-", dir="var"))
     priors, currents = make_studies(root / "data", args.studies, args.size)
     results = [run(root / f"stack-{w}", w, priors, currents, args.timeout) for w in args.workers]
+    if args.interval:
+        results.append(run(root / "stack-paced", args.workers[0], priors, currents, args.timeout, args.interval))
     print(f"\n{args.studies} studies ({args.size}x{args.size} chest radiographs, prior in Orthanc), analysis engine only, {os.cpu_count()} CPUs")
-    print(f"{'workers/queue':>13} {'done':>5} {'failed':>6} {'studies/min':>11}  {'p50 / p95 seconds':>56}")
-    print(f"{'':13} {'':5} {'':6} {'':11}  {'received->SR accepted':>22} {'completed->accepted':>20} {'queue wait':>16}")
+    print(f"{'workers/queue':>17} {'done':>5} {'failed':>6} {'studies/min':>11}  {'p50 / p95 seconds':>56}")
+    print(f"{'':17} {'':5} {'':6} {'':11}  {'received->SR accepted':>22} {'completed->accepted':>20} {'queue wait':>16}")
     for r in results:
-        print(f"{r['workers']:13d} {r['done']:5d} {r['failed']:6d} {r['per_minute']:11.1f}  "
+        print(f"{r['label']:>17} {r['done']:5d} {r['failed']:6d} {r['per_minute']:11.1f}  "
               f"{percentiles(r['received_to_accepted']):>22} {percentiles(r['completed_to_accepted']):>20} {percentiles(r['queue_wait']):>16}")
     print("\nper-stage seconds, p50 / p95:")
     for r in results:
-        print(f"  {r['workers']} worker(s)/queue: " + "  ".join(f"{s} {percentiles(r[s])}" for s in ("priors", "compare", "deliver")))
+        print(f"  {r['label']}: " + "  ".join(f"{s} {percentiles(r[s])}" for s in ("priors", "compare", "deliver")))
     print("\ngpu worker RSS (MiB, worker + pool) after the first job -> after the last:")
     for r in results:
         first, last = r["rss"]
-        print(f"  {r['workers']} worker(s)/queue: " + ", ".join(f"{name} {first.get(name, 0):.0f} -> {last.get(name, 0):.0f}" for name in last))
-    if len(results) > 1 and results[0]["per_minute"]:
-        print(f"\nthroughput ratio {results[-1]['workers']} vs {results[0]['workers']} workers: {results[-1]['per_minute'] / results[0]['per_minute']:.2f}")
+        print(f"  {r['label']}: " + ", ".join(f"{name} {first.get(name, 0):.0f} -> {last.get(name, 0):.0f}" for name in last))
+    bursts = [r for r in results if "burst" in r["label"]]
+    if len(bursts) > 1 and bursts[0]["per_minute"]:
+        print(f"\nthroughput ratio {bursts[-1]['workers']} vs {bursts[0]['workers']} workers: {bursts[-1]['per_minute'] / bursts[0]['per_minute']:.2f}")
     subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
