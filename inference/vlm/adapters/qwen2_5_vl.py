@@ -21,6 +21,8 @@ class Qwen2_5_VLAdapter(Adapter):
     version = "qwen2_5_vl-1"
     model_class = Qwen2_5_VLForConditionalGeneration
     end_of_turn_tokens = ("<|im_end|>", "<|endoftext|>")
+    # Normalisation when the weights carry no preprocessor_config.json (the processor's default: CLIP's).
+    default_image_norm: dict[str, list[float]] = {}
 
     def _image_processor(self) -> Any:
         v = self.config.vision_config
@@ -28,7 +30,8 @@ class Qwen2_5_VLAdapter(Adapter):
             proc = Qwen2VLImageProcessorPil.from_pretrained(self.spec.weights_dir, local_files_only=True)
         else:
             proc = Qwen2VLImageProcessorPil(
-                patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size
+                patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
+                **self.default_image_norm,
             )
         return proc
 
