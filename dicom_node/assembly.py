@@ -7,12 +7,12 @@ study that was receiving: nothing depends on in-memory timers.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from .config import Settings
 from .index import Index, OutboxRow, StudyActivity
 from .logs import log_event
+from .polling import PollingThread
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +48,8 @@ def complete_due_studies(index: Index, settings: Settings, now: float | None = N
     return queued
 
 
-class Assembler(threading.Thread):
+class Assembler(PollingThread):
     """Polls the index; one pass is cheap (one query over receiving studies)."""
 
     def __init__(self, index: Index, settings: Settings) -> None:
-        super().__init__(name="study-assembler", daemon=True)
-        self.index = index
-        self.settings = settings
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.settings.assembly_poll_seconds):
-            try:
-                complete_due_studies(self.index, self.settings)
-            except Exception:  # a database hiccup must not stop assembly for good
-                log.exception("assembly.pass_failed")
-
-    def stop(self) -> None:
-        self._stop_event.set()
+        super().__init__("study-assembler", settings.assembly_poll_seconds, lambda: complete_due_studies(index, settings))

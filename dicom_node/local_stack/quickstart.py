@@ -17,15 +17,14 @@ from .stack import PIDFILE, LocalStack, stop_from_pidfile
 
 def stop(workdir: Path, timeout: float = 30.0) -> list[str]:
     """Stop every process an earlier quickstart started; waits until they are gone."""
-    pids = json.loads((workdir / PIDFILE).read_text()).values() if (workdir / PIDFILE).exists() else []
     stopped = stop_from_pidfile(workdir)
     deadline = time.monotonic() + timeout
-    for pid in pids:
+    for pid in stopped.values():
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         if _alive(pid):
             os.kill(pid, 9)
-    return stopped
+    return list(stopped)
 
 
 def _alive(pid: int) -> bool:

@@ -147,16 +147,17 @@ class LocalStack:
         (self.workdir / PIDFILE).write_text(json.dumps(pids, indent=2))
 
 
-def stop_from_pidfile(workdir: Path) -> list[str]:
-    """Stop what an earlier run started (e.g. `dicom-node quickstart --stop` from another shell)."""
+def stop_from_pidfile(workdir: Path) -> dict[str, int]:
+    """Signal what an earlier run started (e.g. `dicom-node quickstart --stop` from another shell);
+    returns the processes signalled, by name."""
     pidfile = workdir / PIDFILE
     if not pidfile.exists():
-        return []
-    stopped = []
+        return {}
+    stopped = {}
     for name, pid in json.loads(pidfile.read_text()).items():
         try:
             os.killpg(pid, signal.SIGTERM) if name.startswith(("node", "worker")) else os.kill(pid, signal.SIGTERM)
-            stopped.append(name)
+            stopped[name] = pid
         except ProcessLookupError:
             continue
     pidfile.unlink()

@@ -8,11 +8,11 @@ and model version, so the same input set is never processed twice.
 from __future__ import annotations
 
 import logging
-import threading
 
 from ..config import Settings
 from ..index import Index
 from ..logs import log_event
+from ..polling import PollingThread
 from .jobs import JobStore
 from .runtime import model_version
 
@@ -41,23 +41,10 @@ def dispatch_pending(index: Index, jobs: JobStore, settings: Settings) -> int:
     return published
 
 
-class Dispatcher(threading.Thread):
+class Dispatcher(PollingThread):
     def __init__(self, index: Index, settings: Settings) -> None:
-        super().__init__(name="outbox-dispatcher", daemon=True)
-        self.index = index
-        self.settings = settings
-        self.jobs = JobStore(index)
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
         from .app import configure
 
-        configure(self.settings)
-        while not self._stop_event.wait(self.settings.dispatch_poll_seconds):
-            try:
-                dispatch_pending(self.index, self.jobs, self.settings)
-            except Exception:
-                log.exception("dispatch.pass_failed")
-
-    def stop(self) -> None:
-        self._stop_event.set()
+        configure(settings)
+        jobs = JobStore(index)
+        super().__init__("outbox-dispatcher", settings.dispatch_poll_seconds, lambda: dispatch_pending(index, jobs, settings))
