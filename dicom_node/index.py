@@ -28,6 +28,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    bindparam,
     case,
     func,
     select,
@@ -241,9 +242,29 @@ class OutboxRow:
     last_error: str
 
 
-def _insert(conn: Connection, table: Table):  # dialect-specific INSERT with ON CONFLICT support
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)
+def _dialect_insert(dialect_name: str, table: Table):  # INSERT with ON CONFLICT support
+    return (postgresql if dialect_name == "postgresql" else sqlite).insert(table)
+
+
+def _insert(conn: Connection, table: Table):
+    return _dialect_insert(conn.dialect.name, table)
+
+
+# Only new images restart the idle timer or reopen a completed study; a report arriving
+# later (e.g. our own SR routed back) is stored but triggers nothing.
+_REOPENED = studies.c.state == "complete"
+_STUDY_RECEIVED = (
+    update(studies)
+    .where(studies.c.study_uid == bindparam("b_study_uid"))
+    .values(
+        last_received_at=bindparam("b_now"),
+        state="receiving",
+        reanalysis=case((_REOPENED, True), else_=studies.c.reanalysis),
+        first_received_at=case((_REOPENED, bindparam("b_now")), else_=studies.c.first_received_at),
+        modality=case((studies.c.modality == "", bindparam("b_modality")), else_=studies.c.modality),
+        urgent=studies.c.urgent | bindparam("b_urgent"),
+    )
+)
 
 
 class Index:
@@ -259,6 +280,10 @@ class Index:
         metadata.create_all(self.engine)
         # Series already written by this process: their patient/study/series rows exist.
         self._known_series: set[str] = set()
+        # Built once: constructing a statement per instance cost more than executing it.
+        self._insert_instance = _dialect_insert(self.engine.dialect.name, instances).on_conflict_do_nothing(
+            index_elements=["sop_instance_uid"]
+        )
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -295,8 +320,8 @@ class Index:
             if rec.series_uid not in self._known_series:
                 self._insert_parents(conn, rec, now)
             inserted = conn.execute(
-                _insert(conn, instances)
-                .values(
+                self._insert_instance,
+                dict(
                     sop_instance_uid=rec.sop_instance_uid,
                     series_uid=rec.series_uid,
                     study_uid=rec.study_uid,
@@ -309,24 +334,12 @@ class Index:
                     path=rec.path,
                     size=rec.size,
                     received_at=now,
-                )
-                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                ),
             ).rowcount
             if inserted and rec.analysable:
-                # Only new images restart the idle timer or reopen a completed study; a report
-                # arriving later (e.g. our own SR routed back) is stored but triggers nothing.
-                reopened = studies.c.state == "complete"
                 conn.execute(
-                    update(studies)
-                    .where(studies.c.study_uid == rec.study_uid)
-                    .values(
-                        last_received_at=now,
-                        state="receiving",
-                        reanalysis=case((reopened, True), else_=studies.c.reanalysis),
-                        first_received_at=case((reopened, now), else_=studies.c.first_received_at),
-                        modality=case((studies.c.modality == "", rec.modality), else_=studies.c.modality),
-                        urgent=studies.c.urgent | rec.urgent,
-                    )
+                    _STUDY_RECEIVED,
+                    dict(b_study_uid=rec.study_uid, b_now=now, b_modality=rec.modality, b_urgent=rec.urgent),
                 )
         if len(self._known_series) > KNOWN_SERIES_LIMIT:
             self._known_series.clear()  # bounded: memory stays flat however much arrives
