@@ -7,12 +7,18 @@ over four parallel associations into (a) the node (fsync + index commit before e
 success) and (b) DCMTK storescp (no fsync), both writing under the same directory.
 Prints images/s for each, the ratio node/storescp, and the node's resident memory
 before and after (and, with --memory-instances, its RSS curve over that many instances).
+
+It also times the node's ingest alone (parse, fsynced store, index commit; no network) on
+the same disk: storescu waits for each answer, so on one association the node can never
+beat that rate, whatever the network layer costs. The "ceiling" ratio printed beside it is
+that rate against storescp's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import shutil
 import subprocess
 import sys
@@ -22,6 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dicom_node.index import Index  # noqa: E402
+from dicom_node.ingest import Ingestor  # noqa: E402
+from dicom_node.storage import InstanceStore  # noqa: E402
 from dicom_node.synthetic import write_ct_study  # noqa: E402
 from tests.support.procs import free_port, start_node, start_storescp, wait_for_port  # noqa: E402
 
@@ -53,6 +62,20 @@ def storescu(port: int, called_ae: str, folders: list[Path]) -> float:
         if proc.returncode != 0:
             raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
     return time.perf_counter() - start
+
+
+def ingest_alone(root: Path, paths: list[Path]) -> float:
+    """Images/s of the node's ingest without any networking: the one-association ceiling."""
+    ingestor = Ingestor(InstanceStore(root / "store"), Index(f"sqlite:///{root / 'index.db'}"))
+    seconds = []
+    for path in paths:
+        encoded = path.read_bytes()
+        start = time.perf_counter()
+        if not ingestor.ingest(encoded).ok:
+            raise RuntimeError(f"ingest of {path} failed")
+        seconds.append(time.perf_counter() - start)
+    ingestor.index.dispose()
+    return 1 / statistics.median(seconds)
 
 
 def split(paths: list[Path], root: Path, parts: int) -> list[Path]:
@@ -108,6 +131,9 @@ def main() -> None:
         for label, target in (("1 association", 0.75), ("4 associations", 1.0)):
             n, r = results["node"][label], results["storescp"][label]
             print(f"{label:16} {n:11.0f} {r:15.0f} {n / r:7.2f} {target:7.2f}")
+        alone = ingest_alone(work / "alone", paths[:300])
+        ceiling = alone / results["storescp"]["1 association"]
+        print(f"node ingest alone (no network, median of 300): {alone:.0f} img/s; one-association ceiling ratio {ceiling:.2f}")
         print(f"node RSS: {rss_before:.0f} MiB at start")
 
         if args.memory_instances:
