@@ -7,6 +7,7 @@ ignored), and the ratios to torch eager and to the memory-bandwidth limit
 
     python benchmarks/vlm.py --config gemma3-4b            # on an NVIDIA GPU (bf16)
     python benchmarks/vlm.py --tiny                        # CPU smoke run with a tiny model
+    python benchmarks/vlm.py --layers 2 --new-tokens 8     # CPU dry run: real widths, 2 layers
 """
 
 from __future__ import annotations
@@ -47,19 +48,29 @@ BANDWIDTH_GBS = [("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), 
                  ("A100-SXM4-80GB", 2039.0), ("A100", 1555.0), ("L40S", 864.0), ("L4", 300.0)]
 
 
-def write_real_size(root: Path, name: str) -> Path:
-    """A model-repository entry with the real architecture and random bf16 weights."""
+def folder_name(config: str, layers: int | None) -> str:
+    return config if layers is None else f"{config}-{layers}layers"
+
+
+def write_real_size(root: Path, config: str, layers: int | None = None) -> Path:
+    """A model-repository entry with the real architecture and random bf16 weights.
+
+    `layers` keeps every width but cuts the depth of both towers: a dry run on a CPU checks
+    the whole path (config, save, load, export, prompt) at real tensor shapes in minutes.
+    """
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
+    name = folder_name(config, layers)
     folder = root / name
     wdir = folder / "weights"
     wdir.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(wdir, GEMMA_SPECIALS, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>")
     ids = {t: tok.convert_tokens_to_ids(t) for t in GEMMA_SPECIALS}
-    c = CONFIGS[name]
+    c = CONFIGS[config]
+    depth = {"num_hidden_layers": layers} if layers else {}
     cfg = Gemma3Config(
-        text_config={**c["text_config"], "pad_token_id": ids["<pad>"], "eos_token_id": ids["<eos>"], "bos_token_id": ids["<bos>"]},
-        vision_config=c["vision_config"], mm_tokens_per_image=c["mm_tokens_per_image"],
+        text_config={**c["text_config"], **depth, "pad_token_id": ids["<pad>"], "eos_token_id": ids["<eos>"], "bos_token_id": ids["<bos>"]},
+        vision_config={**c["vision_config"], **depth}, mm_tokens_per_image=c["mm_tokens_per_image"],
         boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"], image_token_index=ids["<image_soft_token>"],
     )
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -123,6 +134,14 @@ def _timed(fn, reps: int) -> float:
     return statistics.median(out)
 
 
+def language_model_compiler(backend) -> str:
+    from inference.vlm.backends.torch_backend import TorchCompileBackend
+
+    if isinstance(backend, TorchCompileBackend):  # tensorrt included: it says which compiler it chose
+        return getattr(backend, "lm_compiler", None) or f"torch.compile({backend.options.compile_backend})"
+    return "torch eager"
+
+
 def bench_backend(backend, vlm: VLM, req: CompareRequest, new_tokens: int, reps: int) -> dict:
     prompt = vlm.prompt(req)
     ad = backend.adapter
@@ -132,7 +151,9 @@ def bench_backend(backend, vlm: VLM, req: CompareRequest, new_tokens: int, reps:
     vision_s = _timed(lambda: backend.encode_images(enc.pixel_values, enc.image_grid_thw), reps)
     ttft = _timed(lambda: backend.run_batch([prompt], max_new_tokens=1, ignore_eos=True), reps)
     total = _timed(lambda: backend.run_batch([prompt], max_new_tokens=new_tokens, ignore_eos=True), reps)
-    decode_tps = (new_tokens - 1) / max(total - ttft, 1e-9)
+    # Decode rate from the difference of two medians; on a noisy host a short run can come out
+    # faster than its first token alone: reported as n/a rather than as an absurd rate.
+    decode_tps = (new_tokens - 1) / (total - ttft) if total > ttft else None
     return {"images": int(enc.pixel_values.shape[0]), "prompt_tokens": len(enc.input_ids),
             "vision_ms": vision_s * 1e3, "ttft_s": ttft, "decode_tok_s": decode_tps, "s_per_comparison": total}
 
@@ -141,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=sorted(CONFIGS), default="gemma3-4b")
     ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (smoke run)")
+    ap.add_argument("--layers", type=int, default=None, help="cut both towers to this many layers (dry run)")
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
@@ -157,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         compile_backend = a.compile_backend or "eager"
         side = min(a.image_side, 256)
     else:
-        folder = work / a.config
+        name = folder_name(a.config, a.layers)
+        folder = work / name
         if not (folder / "model.yaml").is_file():
-            print(f"writing random {a.config} weights to {folder} ...", flush=True)
-            write_real_size(work, a.config)
+            print(f"writing random {name} weights to {folder} ...", flush=True)
+            write_real_size(work, a.config, a.layers)
         compile_backend = a.compile_backend or "inductor"
         side = a.image_side
     spec = resolve_model(folder)
@@ -183,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                 be.trt = import_tensorrt()
                 if device != "cuda":
                     raise VLMError("the tensorrt backend needs an NVIDIA GPU")
+                be.choose_lm_compiler()
             be.adopt(adapter, model)
             rows[name] = bench_backend(be, VLM(spec, be), req, a.new_tokens, a.reps)
+            rows[name]["language_model"] = language_model_compiler(be)
             print(f"{name}: {json.dumps(rows[name])}", flush=True)
         except VLMError as exc:
             skipped[name] = str(exc)
@@ -192,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
 
     base = rows.get("torch")
     for r in rows.values():
-        r["decode_vs_eager"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
+        r["decode_vs_eager"] = r["decode_tok_s"] / base["decode_tok_s"] if base and base["decode_tok_s"] and r["decode_tok_s"] else None
         r["comparison_speedup_vs_eager"] = base["s_per_comparison"] / r["s_per_comparison"] if base else None
-        r["decode_vs_bandwidth_limit"] = r["decode_tok_s"] / bound_tps if bound_tps else None
+        r["decode_vs_bandwidth_limit"] = r["decode_tok_s"] / bound_tps if bound_tps and r["decode_tok_s"] else None
 
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     print(f"\nmodel {spec.name} ({'tiny, float32' if a.tiny else 'bf16'}), device {gpu}, batch 1, "
@@ -205,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     fmt = lambda v, f: "n/a" if v is None else f % v  # noqa: E731
     for name, r in rows.items():
         print(f"| {name} | {r['images']} | {r['prompt_tokens']} | {r['vision_ms']:.1f} | {r['ttft_s']:.3f} | "
-              f"{r['decode_tok_s']:.1f} | {r['s_per_comparison']:.2f} | {fmt(r['decode_vs_eager'], '%.2fx')} | "
+              f"{fmt(r['decode_tok_s'], '%.1f')} | {r['s_per_comparison']:.2f} | {fmt(r['decode_vs_eager'], '%.2fx')} | "
               f"{fmt(r['comparison_speedup_vs_eager'], '%.2fx')} | {fmt(r['decode_vs_bandwidth_limit'] and 100 * r['decode_vs_bandwidth_limit'], '%.0f%%')} |")
+    print("language model compiled by: " + ", ".join(f"{n}: {r['language_model']}" for n, r in rows.items()))
     for name, why in skipped.items():
         print(f"| {name} | skipped: {why} |")
     if a.out:
