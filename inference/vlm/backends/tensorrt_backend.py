@@ -1,5 +1,7 @@
 """`tensorrt`: vision encoder as a TensorRT engine built from the ONNX export; the language model
-decodes with static KV cache + torch.compile (Torch-TensorRT for the LM is not wired yet).
+decodes with a static KV cache compiled by Torch-TensorRT (`torch.compile(backend="torch_tensorrt")`)
+where the torch_tensorrt package is installed, else by the configured torch.compile backend
+(inductor, CUDA graphs), with a warning saying so.
 
 Import-guarded: without TensorRT (or without a GPU) loading raises BackendUnavailableError with
 a clear message; `load_backend` then uses the configured fallback backend, if any. An engine
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import CompileConfig
 
 from ..engine import VISION_ENGINE, TensorRTBuilder, build_engine, check_engine, detect_platform, engine_key, import_tensorrt
 from ..errors import BackendUnavailableError, EngineError
@@ -58,14 +61,63 @@ class TensorRTVisionRunner:
         return torch.cat([self._run(c) for c in pixel_values.split(self.max_batch)])
 
 
+TORCH_TENSORRT = "torch_tensorrt"  # the torch.compile backend name Torch-TensorRT registers
+TRT_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def torch_tensorrt_installed() -> bool:
+    try:
+        import torch_tensorrt  # noqa: F401, PLC0415  (importing it registers the compile backend)
+    except Exception:  # ImportError, or a wheel built for another torch / CUDA
+        return False
+    return True
+
+
+def lm_compile_config(use_torch_tensorrt: bool, precision: str, fallback: CompileConfig) -> CompileConfig:
+    """How `generate` compiles the language model's decode step."""
+    if not use_torch_tensorrt:
+        return fallback
+    # torch.compile takes either a mode or options, not both: Torch-TensorRT is configured by options.
+    config = CompileConfig(
+        backend=TORCH_TENSORRT,
+        mode=None,  # type: ignore[arg-type]
+        fullgraph=False,
+        dynamic=False,  # static cache: one engine per prompt bucket, like the CUDA graphs path
+        options={"enabled_precisions": {TRT_PRECISIONS.get(precision, torch.float16)}, "min_block_size": 1},
+    )
+    config._compile_all_devices = fallback._compile_all_devices  # same device rule as the fallback
+    return config
+
+
 class TensorRTBackend(TorchCompileBackend):
     name = "tensorrt"
+    lm_compiler = "torch.compile"  # set at load: which compiler decodes (reported by the benchmark)
 
     def load(self) -> "TensorRTBackend":
         self.trt = import_tensorrt()  # clear BackendUnavailableError before any weights are read
         if not torch.cuda.is_available():
             raise BackendUnavailableError("the tensorrt backend needs an NVIDIA GPU; torch sees no CUDA device")
+        self.choose_lm_compiler()
         return super().load()  # type: ignore[return-value]
+
+    def choose_lm_compiler(self) -> str:
+        if torch_tensorrt_installed():
+            self.lm_compiler = TORCH_TENSORRT
+        else:
+            self.lm_compiler = f"torch.compile({self.options.compile_backend})"
+            log.warning(
+                "torch_tensorrt is not installed: the language model of %s decodes with %s instead of "
+                "Torch-TensorRT (the vision encoder still runs as a TensorRT engine)",
+                self.spec.name,
+                self.lm_compiler,
+            )
+        return self.lm_compiler
+
+    def _generate_kwargs(self, batch_size: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
+        kw = super()._generate_kwargs(batch_size, prompt_len, new_tokens)
+        use_trt = self.lm_compiler == TORCH_TENSORRT
+        kw["compile_config"] = lm_compile_config(use_trt, self.spec.precision, kw["compile_config"])
+        return kw
 
     def _load_vision(self) -> None:
         assert self.adapter is not None
