@@ -35,6 +35,7 @@ def test_onnxruntime_backend_generates_like_torch(models_root, torch_vlms, pair,
     req = CompareRequest(current, prior, tuple(regions))
     vlm = load_model("tiny-gemma3", models_root, backend="onnxruntime")
     assert vlm.backend.providers[-1] == "CPUExecutionProvider"
+    assert vlm.backend.images_per_run == 1  # one image per run on a CPU: scratch memory stays small
     assert _greedy(vlm, req) == _greedy(torch_vlms["gemma3"], req)
     # The export is cached under a manifest: a second load reuses it.
     onnx_dirs = list((models_root / "tiny-gemma3" / "engines").glob("onnx-*"))
@@ -88,3 +89,69 @@ def test_tensorrt_falls_back_by_configuration(models_root):
 def test_unknown_backend(models_root):
     with pytest.raises(BackendUnavailableError, match="unknown backend 'tvm'"):
         load_model("tiny-gemma3", models_root, backend="tvm")
+
+
+class _TensorRTLanguageModelOnly:
+    """The tensorrt backend's decode path without its vision engine (no TensorRT or GPU here):
+    the vision encoder runs in torch, the language model goes through `lm_compile_config`."""
+
+    @staticmethod
+    def make(spec):
+        from inference.vlm.backends.tensorrt_backend import TensorRTBackend
+
+        class Backend(TensorRTBackend):
+            def load(self):
+                return self  # the model is adopted; TensorRT itself is never imported
+
+            def _load_vision(self) -> None:
+                pass
+
+            def encode_images(self, pixel_values, grid):
+                return super(TensorRTBackend, self).encode_images(pixel_values, grid)
+
+        return Backend(spec, BackendOptions(compile_backend="eager", pad_to_multiple=64))
+
+
+def test_tensorrt_language_model_compiles_through_torch_tensorrt(models_root, torch_vlms, pair, regions, monkeypatch):
+    import sys
+    import types
+
+    from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS
+
+    # Torch-TensorRT registers the torch.compile backend "torch_tensorrt" when imported; a
+    # recording stand-in takes its place (TensorRT cannot run here) and runs the graph as is.
+    calls = []
+
+    def recording_backend(graph_module, example_inputs, **kwargs):
+        calls.append(kwargs)
+        return graph_module.forward
+
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", types.ModuleType("torch_tensorrt"))
+    monkeypatch.setitem(_BACKENDS, "torch_tensorrt", None)
+    monkeypatch.setitem(_COMPILER_FNS, "torch_tensorrt", recording_backend)
+    torch._dynamo.reset()
+
+    spec = resolve_model("tiny-gemma3", models_root)
+    backend = _TensorRTLanguageModelOnly.make(spec)
+    assert backend.choose_lm_compiler() == "torch_tensorrt"
+    reference = torch_vlms["gemma3"]
+    backend.adopt(make_adapter(spec), reference.backend.model)
+    prior, current = pair
+    req = CompareRequest(current, prior, tuple(regions))
+    got = backend.run_batch([reference.prompt(req)], max_new_tokens=8, ignore_eos=True)[0]
+    assert got == _greedy(reference, req)  # the compiled decode step gives the eager tokens
+    assert calls, "the decode step was never compiled by the torch_tensorrt backend"
+    precisions = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    assert {precisions[p] for p in calls[0]["options"]["enabled_precisions"]} == {spec.precision}
+    assert "mode" not in calls[0]  # torch.compile refuses a mode together with options
+    torch._dynamo.reset()
+
+
+def test_tensorrt_language_model_without_torch_tensorrt_says_so(models_root, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # import fails, as where it is absent
+    backend = _TensorRTLanguageModelOnly.make(resolve_model("tiny-gemma3", models_root))
+    with caplog.at_level("WARNING"):
+        assert backend.choose_lm_compiler() == "torch.compile(eager)"
+    assert "torch_tensorrt is not installed" in caplog.text and "tiny-gemma3" in caplog.text

@@ -31,6 +31,7 @@ class BackendOptions:
     pad_to_multiple: int = 128  # prompt-length bucket so static-cache shapes repeat (compile)
     fallback: str | None = None  # backend to use when this one is unavailable here (tensorrt)
     on_engine_mismatch: str = "rebuild"  # "rebuild" | "refuse" a missing/incompatible engine
+    vision_batch: int | None = None  # images per vision-encoder run (onnxruntime); None: 1 on CPU, else the profile's max
     extra: dict[str, Any] = field(default_factory=dict)
 
 
