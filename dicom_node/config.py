@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     vlm_model: str = ""  # a folder under models_root; empty: the analysis engine alone
     models_root: Path = Path("models")
     vlm_backend: str = "torch"
+    vlm_fallback_backend: str = ""  # used when vlm_backend cannot run here (e.g. no TensorRT); empty: fail clearly
+    vlm_on_engine_mismatch: Literal["rebuild", "refuse"] = "rebuild"  # a missing/incompatible TensorRT engine
+    vlm_vision_batch: int = Field(0, ge=0)  # images per vision-encoder run (onnxruntime); 0: automatic
     vlm_max_batch_size: int = 4  # comparisons run together by a threaded gpu worker
     vlm_max_wait_ms: float = 50.0  # how long the first request of a batch waits for others
 

@@ -8,24 +8,48 @@ run as one batch of up to `vlm_max_batch_size`; with the default prefork pool, b
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 from ..config import Settings
 
 
-@functools.cache
-def _batcher(name: str, root: str, backend: str, max_batch_size: int, max_wait_ms: float):
-    from inference.vlm import Batcher, load_model
+@dataclass(frozen=True)
+class _ModelChoice:
+    """The settings that decide which model a worker loads (hashable: one model per choice)."""
 
-    model = load_model(name, root, backend=backend, warm_up=True)
-    return Batcher(model.compare_many, max_batch_size=max_batch_size, max_wait_s=max_wait_ms / 1000)
+    model: str
+    models_root: str
+    backend: str
+    fallback: str
+    on_engine_mismatch: str
+    vision_batch: int
+    max_batch_size: int
+    max_wait_ms: float
+
+    @classmethod
+    def of(cls, s: Settings) -> "_ModelChoice":
+        return cls(s.vlm_model, str(s.models_root), s.vlm_backend, s.vlm_fallback_backend,
+                   s.vlm_on_engine_mismatch, s.vlm_vision_batch, s.vlm_max_batch_size, s.vlm_max_wait_ms)
+
+
+@functools.cache
+def _batcher(choice: _ModelChoice):
+    from inference.vlm import BackendOptions, Batcher, load_model
+
+    options = BackendOptions(
+        fallback=choice.fallback or None,
+        on_engine_mismatch=choice.on_engine_mismatch,
+        vision_batch=choice.vision_batch or None,
+    )
+    model = load_model(choice.model, choice.models_root, backend=choice.backend, options=options, warm_up=True)
+    return Batcher(model.compare_many, max_batch_size=choice.max_batch_size, max_wait_s=choice.max_wait_ms / 1000)
 
 
 def vlm_compare(settings: Settings, current, prior_images: list, result, priors: dict):
     """Model reading grounded on the measured regions; garbage output comes back flagged, never raised."""
     from inference.vlm import CompareRequest
 
-    batcher = _batcher(settings.vlm_model, str(settings.models_root), settings.vlm_backend,
-                       settings.vlm_max_batch_size, settings.vlm_max_wait_ms)
+    batcher = _batcher(_ModelChoice.of(settings))
     prior = prior_images[0] if prior_images and not result.refused else None
     chosen = priors.get("chosen") or []
     report = chosen[0].get("report_text") if chosen else None
