@@ -10,10 +10,16 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import audit
 from .config import load_settings
 from .logs import configure_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="PACS-integrated DICOM inference node.")
+
+
+@app.callback()
+def _every_command(ctx: typer.Context) -> None:
+    audit.set_role(f"dicom-node {ctx.invoked_subcommand}")  # the actor in PHI access audit rows
 
 
 @app.command()
@@ -115,6 +121,33 @@ def retry(job_key: str) -> None:
         typer.echo(f"no job {job_key}", err=True)
         raise typer.Exit(2)
     typer.echo(f"job {job_key} queued again")
+
+
+@app.command("audit")
+def audit_log(
+    study: Annotated[Optional[str], typer.Option("--study", help="only this study's accesses")] = None,
+    limit: Annotated[int, typer.Option("--limit")] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """PHI accesses, newest first: who queried, read or sent whose data, and to whom."""
+    from .index import Index
+
+    index = Index(load_settings().database_url)
+    rows = index.phi_accesses(study, limit)
+    index.dispose()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        peer = f" -> {row['peer']}" if row["peer"] else ""
+        typer.echo(f"{_utc(row['at'])}  {row['action']:16} {row['study_uid']}  patient {row['patient'] or '-'}{peer}\n"
+                   f"    by {row['actor']}: {row['detail']}")
+
+
+def _utc(epoch: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""The index: patients, studies, series, instances, the association audit and the outbox.
+"""The index: patients, studies, series, instances, the association and PHI access audits, the outbox.
 
 SQLite (WAL, synchronous=FULL) by default; PostgreSQL through the same SQLAlchemy URL.
 Times are UTC epoch seconds.
@@ -184,6 +184,20 @@ report_deliveries = Table(
     Column("commitment_uid", String(64)),  # Transaction UID of the outstanding N-ACTION
     Column("committed_at", Float),
     UniqueConstraint("sop_instance_uid", "destination"),
+)
+
+# PHI access audit (dicom_node.audit): who read or disclosed whose data, to whom, when.
+phi_access = Table(
+    "phi_access",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("actor", String(200), nullable=False),  # role, OS user, host, pid
+    Column("action", String(32), nullable=False),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("patient", String(32), nullable=False),  # hashed patient ID, as in the logs
+    Column("peer", String(200), nullable=False, default=""),  # archive, PACS or RIS involved
+    Column("detail", Text, nullable=False, default=""),
 )
 
 
@@ -421,6 +435,28 @@ class Index:
                 .where(associations.c.id == audit_id)
                 .values(ended_at=time.time(), result=result, instances_received=received, failures=failures, reason=reason)
             )
+
+    # --- PHI access audit (dicom_node.audit) ---------------------------------------------
+
+    def record_phi_access(self, row: dict) -> None:
+        with self._write() as conn:
+            conn.execute(phi_access.insert().values(**row))
+
+    def phi_accesses(self, study_uid: str | None = None, limit: int = 100) -> list[dict]:
+        query = select(phi_access).order_by(phi_access.c.id.desc()).limit(limit)
+        if study_uid:
+            query = query.where(phi_access.c.study_uid == study_uid)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def patient_of(self, study_uid: str) -> str | None:
+        """The PatientID of an indexed study (None when the study is not in the index)."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(patients.c.patient_id)
+                .join(studies, studies.c.patient_key == patients.c.id)
+                .where(studies.c.study_uid == study_uid)
+            ).scalar_one_or_none()
 
     # --- study assembly ---------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
+from .. import audit
 from ..logs import log_event
 from .jobs import Job
 from .runtime import Runtime
@@ -114,6 +115,8 @@ def run_compare(rt: Runtime, job: Job) -> dict:
         result = inference.compare(current, prior_images)
     except InputError as exc:
         raise PermanentJobError(f"input refused: {exc}") from exc
+    finally:
+        _audit_image_reads(rt, job, current_paths, priors)
     vlm = run_vlm(rt, current, prior_images, result, priors)
     inp: ReportInput = report_input(rt, job, current_rows, current_paths, current, priors, result, vlm)
     sr_uid, sr_series = enqueue_report(rt, inp)
@@ -133,6 +136,14 @@ def run_compare(rt: Runtime, job: Job) -> dict:
         "regions": [{"zone": r.zone, "status": r.status, "diameter_mm": round(r.longest_diameter_mm, 1)} for r in result.regions],
         "summary": result.summary,
     }
+
+
+def _audit_image_reads(rt: Runtime, job: Job, current_paths: list[Path], priors: dict) -> None:
+    audit.record_access(rt.index, audit.IMAGE_READ, job.study_uid, detail=f"{len(current_paths)} instances, job {job.job_key}")
+    for prior in priors.get("chosen", []):
+        if prior["instance_paths"]:
+            audit.record_access(rt.index, audit.IMAGE_READ, prior["study_uid"],
+                                detail=f"{len(prior['instance_paths'])} instances as prior of {job.study_uid}")
 
 
 def run_vlm(rt: Runtime, current, prior_images, result, priors: dict):
@@ -188,4 +199,6 @@ def run_notify(rt: Runtime, job: Job) -> dict:
         send_result(message, settings.worklist_hl7_host, settings.worklist_hl7_port, settings.worklist_timeout_seconds)
     except WorklistRejected as exc:
         raise PermanentJobError(str(exc)) from exc
+    audit.record_access(rt.index, audit.WORKLIST_SENT, job.study_uid, peer=f"{settings.worklist_hl7_host}:{settings.worklist_hl7_port}",
+                        detail=f"ORU^R01 {job.job_key}", patient_id=result.patient_id)
     return {"worklist": "notified", "worklist_flagged": result.flagged}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
+from .. import audit
 from ..config import Settings
 from ..index import Index
 from ..ingest import Ingestor
@@ -151,6 +152,8 @@ def select_priors(
                     raise
                 selection.warnings.append(f"{exc} (archive not required: its priors are not considered)")
                 continue
+            audit.record_access(index, audit.ARCHIVE_QUERY, current.study_uid, peer=config.name,
+                                detail=f"{len(answers.records)} studies of the patient found", patient_id=current.patient_id)
             for problem in answers.malformed:
                 selection.warnings.append(f"archive {config.name!r}: malformed C-FIND/QIDO study answer ignored: {problem}")
                 decide(CandidateDecision("?", "", "", "", False, f"malformed archive answer: {problem}", config.name))
@@ -242,6 +245,10 @@ def retrieve_priors(
             prior = _fetch(settings, index, ingestor, chosen, result.warnings)
             if prior is not None:
                 result.chosen.append(prior)
+                if not prior.reused_from_cache:
+                    audit.record_access(index, audit.ARCHIVE_RETRIEVE, prior.study_uid, peer=prior.archive,
+                                        detail=f"{len(prior.instance_paths)} image instances for study {study_uid}",
+                                        patient_id=selection.current.patient_id)
     finally:
         selection.close()
     if result.update_no_prior() and not any("no prior" in w for w in result.warnings):
@@ -378,6 +385,8 @@ def explain_priors(settings: Settings, study_uid: str, series_uids: list[str] | 
     try:
         selection = select_priors(settings, index, study_uid, series_uids)
         selection.close()
+        audit.record_access(index, audit.OPERATOR_VIEW, study_uid, detail=f"{len(selection.decisions)} prior candidates shown",
+                            patient_id=selection.current.patient_id)
     finally:
         index.dispose()
     return format_selection(selection)

@@ -31,7 +31,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from sqlalchemy import func, select, update
 
-from .. import identity
+from .. import audit, identity
 from ..index import Index, _insert, report_deliveries
 from ..logs import log_event
 from ..netutil import client_tls_context
@@ -228,6 +228,7 @@ class DeliveryQueue:
             log_event(log, logging.INFO, "report.delivered", destination=row.destination, sop_instance_uid=row.sop_instance_uid)
         self._update(row.id, status="accepted", attempts=row.attempts + 1, last_attempt_at=now, accepted_at=now,
                      response_status=status, last_error=warning)
+        audit.record_access(self.index, audit.REPORT_SENT, row.study_uid, peer=row.destination, detail=f"SR {row.sop_instance_uid}")
 
     def _failed(self, row: DeliveryRow, error: str, status: int | None, summary: DeliverySummary) -> None:
         now = summary.started_at

@@ -4,6 +4,7 @@ comes back into Orthanc. Assertions are on the SR fetched back from the PACS."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,10 @@ import pytest
 
 from dicom_node.local_stack.scenario import acquire, report_findings, seed_pacs, wait_for_report, write_history
 from dicom_node.local_stack.stack import LocalStack, Ports
+from dicom_node.logs import phi_hash
 from dicom_node.report.codes import CHANGE_CODES
 from tests.support.validation import assert_valid_dicom
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -73,6 +76,34 @@ def test_study_routed_compared_and_reported_back_to_the_pacs(stack, tmp_path, ch
     # Exactly one report in the PACS for this study.
     reports = [i for i in stack.orthanc.instances_of_study(scenario.current_study_uid) if i["MainDicomTags"].get("SOPInstanceUID") == sr.SOPInstanceUID]
     assert len(reports) == 1
+    assert_phi_accesses_audited(stack, scenario, sr)
+
+
+def audit_rows(stack, study_uid: str) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "dicom_node", "audit", "--json", "--study", study_uid],
+                         env=stack.node_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def assert_phi_accesses_audited(stack, scenario, sr) -> None:
+    """Every read and disclosure of the patient's data on the way has its audit row, with who and to whom."""
+    def current_rows_once_reported() -> list[dict] | None:
+        rows = audit_rows(stack, scenario.current_study_uid)
+        return rows if any(r["action"] == "report_sent" for r in rows) else None
+
+    current = wait_until(current_rows_once_reported, timeout=30, interval=0.5, what="the accepted report audited")
+    prior = audit_rows(stack, scenario.expected_prior_uid)
+    by_action = lambda rows: {r["action"]: r for r in rows}  # noqa: E731
+    cur, pri = by_action(current), by_action(prior)
+    assert cur["archive_query"]["peer"] == "orthanc" and "dicom-node worker" in cur["archive_query"]["actor"]
+    assert pri["archive_retrieve"]["peer"] == "orthanc"
+    assert "image_read" in cur and "image_read" in pri
+    assert cur["report_sent"]["peer"] == "orthanc" and sr.SOPInstanceUID in cur["report_sent"]["detail"]
+    assert "dicom-node priors" in cur["operator_view"]["actor"]  # the explanation above was audited too
+    # Patients appear hashed only: the rows link to the index by study UID.
+    assert {r["patient"] for r in current + prior} == {phi_hash(str(sr.PatientID))}
+    assert str(sr.PatientID) not in json.dumps(current + prior)
 
 
 def test_quickstart_command_prints_the_result(tmp_path):
