@@ -7,6 +7,7 @@ import datetime as dt
 import hl7
 import pytest
 
+from dicom_node.index import Index
 from dicom_node.local_stack.procs import free_port
 from dicom_node.local_stack.scenario import acquire, seed_pacs, wait_for_report, write_history
 from dicom_node.local_stack.stack import LocalStack, Ports
@@ -61,6 +62,9 @@ def test_result_reaches_the_ris_after_it_comes_back(tmp_path):
         ris = Ris(ris_port).start()
         wait_until(lambda: ris.messages, timeout=60, what="the result at the RIS")
         wait_until(lambda: jobs_of(stack, scenario.current_study_uid)[-1].state == "done", timeout=30, what="job done")
+        sent = [r for r in Index(stack.node_env()["DICOM_NODE_DATABASE_URL"]).phi_accesses(scenario.current_study_uid)
+                if r["action"] == "worklist_sent"]
+        assert [r["peer"] for r in sent] == [f"127.0.0.1:{ris_port}"]  # audited once: when the RIS accepted it
     finally:
         stack.stop()
         if ris:
