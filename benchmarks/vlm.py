@@ -222,9 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         r["decode_vs_bandwidth_limit"] = r["decode_tok_s"] / bound_tps if bound_tps and r["decode_tok_s"] else None
 
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    print(f"\nmodel {spec.name} ({'tiny, float32' if a.tiny else 'bf16'}), device {gpu}, batch 1, "
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(f"\nmodel {spec.name} ({'tiny, ' if a.tiny else ''}{dtype}), device {gpu}, batch 1, "
           f"{a.new_tokens} new tokens (EOS ignored), LM weights {weight_bytes / 1e9:.2f} GB, "
           f"bandwidth limit {'%.1f tok/s' % bound_tps if bound_tps else 'n/a (no GPU bandwidth known)'}")
+    print("(prompt text is tokenized by a small tokenizer trained on the prompt templates: more text tokens "
+          "than the model's own tokenizer gives, so TTFT errs high)")
     print("| backend | images | prompt tok | vision ms | TTFT s | decode tok/s | s/comparison | decode x eager | comparison x eager | % of BW limit |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v, f: "n/a" if v is None else f % v  # noqa: E731
