@@ -295,8 +295,12 @@ class Index:
         # Series already written by this process: their patient/study/series rows exist.
         self._known_series: set[str] = set()
         # Built once: constructing a statement per instance cost more than executing it.
-        self._insert_instance = _dialect_insert(self.engine.dialect.name, instances).on_conflict_do_nothing(
-            index_elements=["sop_instance_uid"]
+        # preserve_rowcount: PostgreSQL (psycopg 3) otherwise reports -1 for INSERT .. ON CONFLICT,
+        # and a duplicate would count as new.
+        self._insert_instance = (
+            _dialect_insert(self.engine.dialect.name, instances)
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            .execution_options(preserve_rowcount=True)
         )
 
     @contextmanager
@@ -525,6 +529,7 @@ class Index:
                     created_at=now,
                 )
                 .on_conflict_do_nothing(index_elements=["study_uid", "instance_set_hash"])
+                .execution_options(preserve_rowcount=True)  # see _insert_instance
             )
             if not inserted.rowcount:
                 return None
