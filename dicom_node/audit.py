@@ -3,24 +3,28 @@
 Associations have their own audit table (the SCP writes it); this one records what the node
 does with the data afterwards: queries to an archive for a patient's studies, retrievals of
 prior studies, reading pixels for a comparison, reports sent to a PACS, results sent to the
-RIS, and what an operator looks at through the CLI. Rows live in the index (`phi_access`);
-`dicom-node audit` lists them. Patient IDs are stored hashed, like in the logs: the study
-UID leads back to the patient through the index, for those allowed to look.
+RIS, and the prior candidates `dicom-node priors` shows an operator. Rows live in the index
+(`phi_access`); `dicom-node audit` lists them. Patient IDs are stored hashed, like in the
+logs: the study UID leads back to the patient through the index, for those allowed to look.
 
-An access that cannot be audited fails with the operation (both use the same database), so
-nothing reads or discloses PHI without its row.
+Rows are written once the access has happened. A row that cannot be written then (database
+locked or gone) must not undo or repeat the access (a report sent twice, a lease left
+behind): the whole record goes to the log at ERROR instead, so no access goes unrecorded.
 """
 
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .index import Index
-from .logs import phi_hash
+from .logs import log_event, phi_hash
+
+log = logging.getLogger(__name__)
 
 ARCHIVE_QUERY = "archive_query"  # C-FIND / QIDO-RS for the patient's studies
 ARCHIVE_RETRIEVE = "archive_retrieve"  # C-MOVE / C-GET / WADO-RS of a prior study
@@ -64,8 +68,11 @@ def record_access(
     """Write one audit row; the patient is looked up from the index when not given."""
     if action not in ACTIONS:
         raise ValueError(f"unknown PHI access action {action!r}; expected one of {ACTIONS}")
-    if patient_id is None:
-        patient_id = index.patient_of(study_uid) or ""
-    access = PhiAccess(time.time(), actor(), action, study_uid, phi_hash(patient_id), peer, detail)
-    index.record_phi_access(asdict(access))
+    access = PhiAccess(time.time(), actor(), action, study_uid, phi_hash(patient_id or ""), peer, detail)
+    try:
+        if patient_id is None:
+            access = replace(access, patient=phi_hash(index.patient_of(study_uid) or ""))
+        index.record_phi_access(asdict(access))
+    except Exception as exc:  # noqa: BLE001  (any database failure: the log keeps the record)
+        log_event(log, logging.ERROR, "audit.write_failed", error=f"{type(exc).__name__}: {exc}", **asdict(access))
     return access

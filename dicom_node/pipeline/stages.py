@@ -111,12 +111,11 @@ def run_compare(rt: Runtime, job: Job) -> dict:
     priors = load_priors(rt, job)
     try:
         current = load_image_input(current_paths, volume)
-        prior_images = [load_image_input([Path(p) for p in prior["instance_paths"]], volume) for prior in priors["chosen"] if prior["instance_paths"]]
+        audit.record_access(rt.index, audit.IMAGE_READ, job.study_uid, detail=f"{len(current_paths)} instances, job {job.job_key}")
+        prior_images = [_load_prior(rt, job, prior, volume) for prior in priors["chosen"] if prior["instance_paths"]]
         result = inference.compare(current, prior_images)
     except InputError as exc:
         raise PermanentJobError(f"input refused: {exc}") from exc
-    finally:
-        _audit_image_reads(rt, job, current_paths, priors)
     vlm = run_vlm(rt, current, prior_images, result, priors)
     inp: ReportInput = report_input(rt, job, current_rows, current_paths, current, priors, result, vlm)
     sr_uid, sr_series = enqueue_report(rt, inp)
@@ -138,12 +137,11 @@ def run_compare(rt: Runtime, job: Job) -> dict:
     }
 
 
-def _audit_image_reads(rt: Runtime, job: Job, current_paths: list[Path], priors: dict) -> None:
-    audit.record_access(rt.index, audit.IMAGE_READ, job.study_uid, detail=f"{len(current_paths)} instances, job {job.job_key}")
-    for prior in priors.get("chosen", []):
-        if prior["instance_paths"]:
-            audit.record_access(rt.index, audit.IMAGE_READ, prior["study_uid"],
-                                detail=f"{len(prior['instance_paths'])} instances as prior of {job.study_uid}")
+def _load_prior(rt: Runtime, job: Job, prior: dict, volume: bool):
+    image = load_image_input([Path(p) for p in prior["instance_paths"]], volume)
+    audit.record_access(rt.index, audit.IMAGE_READ, prior["study_uid"],
+                        detail=f"{len(prior['instance_paths'])} instances as prior of {job.study_uid}")
+    return image
 
 
 def run_vlm(rt: Runtime, current, prior_images, result, priors: dict):

@@ -245,10 +245,6 @@ def retrieve_priors(
             prior = _fetch(settings, index, ingestor, chosen, result.warnings)
             if prior is not None:
                 result.chosen.append(prior)
-                if not prior.reused_from_cache:
-                    audit.record_access(index, audit.ARCHIVE_RETRIEVE, prior.study_uid, peer=prior.archive,
-                                        detail=f"{len(prior.instance_paths)} image instances for study {study_uid}",
-                                        patient_id=selection.current.patient_id)
     finally:
         selection.close()
     if result.update_no_prior() and not any("no prior" in w for w in result.warnings):
@@ -297,16 +293,19 @@ def _fetch(settings: Settings, index: Index, ingestor: Ingestor, chosen: Chosen,
     reused = not any(missing.values())
     # Every SOP class of the prior's missing series: a C-GET association then carries them all.
     sop_classes = {sop_class for s in all_series if missing[s.series_uid] for sop_class in expected[s.series_uid].values()}
+    to_retrieve = [series for series in all_series if missing[series.series_uid]]
     try:
-        for series in all_series:
-            if not missing[series.series_uid]:
-                continue
+        for series in to_retrieve:
             transfer = archive.retrieve_series(uid, series.series_uid, sop_classes, ingestor)
             warnings.extend(f"prior {uid} series {series.series_uid}: {p}" for p in transfer.problems)
     except ArchiveUnavailable as exc:
         if archive.config.required:
             raise
         warnings.append(f"prior {uid} only partly retrieved: {exc}")
+    finally:
+        if to_retrieve:  # audited even when the archive failed half-way: some data may have arrived
+            audit.record_access(index, audit.ARCHIVE_RETRIEVE, uid, peer=archive.name, patient_id=record.patient_id,
+                                detail=f"{len(to_retrieve)} series requested by {archive.config.method}")
 
     if not own_local_study:
         index.mark_prior(uid, lease_seconds=settings.priors.lease_seconds)  # flags the study row, now it exists

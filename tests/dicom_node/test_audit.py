@@ -14,7 +14,7 @@ from dicom_node import audit
 from dicom_node.cli import app
 from dicom_node.index import Index
 from dicom_node.ingest import Ingestor
-from dicom_node.logs import phi_hash
+from dicom_node.logs import JsonFormatter, phi_hash
 from dicom_node.storage import InstanceStore
 from dicom_node.synthetic import ct_slice
 
@@ -66,3 +66,22 @@ def test_audit_command_lists_newest_first(indexed_study, tmp_path, monkeypatch):
     assert [r["detail"] for r in json.loads(result.output)] == ["second", "first"]
     text = CliRunner().invoke(app, ["audit"]).output
     assert "report_sent" in text and "-> pacs" in text and patient_id not in text
+
+
+def test_unwritable_row_goes_to_the_log_in_full(indexed_study, monkeypatch, caplog):
+    """The access already happened (a report sent): a failed audit write must not undo or repeat it."""
+    from sqlalchemy.exc import OperationalError
+
+    index, study_uid, patient_id = indexed_study
+
+    def database_locked(row):
+        raise OperationalError("INSERT INTO phi_access", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(index, "record_phi_access", database_locked)
+    with caplog.at_level("ERROR", logger="dicom_node.audit"):
+        access = audit.record_access(index, audit.REPORT_SENT, study_uid, peer="pacs", detail="SR 1.2.3")
+    assert access.patient == phi_hash(patient_id)
+    [logged] = [r for r in caplog.records if r.getMessage() == "audit.write_failed"]
+    line = JsonFormatter().format(logged)  # what the log file holds
+    assert "database is locked" in line and '"action": "report_sent"' in line and '"peer": "pacs"' in line
+    assert phi_hash(patient_id) in line and patient_id not in line
