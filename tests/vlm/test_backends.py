@@ -91,6 +91,23 @@ def test_unknown_backend(models_root):
         load_model("tiny-gemma3", models_root, backend="tvm")
 
 
+@pytest.fixture
+def fresh_compilation(torch_vlms):
+    """The shared tiny model keeps its compiled decode step (transformers caches it on the model,
+    bound to the compile backend of the time): drop it around tests that swap compile backends."""
+
+    def drop() -> None:
+        model = torch_vlms["gemma3"].backend.model
+        for attr in ("_compiled_call", "_last_compile_config"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        torch._dynamo.reset()
+
+    drop()
+    yield
+    drop()
+
+
 class _TensorRTLanguageModelOnly:
     """The tensorrt backend's decode path without its vision engine (no TensorRT or GPU here):
     the vision encoder runs in torch, the language model goes through `lm_compile_config`."""
@@ -112,7 +129,8 @@ class _TensorRTLanguageModelOnly:
         return Backend(spec, BackendOptions(compile_backend="eager", pad_to_multiple=64))
 
 
-def test_tensorrt_language_model_compiles_through_torch_tensorrt(models_root, torch_vlms, pair, regions, monkeypatch):
+def test_tensorrt_language_model_compiles_through_torch_tensorrt(models_root, torch_vlms, pair, regions, monkeypatch,
+                                                                 fresh_compilation):
     import sys
     import types
 
@@ -129,7 +147,6 @@ def test_tensorrt_language_model_compiles_through_torch_tensorrt(models_root, to
     monkeypatch.setitem(sys.modules, "torch_tensorrt", types.ModuleType("torch_tensorrt"))
     monkeypatch.setitem(_BACKENDS, "torch_tensorrt", None)
     monkeypatch.setitem(_COMPILER_FNS, "torch_tensorrt", recording_backend)
-    torch._dynamo.reset()
 
     spec = resolve_model("tiny-gemma3", models_root)
     backend = _TensorRTLanguageModelOnly.make(spec)
@@ -141,10 +158,8 @@ def test_tensorrt_language_model_compiles_through_torch_tensorrt(models_root, to
     got = backend.run_batch([reference.prompt(req)], max_new_tokens=8, ignore_eos=True)[0]
     assert got == _greedy(reference, req)  # the compiled decode step gives the eager tokens
     assert calls, "the decode step was never compiled by the torch_tensorrt backend"
-    precisions = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    assert {precisions[p] for p in calls[0]["options"]["enabled_precisions"]} == {spec.precision}
+    assert calls[0]["options"]["enabled_precisions"] == {reference.backend.model.dtype}  # the dtype the model runs in
     assert "mode" not in calls[0]  # torch.compile refuses a mode together with options
-    torch._dynamo.reset()
 
 
 def test_tensorrt_language_model_without_torch_tensorrt_says_so(models_root, monkeypatch, caplog):
@@ -155,3 +170,32 @@ def test_tensorrt_language_model_without_torch_tensorrt_says_so(models_root, mon
     with caplog.at_level("WARNING"):
         assert backend.choose_lm_compiler() == "torch.compile(eager)"
     assert "torch_tensorrt is not installed" in caplog.text and "tiny-gemma3" in caplog.text
+
+
+def test_tensorrt_language_model_falls_back_when_torch_tensorrt_cannot_compile(models_root, torch_vlms, pair, regions,
+                                                                                monkeypatch, caplog, fresh_compilation):
+    import sys
+    import types
+
+    from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS
+
+    def failing_backend(graph_module, example_inputs, **kwargs):
+        raise RuntimeError("unsupported op in the decode graph")
+
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", types.ModuleType("torch_tensorrt"))
+    monkeypatch.setitem(_BACKENDS, "torch_tensorrt", None)
+    monkeypatch.setitem(_COMPILER_FNS, "torch_tensorrt", failing_backend)
+
+    spec = resolve_model("tiny-gemma3", models_root)
+    backend = _TensorRTLanguageModelOnly.make(spec)
+    backend.choose_lm_compiler()
+    reference = torch_vlms["gemma3"]
+    backend.adopt(make_adapter(spec), reference.backend.model)
+    prior, current = pair
+    prompt = reference.prompt(CompareRequest(current, prior, tuple(regions)))
+    with caplog.at_level("WARNING"):
+        backend.warm_up(prompt)
+    assert backend.lm_compiler == "torch.compile(eager)"
+    assert "Torch-TensorRT could not compile it" in caplog.text and "unsupported op" in caplog.text
+    got = backend.run_batch([prompt], max_new_tokens=8, ignore_eos=True)[0]
+    assert got == reference.backend.run_batch([prompt], max_new_tokens=8, ignore_eos=True)[0]

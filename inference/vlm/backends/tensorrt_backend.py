@@ -62,7 +62,6 @@ class TensorRTVisionRunner:
 
 
 TORCH_TENSORRT = "torch_tensorrt"  # the torch.compile backend name Torch-TensorRT registers
-TRT_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def torch_tensorrt_installed() -> bool:
@@ -73,8 +72,8 @@ def torch_tensorrt_installed() -> bool:
     return True
 
 
-def lm_compile_config(use_torch_tensorrt: bool, precision: str, fallback: CompileConfig) -> CompileConfig:
-    """How `generate` compiles the language model's decode step."""
+def lm_compile_config(use_torch_tensorrt: bool, dtype: torch.dtype, fallback: CompileConfig) -> CompileConfig:
+    """How `generate` compiles the language model's decode step (in the dtype the model runs in)."""
     if not use_torch_tensorrt:
         return fallback
     # torch.compile takes either a mode or options, not both: Torch-TensorRT is configured by options.
@@ -83,7 +82,7 @@ def lm_compile_config(use_torch_tensorrt: bool, precision: str, fallback: Compil
         mode=None,  # type: ignore[arg-type]
         fullgraph=False,
         dynamic=False,  # static cache: one engine per prompt bucket, like the CUDA graphs path
-        options={"enabled_precisions": {TRT_PRECISIONS.get(precision, torch.float16)}, "min_block_size": 1},
+        options={"enabled_precisions": {dtype}, "min_block_size": 1},
     )
     config._compile_all_devices = fallback._compile_all_devices  # same device rule as the fallback
     return config
@@ -104,19 +103,35 @@ class TensorRTBackend(TorchCompileBackend):
         if torch_tensorrt_installed():
             self.lm_compiler = TORCH_TENSORRT
         else:
-            self.lm_compiler = f"torch.compile({self.options.compile_backend})"
-            log.warning(
-                "torch_tensorrt is not installed: the language model of %s decodes with %s instead of "
-                "Torch-TensorRT (the vision encoder still runs as a TensorRT engine)",
-                self.spec.name,
-                self.lm_compiler,
-            )
+            self._without_torch_tensorrt("torch_tensorrt is not installed")
         return self.lm_compiler
+
+    def _without_torch_tensorrt(self, why: str) -> None:
+        self.lm_compiler = f"torch.compile({self.options.compile_backend})"
+        log.warning(
+            "%s: the language model of %s decodes with %s instead of Torch-TensorRT "
+            "(the vision encoder still runs as a TensorRT engine)",
+            why,
+            self.spec.name,
+            self.lm_compiler,
+        )
+
+    def warm_up(self, prompt) -> None:
+        """Compiles the decode step; if Torch-TensorRT cannot compile it, decode with torch.compile."""
+        try:
+            super().warm_up(prompt)
+        except Exception as exc:
+            if self.lm_compiler != TORCH_TENSORRT:
+                raise
+            self._without_torch_tensorrt(f"Torch-TensorRT could not compile it ({type(exc).__name__}: {exc})")
+            torch._dynamo.reset()  # drop the failed compilation before compiling again
+            super().warm_up(prompt)
 
     def _generate_kwargs(self, batch_size: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
         kw = super()._generate_kwargs(batch_size, prompt_len, new_tokens)
+        assert self.model is not None
         use_trt = self.lm_compiler == TORCH_TENSORRT
-        kw["compile_config"] = lm_compile_config(use_trt, self.spec.precision, kw["compile_config"])
+        kw["compile_config"] = lm_compile_config(use_trt, self.model.dtype, kw["compile_config"])
         return kw
 
     def _load_vision(self) -> None:
