@@ -134,14 +134,6 @@ def _timed(fn, reps: int) -> float:
     return statistics.median(out)
 
 
-def language_model_compiler(backend) -> str:
-    from inference.vlm.backends.torch_backend import TorchCompileBackend
-
-    if isinstance(backend, TorchCompileBackend):  # tensorrt included: it says which compiler it chose
-        return getattr(backend, "lm_compiler", None) or f"torch.compile({backend.options.compile_backend})"
-    return "torch eager"
-
-
 def bench_backend(backend, vlm: VLM, req: CompareRequest, new_tokens: int, reps: int) -> dict:
     prompt = vlm.prompt(req)
     ad = backend.adapter
@@ -209,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 be.choose_lm_compiler()
             be.adopt(adapter, model)
             rows[name] = bench_backend(be, VLM(spec, be), req, a.new_tokens, a.reps)
-            rows[name]["language_model"] = language_model_compiler(be)
+            rows[name]["language_model"] = be.language_model_compiler()
             print(f"{name}: {json.dumps(rows[name])}", flush=True)
         except VLMError as exc:
             skipped[name] = str(exc)

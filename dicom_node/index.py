@@ -191,7 +191,7 @@ phi_access = Table(
     "phi_access",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("at", Float, nullable=False, index=True),
+    Column("at", Float, nullable=False),
     Column("actor", String(200), nullable=False),  # role, OS user, host, pid
     Column("action", String(32), nullable=False),
     Column("study_uid", String(64), nullable=False, index=True),

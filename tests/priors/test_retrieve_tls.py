@@ -80,11 +80,16 @@ def test_cfind_and_cget_over_tls(tls_archive, pki, node, worker_for):
     assert rules[tls_archive.history.ap_only.uid].startswith("view differs: AP")  # C-FIND answers came over TLS
 
 
+def mutual_tls_node(make_node, ca):
+    """A node with a TLS listener that requires a client certificate from the hospital CA."""
+    return make_node(tls_enabled=True, tls_port=free_port(), tls_cert=ca["client.pem"], tls_key=ca["client.key"],
+                     tls_ca=ca["ca.pem"], tls_require_client_cert=True)
+
+
 def test_cmove_over_tls_to_the_nodes_tls_listener(tls_archive, pki, make_node, worker_for):
     ca = pki["hospital"]
     # The node has one certificate for both directions, as Orthanc has; it requires Orthanc's.
-    node = make_node(tls_enabled=True, tls_port=free_port(), tls_cert=ca["client.pem"], tls_key=ca["client.key"],
-                     tls_ca=ca["ca.pem"], tls_require_client_cert=True)
+    node = mutual_tls_node(make_node, ca)
     # Only the TLS port is registered: a plain association to it would fail the handshake.
     register(tls_archive, node.settings.ae_title, node.settings.tls_port, use_tls=True)
     current = ingest_current(node, tls_archive)
@@ -102,8 +107,7 @@ def test_cmove_over_tls_to_the_nodes_tls_listener(tls_archive, pki, make_node, w
 def test_cmove_without_tls_to_the_tls_listener_is_refused(tls_archive, pki, make_node, worker_for):
     """The control for the test above: Orthanc told to connect back without TLS gets nowhere."""
     ca = pki["hospital"]
-    node = make_node(tls_enabled=True, tls_port=free_port(), tls_cert=ca["client.pem"], tls_key=ca["client.key"],
-                     tls_ca=ca["ca.pem"], tls_require_client_cert=True)
+    node = mutual_tls_node(make_node, ca)
     register(tls_archive, node.settings.ae_title, node.settings.tls_port, use_tls=False)
     current = ingest_current(node, tls_archive)
     settings = prior_settings(node, tls_config(tls_archive, ca, "c-move"))

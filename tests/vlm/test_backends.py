@@ -110,7 +110,7 @@ def fresh_compilation(torch_vlms):
 
 class _TensorRTLanguageModelOnly:
     """The tensorrt backend's decode path without its vision engine (no TensorRT or GPU here):
-    the vision encoder runs in torch, the language model goes through `lm_compile_config`."""
+    the vision encoder runs in torch, the language model goes through `torch_tensorrt_config`."""
 
     @staticmethod
     def make(spec):
@@ -195,7 +195,7 @@ def test_tensorrt_language_model_falls_back_when_torch_tensorrt_cannot_compile(m
     prompt = reference.prompt(CompareRequest(current, prior, tuple(regions)))
     with caplog.at_level("WARNING"):
         backend.warm_up(prompt)
-    assert backend.lm_compiler == "torch.compile(eager)"
+    assert backend.language_model_compiler() == "torch.compile(eager)"
     assert "Torch-TensorRT could not compile it" in caplog.text and "unsupported op" in caplog.text
     got = backend.run_batch([prompt], max_new_tokens=8, ignore_eos=True)[0]
     assert got == reference.backend.run_batch([prompt], max_new_tokens=8, ignore_eos=True)[0]

@@ -83,6 +83,10 @@ class VLMBackend:
     def _load_vision(self) -> None:
         """Prepare the vision encoder runner (torch needs nothing)."""
 
+    def language_model_compiler(self) -> str:
+        """What runs the language model's decode step (reported by the benchmark)."""
+        return "torch eager"
+
     def warm_up(self, prompt: Prompt) -> None:
         """One short generation so that lazy init / compilation happens before real traffic."""
         self.run_batch([prompt], max_new_tokens=2)

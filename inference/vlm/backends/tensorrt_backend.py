@@ -72,10 +72,8 @@ def torch_tensorrt_installed() -> bool:
     return True
 
 
-def lm_compile_config(use_torch_tensorrt: bool, dtype: torch.dtype, fallback: CompileConfig) -> CompileConfig:
-    """How `generate` compiles the language model's decode step (in the dtype the model runs in)."""
-    if not use_torch_tensorrt:
-        return fallback
+def torch_tensorrt_config(dtype: torch.dtype, fallback: CompileConfig) -> CompileConfig:
+    """The decode step compiled by Torch-TensorRT, in the dtype the model runs in."""
     # torch.compile takes either a mode or options, not both: Torch-TensorRT is configured by options.
     config = CompileConfig(
         backend=TORCH_TENSORRT,
@@ -90,7 +88,7 @@ def lm_compile_config(use_torch_tensorrt: bool, dtype: torch.dtype, fallback: Co
 
 class TensorRTBackend(TorchCompileBackend):
     name = "tensorrt"
-    lm_compiler = "torch.compile"  # set at load: which compiler decodes (reported by the benchmark)
+    use_torch_tensorrt = False  # decided at load (choose_lm_compiler)
 
     def load(self) -> "TensorRTBackend":
         self.trt = import_tensorrt()  # clear BackendUnavailableError before any weights are read
@@ -99,21 +97,23 @@ class TensorRTBackend(TorchCompileBackend):
         self.choose_lm_compiler()
         return super().load()  # type: ignore[return-value]
 
+    def language_model_compiler(self) -> str:
+        return TORCH_TENSORRT if self.use_torch_tensorrt else super().language_model_compiler()
+
     def choose_lm_compiler(self) -> str:
-        if torch_tensorrt_installed():
-            self.lm_compiler = TORCH_TENSORRT
-        else:
+        self.use_torch_tensorrt = torch_tensorrt_installed()
+        if not self.use_torch_tensorrt:
             self._without_torch_tensorrt("torch_tensorrt is not installed")
-        return self.lm_compiler
+        return self.language_model_compiler()
 
     def _without_torch_tensorrt(self, why: str) -> None:
-        self.lm_compiler = f"torch.compile({self.options.compile_backend})"
+        self.use_torch_tensorrt = False
         log.warning(
             "%s: the language model of %s decodes with %s instead of Torch-TensorRT "
             "(the vision encoder still runs as a TensorRT engine)",
             why,
             self.spec.name,
-            self.lm_compiler,
+            self.language_model_compiler(),
         )
 
     def warm_up(self, prompt) -> None:
@@ -121,7 +121,7 @@ class TensorRTBackend(TorchCompileBackend):
         try:
             super().warm_up(prompt)
         except Exception as exc:
-            if self.lm_compiler != TORCH_TENSORRT:
+            if not self.use_torch_tensorrt:
                 raise
             self._without_torch_tensorrt(f"Torch-TensorRT could not compile it ({type(exc).__name__}: {exc})")
             torch._dynamo.reset()  # drop the failed compilation before compiling again
@@ -129,9 +129,9 @@ class TensorRTBackend(TorchCompileBackend):
 
     def _generate_kwargs(self, batch_size: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
         kw = super()._generate_kwargs(batch_size, prompt_len, new_tokens)
-        assert self.model is not None
-        use_trt = self.lm_compiler == TORCH_TENSORRT
-        kw["compile_config"] = lm_compile_config(use_trt, self.model.dtype, kw["compile_config"])
+        if self.use_torch_tensorrt:
+            assert self.model is not None
+            kw["compile_config"] = torch_tensorrt_config(self.model.dtype, kw["compile_config"])
         return kw
 
     def _load_vision(self) -> None:

@@ -20,6 +20,9 @@ class TorchBackend(VLMBackend):
 class TorchCompileBackend(VLMBackend):
     name = "torch-compile"
 
+    def language_model_compiler(self) -> str:
+        return f"torch.compile({self.options.compile_backend})"
+
     def _pad_multiple(self) -> int:
         # Bucketed prompt lengths give repeating static-cache sizes, hence no recompiles.
         return max(1, self.options.pad_to_multiple)
