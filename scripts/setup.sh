@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install what the node needs on a fresh Debian machine: Debian packages (Redis, Orthanc,
-# DCMTK, dicom3tools) and a virtual environment in .venv with the project installed.
+# DCMTK, dicom3tools, PostgreSQL for the tests) and a virtual environment in .venv with the
+# project installed.
 # Safe to re-run: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server orthanc orthanc-dicomweb dcmtk dicom3tools openssl iproute2 util-linux)
+APT_PACKAGES=(redis-server orthanc orthanc-dicomweb dcmtk dicom3tools openssl iproute2 util-linux postgresql)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -29,7 +30,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   # Pinned first and alone: an unpinned torch would pull a multi-GB CUDA build.
   .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q -e ".[ml,test]"
+  .venv/bin/pip install -q -e ".[ml,test,postgres]"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
