@@ -6,6 +6,7 @@ import pytest
 
 from dicom_node.scp import DicomNode
 from tests.support.node import node_settings
+from tests.support.postgres import PostgresServer
 
 
 @pytest.fixture
@@ -27,3 +28,19 @@ def make_node(tmp_path):
 @pytest.fixture
 def node(make_node) -> DicomNode:
     return make_node()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL for the session (started on first use); fails if PostgreSQL is missing."""
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database on the session's PostgreSQL (SQLAlchemy URL); dropped afterwards."""
+    name = postgres_server.create_database()
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
