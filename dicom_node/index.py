@@ -38,6 +38,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from dicom_node import migrations
+
 metadata = MetaData()
 KNOWN_SERIES_LIMIT = 10_000
 
@@ -291,7 +293,9 @@ class Index:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         # SQLite has one writer at a time; serialising in-process avoids busy-wait retries.
         self._write_lock = threading.Lock() if self._is_sqlite else None
-        metadata.create_all(self.engine)
+        # The schema comes from dicom_node/migrations (Alembic): a new revision there for every
+        # change to the tables above; tests/dicom_node/test_migrations.py checks they agree.
+        migrations.upgrade(self.engine)
         # Series already written by this process: their patient/study/series rows exist.
         self._known_series: set[str] = set()
         # Built once: constructing a statement per instance cost more than executing it.
