@@ -35,6 +35,7 @@ class WorklistResult:
     changes: tuple[str, ...]  # the change status of every finding
     sr_sop_instance_uid: str
     control_id: str  # unique per result message (the job key): the RIS can drop a resend
+    correction: bool = False  # a revised result (re-analysis after late images): result status C, not F
 
     @property
     def flagged(self) -> bool:
@@ -51,16 +52,17 @@ def oru_message(result: WorklistResult, sending_application: str, receiving_appl
     now = now or dt.datetime.now()
     stamp = now.strftime("%Y%m%d%H%M%S")
     flag = "A" if result.flagged else "N"
+    status = "C" if result.correction else "F"  # OBR-25 / OBX-11 result status: final, or corrected
     priority = "urgent" if result.flagged else "routine"
     segments = [
         f"MSH|^~\\&|{_escape(sending_application)}||{_escape(receiving_application)}||{stamp}||ORU^R01^ORU_R01|{result.control_id[:20]}|P|2.5.1",
         f"PID|1||{_escape(result.patient_id)}^^^{_escape(result.issuer)}||{result.patient_name.replace('|', ' ')}||{result.birth_date}",
         f"OBR|1|{_escape(result.accession_number)}|{_escape(result.accession_number)}|AICOMP^AI comparison with prior^L|||{result.study_datetime}"
-        + "|" * 15 + f"{stamp}|||F",
-        f"OBX|1|TX|IMP^Impression^L||{_escape(result.impression)}||||||F",
-        f"OBX|2|ST|PRIO^AI priority^L||{priority}|||{flag}|||F",
-        f"OBX|3|ST|SRUID^Structured Report SOP Instance UID^L||{result.sr_sop_instance_uid}||||||F",
-        f"OBX|4|ST|STUID^Study Instance UID^L||{result.study_uid}||||||F",
+        + "|" * 15 + f"{stamp}|||{status}",
+        f"OBX|1|TX|IMP^Impression^L||{_escape(result.impression)}||||||{status}",
+        f"OBX|2|ST|PRIO^AI priority^L||{priority}|||{flag}|||{status}",
+        f"OBX|3|ST|SRUID^Structured Report SOP Instance UID^L||{result.sr_sop_instance_uid}||||||{status}",
+        f"OBX|4|ST|STUID^Study Instance UID^L||{result.study_uid}||||||{status}",
     ]
     return "\r".join(segments)
 

@@ -49,30 +49,15 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import generate_uid
 
 from inference.types import ChangeRegion, ComparisonResult
-from inference.vlm.schema import DeviceFinding, Finding, VLMResult
+from inference.vlm.schema import VLMResult
 
 from .. import identity
+from ..refs import ImageRef, StudyRef
 from . import codes
+from .reading import DEVICE, FINDING, Reading, ReadingFinding, _tracking_uid, build_reading
 from .settings import ReportSettings
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    sop_class_uid: str
-    sop_instance_uid: str
-    series_uid: str
-    study_uid: str
-
-
-@dataclass
-class StudyRef:
-    study_uid: str
-    study_date: str = ""  # DICOM DA (YYYYMMDD)
-    accession_number: str = ""
-    study_description: str = ""
-    instances: list[ImageRef] = field(default_factory=list)
 
 
 @dataclass
@@ -89,6 +74,12 @@ class ReportInput:
     predecessor: ImageRef | None = None  # earlier SR of the same study (re-analysis)
     instance_number: int = 1  # Instance Number of the SR (e.g. 1 + the number of earlier reports)
     slice_refs: list[ImageRef] = field(default_factory=list)  # volumes: the current image of each slice, in analysis order
+    # The one merge of regions and model findings (the pipeline's report stage makes it once and sends
+    # the same to the RIS); None: made here from comparison and vlm (offline use, tests).
+    reading: Reading | None = None
+
+    def the_reading(self) -> Reading:
+        return self.reading or build_reading(self.current.study_uid, self.comparison, self.vlm)
 
 
 # --- deterministic UIDs -----------------------------------------------------------------------
@@ -121,90 +112,18 @@ def device_uid(model_name: str, model_version: str) -> str:
 
 def tracking_uid(study_uid: str, zone: str, kind: str, ordinal: int = 0) -> str:
     """Stable across re-analyses of the same study: depends on where and what, never on the run."""
-    return _uid("tracking", study_uid, zone.strip().lower(), kind, ordinal)
+    return _tracking_uid(study_uid, zone, kind, ordinal)
 
 
-# --- findings: VLM findings and measured regions merged ----------------------------------------
+def _status_code(f: ReadingFinding):
+    table = codes.DEVICE_CODES if f.category == DEVICE else codes.CHANGE_CODES
+    return table.get(f.status, codes.UNDETERMINED)
 
 
-@dataclass
-class _Item:
-    label: str  # what is found ("nodule", "increase in density", "central line")
-    zone: str
-    status_code: object  # a pydicom Code
-    status_word: str
-    finding_code: object
-    kind: str  # stable word for the tracking UID
-    region: ChangeRegion | None = None
-    text: str = ""  # the model's words
-    evidence: str = ""
-
-
-def _items(inp: ReportInput) -> list[_Item]:
-    regions = list(inp.comparison.regions) if not inp.comparison.refused else []
-    vlm = inp.vlm if inp.vlm is not None and inp.vlm.usable else None
-    items: list[_Item] = []
-    if vlm is not None:
-        for f in vlm.findings:
-            region = _take_region(regions, f)
-            items.append(_vlm_item(f, region))
-    for region in regions:  # measured but not described by the model (or no model output)
-        items.append(
-            _Item(
-                label=f"measured {'increase' if region.kind != 'decrease' else 'decrease'} in density",
-                zone=region.zone,
-                status_code=codes.CHANGE_CODES.get(region.status, codes.UNDETERMINED),
-                status_word=region.status,
-                finding_code=codes.IMAGING_FINDING,
-                kind=f"measured-{region.kind or 'change'}",
-                region=region,
-            )
-        )
-    if vlm is not None:
-        for d in vlm.devices:
-            items.append(_device_item(d))
-    return items
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.lower().replace("_", " ").split())
-
-
-def _take_region(regions: list[ChangeRegion], f: Finding) -> ChangeRegion | None:
-    """The measured region in the zone the model named (same change direction preferred)."""
-    same_zone = [r for r in regions if _norm(r.zone) == _norm(f.region)]
-    if not same_zone:
-        return None
-    same_zone.sort(key=lambda r: (r.status != f.change, -r.confidence))
-    regions.remove(same_zone[0])
-    return same_zone[0]
-
-
-def _vlm_item(f: Finding, region: ChangeRegion | None) -> _Item:
-    return _Item(
-        label=f.finding,
-        zone=f.region,
-        status_code=codes.CHANGE_CODES.get(f.change, codes.UNDETERMINED),
-        status_word=f.change,
-        finding_code=codes.finding_type(f.finding),
-        kind=codes.finding_kind(f.finding),
-        region=region,
-        text=f.finding,
-        evidence=f"{f.evidence} (severity {f.severity}, confidence {f.confidence:.2f}, source {f.source})".strip(),
-    )
-
-
-def _device_item(d: DeviceFinding) -> _Item:
-    return _Item(
-        label=d.device,
-        zone="device",
-        status_code=codes.DEVICE_CODES.get(d.status, codes.UNDETERMINED),
-        status_word=d.status,
-        finding_code=codes.DEVICE,
-        kind="device " + _norm(d.device),
-        text=d.device,
-        evidence=f"device {d.status}",
-    )
+def _finding_code(f: ReadingFinding):
+    if f.category == DEVICE:
+        return codes.DEVICE
+    return codes.finding_type(f.label) if f.category == FINDING else codes.IMAGING_FINDING
 
 
 # --- building -----------------------------------------------------------------------------------
@@ -261,7 +180,7 @@ def _polyline(region: ChangeRegion, max_points: int) -> np.ndarray:
     return np.vstack([pts, pts[:1]])
 
 
-def _group(inp: ReportInput, item: _Item, tracking: TrackingIdentifier, settings: ReportSettings):
+def _group(inp: ReportInput, item: ReadingFinding, settings: ReportSettings):
     current_img = _region_image(inp, item.region)
     prior_img = _prior_image(inp)
     sources = [SourceImageForMeasurement(current_img.sop_class_uid, current_img.sop_instance_uid)]
@@ -280,10 +199,10 @@ def _group(inp: ReportInput, item: _Item, tracking: TrackingIdentifier, settings
             measurements.append(
                 Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm, referenced_images=sources)
             )
-    evaluations = [QualitativeEvaluation(codes.DESCRIPTION_OF_CHANGE, item.status_code)]
+    evaluations = [QualitativeEvaluation(codes.DESCRIPTION_OF_CHANGE, _status_code(item))]
     common = dict(
-        tracking_identifier=tracking,
-        finding_type=item.finding_code,
+        tracking_identifier=TrackingIdentifier(uid=item.tracking_uid, identifier=item.tracking_id),
+        finding_type=_finding_code(item),
         algorithm_id=algorithm,
         finding_sites=[site] if site is not None else None,
         measurements=measurements or None,
@@ -298,7 +217,7 @@ def _group(inp: ReportInput, item: _Item, tracking: TrackingIdentifier, settings
         group = PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=image_region, **common)
     else:
         group = MeasurementsAndQualitativeEvaluations(**common)
-    texts = [(codes.FINDING, f"{item.label} ({item.zone}): {item.status_word}")]
+    texts = [(codes.FINDING, f"{item.label} ({item.zone}): {item.status}")]
     if item.evidence:
         texts.append((codes.COMMENT, item.evidence))
     for name, value in texts:
@@ -332,14 +251,18 @@ def _summary_texts(inp: ReportInput) -> list[tuple[object, str]]:
     warnings = [f"{f.code}: {f.reason}" for f in cmp.sanity_flags if not f.blocking]
     if warnings:
         out.append((codes.COMMENT, "Warnings: " + "; ".join(warnings)))
+    reading = inp.the_reading()
+    if reading.impression:  # the same impression the RIS gets
+        out.append((codes.IMPRESSION, reading.impression))
+    if reading.is_revision:
+        out.append((codes.COMMENT, f"Revised report (revision {reading.revision}): replaces the earlier report of this "
+                                   "study after further images arrived."))
     if inp.vlm is not None:
-        if inp.vlm.usable and inp.vlm.impression:
-            out.append((codes.IMPRESSION, inp.vlm.impression))
         if inp.vlm.flags:
             out.append((codes.COMMENT, "Model output flags: " + ", ".join(inp.vlm.flags)))
         if inp.vlm.usable and inp.vlm.priority != "routine":
             out.append((codes.COMMENT, f"Priority: {inp.vlm.priority}"))
-    if cmp.summary:
+    if cmp.summary and cmp.summary != reading.impression:
         out.append((codes.COMMENT, cmp.summary))
     if not cmp.refused and inp.priors and not cmp.regions and not (inp.vlm and inp.vlm.findings):
         out.append((codes.COMMENT, "No measurable change from the prior study."))
@@ -360,19 +283,6 @@ def _interval_text(inp: ReportInput, prior: StudyRef) -> str:
     except ValueError:
         text += "; comparison interval unknown."
     return text
-
-
-def _tracking_identifiers(inp: ReportInput, items: list[_Item]) -> list[TrackingIdentifier]:
-    seen: Counter = Counter()
-    out = []
-    for item in items:
-        key = (_norm(item.zone), item.kind)
-        ordinal = seen[key]
-        seen[key] += 1
-        identifier = f"{item.label} / {item.zone}" + (f" #{ordinal + 1}" if ordinal else "")
-        out.append(TrackingIdentifier(uid=tracking_uid(inp.current.study_uid, item.zone, item.kind, ordinal),
-                                      identifier=identifier[:64]))
-    return out
 
 
 def _evidence(inp: ReportInput) -> list[Dataset]:
@@ -397,8 +307,7 @@ def build_sr(inp: ReportInput, settings: ReportSettings) -> Dataset:
         model_name=identity.MANUFACTURER_MODEL_NAME,
     )
     context = ObservationContext(observer_device_context=ObserverContext(dcm_codes.DCM.Device, device))
-    items = _items(inp)
-    groups = [_group(inp, item, tid, settings) for item, tid in zip(items, _tracking_identifiers(inp, items))]
+    groups = [_group(inp, item, settings) for item in inp.the_reading().findings]
     placeholder = not groups
     report = MeasurementReport(
         observation_context=context,
