@@ -24,9 +24,9 @@ def _every_command(ctx: typer.Context) -> None:
 
 @app.command()
 def serve(
-    dispatch: Annotated[bool, typer.Option(help="publish completed studies to the pipeline (Redis)")] = True,
+    dispatch: Annotated[bool, typer.Option(help="coordinate the pipeline: create jobs, republish stalled ones (Redis)")] = True,
 ) -> None:
-    """Run the DICOM SCP (C-ECHO, C-STORE), the study assembler and the outbox dispatcher until SIGTERM/SIGINT."""
+    """Run the DICOM SCP (C-ECHO, C-STORE), the study assembler and the pipeline coordinator until SIGTERM/SIGINT."""
     from .scp import DicomNode
 
     settings = load_settings()
@@ -36,15 +36,15 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     node.start()
-    dispatcher = None
+    coordinator = None
     if dispatch:
-        from .pipeline.dispatcher import Dispatcher
+        from .pipeline.reconciler import Coordinator
 
-        dispatcher = Dispatcher(node.index, settings)
-        dispatcher.start()
+        coordinator = Coordinator(node.index, settings)
+        coordinator.start()
     stop.wait()
-    if dispatcher:
-        dispatcher.stop()
+    if coordinator:
+        coordinator.stop()
     node.stop()
 
 
@@ -54,19 +54,54 @@ def worker(
     concurrency: Annotated[Optional[int], typer.Option("--concurrency", "-c", help="default: 1 for gpu, 2 for io")] = None,
     hostname: Annotated[Optional[str], typer.Option("--hostname", "-n")] = None,
     pool: Annotated[str, typer.Option(help="prefork (default), or threads to batch VLM comparisons")] = "prefork",
+    restart_on_exit: Annotated[bool, typer.Option(help="run the worker in a child process and restart it when it exits non-zero or its heartbeat goes stale (hosts without a supervisor)")] = False,
 ) -> None:
-    """Run a Celery worker for the pipeline queues (prefetch 1, tasks acknowledged late)."""
-    from .pipeline.app import configure
+    """Run a Celery worker for the pipeline queues (prefetch 1, tasks acknowledged late).
+
+    It retries a lost broker forever; what it cannot recover from exits non-zero. Its liveness
+    is `dicom-node worker-alive`."""
+    from .pipeline import worker as worker_process
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
+    if restart_on_exit:
+        name = worker_process.node_name(hostname)
+        argv = ["worker", "-Q", queues, "--pool", pool, "--hostname", name] + (["-c", str(concurrency)] if concurrency else [])
+        raise typer.Exit(worker_process.supervise(worker_process.worker_command(argv), worker_process.heartbeat_path(settings, name),
+                                                  settings.worker_heartbeat_max_age_seconds))
+    from . import patches
+    from .pipeline.app import configure
+
+    patches.apply()
     celery_app = configure(settings)
+    worker_process.install_liveness(celery_app, settings)
     # One comparison per GPU at a time: the model fills the device.
     default = 1 if "gpu" in queues.split(",") else 2
     argv = ["worker", "-Q", queues, "-c", str(concurrency or default), "-P", pool, "--prefetch-multiplier", "1", "-l", settings.log_level]
     if hostname:
         argv += ["-n", hostname]
-    celery_app.worker_main(argv)
+    raise typer.Exit(worker_process.run_worker(celery_app, argv))
+
+
+@app.command("worker-alive")
+def worker_alive(
+    hostname: Annotated[Optional[str], typer.Option("--hostname", "-n", help="the worker's --hostname (%h allowed); default: every worker named ...@<this host>")] = None,
+    max_age: Annotated[Optional[float], typer.Option(help="seconds without progress before a worker is not alive (default: setting worker_heartbeat_max_age_seconds)")] = None,
+) -> None:
+    """Liveness of a worker on this host: exit 0 if its consumer consumed or reconnected recently, 1 if not."""
+    from .pipeline import worker as worker_process
+
+    settings = load_settings()
+    limit = max_age if max_age is not None else settings.worker_heartbeat_max_age_seconds
+    directory = worker_process.heartbeat_dir(settings)
+    paths = [worker_process.heartbeat_path(settings, hostname)] if hostname else worker_process.heartbeats_for_this_host(directory)
+    if not paths:
+        typer.echo(f"not alive: no worker heartbeat for this host in {directory}", err=True)
+        raise typer.Exit(1)
+    results = [worker_process.check_heartbeat(path, limit) for path in paths]
+    for result in results:
+        typer.echo(result.message if result.ok else f"not alive: {result.message}", err=not result.ok)
+    raise typer.Exit(0 if all(result.ok for result in results) else 1)
 
 
 @app.command()

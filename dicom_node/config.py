@@ -80,12 +80,20 @@ class Settings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = "redis://127.0.0.1:6379/1"
     work_dir: Path = Path("var/jobs")  # per-job artefacts (chosen priors, findings, overlay)
-    visibility_timeout_seconds: int = 7200  # a task unacknowledged this long is redelivered: keep above the slowest job
-    task_max_retries: int = 5
-    retry_backoff_seconds: float = 5.0  # first retry delay; doubles per attempt, with jitter
+    visibility_timeout_seconds: int = 7200  # Redis redelivers an unacknowledged message after this; correctness does not depend on it
+    task_max_retries: int = 5  # attempts of a stage failing for an unknown reason (or whose worker died) before the job fails
+    retry_horizon_seconds: float = 86400.0  # transient failures (peer down, timeouts...) are retried this long, then the job fails
+    retry_backoff_seconds: float = 5.0  # first retry delay; doubles per attempt, with full jitter
     retry_backoff_max_seconds: float = 600.0
-    dispatch_poll_seconds: float = 1.0  # how often completed studies are published to the broker
+    job_lease_seconds: float = 60.0  # a running stage renews its lease every third of this; a dead worker's stage moves on after it
+    republish_after_seconds: float = 120.0  # a stage published but not started this long is published again (lost message)
+    dispatch_poll_seconds: float = 1.0  # how often the coordinator creates jobs and republishes stalled ones
     worker_max_memory_mb: int = 4096  # a worker process is replaced after a job leaves it above this
+    # Worker liveness (`dicom-node worker-alive`): each worker rewrites <dir>/<worker name> while its
+    # consumer consumes or reconnects to the broker; None: <work_dir>/heartbeats
+    worker_heartbeat_dir: Path | None = None
+    worker_heartbeat_seconds: float = 10.0  # how often the heartbeat file is rewritten
+    worker_heartbeat_max_age_seconds: float = 60.0  # no progress this long: the worker is not alive (above the 30 s reconnect backoff)
 
     # Comparison
     vlm_model: str = ""  # a folder under models_root; empty: the analysis engine alone

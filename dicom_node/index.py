@@ -146,7 +146,8 @@ outbox = Table(
 )
 
 
-# Pipeline jobs: one per (study, instance set, model version); see pipeline/jobs.py.
+# Pipeline jobs: one per (study, instance set, model version); see pipeline/jobs.py. The row is
+# the single source of truth for progress: Celery messages only say "run stage S of job J".
 jobs = Table(
     "jobs",
     metadata,
@@ -156,13 +157,31 @@ jobs = Table(
     Column("instance_set_hash", String(64), nullable=False),
     Column("model_version", String(128), nullable=False),
     Column("priority", String(16), nullable=False, default="routine"),
-    Column("state", String(16), nullable=False),
-    Column("attempts", Integer, nullable=False, default=0),
+    # priors -> compare -> report -> deliver -> notify -> done; or failed, or superseded (a newer job of the study)
+    Column("state", String(16), nullable=False, index=True),
+    Column("attempts", Integer, nullable=False, default=0),  # failed attempts, all stages
+    Column("stage_attempts", Integer, nullable=False, default=0),  # failed attempts of the current stage
     Column("last_error", Text, nullable=False, default=""),
+    Column("error_class", String(16), nullable=False, default=""),  # transient | permanent | unknown
+    Column("first_error_at", Float),  # start of the current stage's run of failures (the retry horizon)
+    Column("next_attempt_at", Float, nullable=False, default=0.0),  # the stage may run from then on
+    Column("published_at", Float),  # last wake-up sent for the current stage (None: none since it became due)
+    Column("lease_owner", String(200)),  # the worker running the stage now
+    Column("lease_until", Float),  # renewed while it runs; past it, the reconciler gives the stage to another
+    Column("artifacts", Text, nullable=False, default="{}"),  # {stage: path of its artifact}
     Column("timings", Text, nullable=False, default="{}"),  # {stage: {"started": t, "finished": t}}
     Column("result", Text, nullable=False, default="{}"),  # summary for status pages: SR UID, finding count...
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+)
+
+# Named leases (e.g. the one pipeline coordinator among several SCP replicas).
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("owner", String(200), nullable=False),
+    Column("until", Float, nullable=False),
 )
 
 # status: pending -> accepted, or pending -> committing -> committed (storage commitment on)

@@ -1,5 +1,5 @@
 """The whole product on one host, on loopback: Redis, Orthanc as the PACS (routing studies to
-the node), the node's SCP + dispatcher + status API, an io worker and a gpu worker.
+the node), the node's SCP + pipeline coordinator + status API, an io worker and a gpu worker.
 
 The quickstart runs it with fixed ports inside its own network namespace; the end-to-end and
 fault tests run it with free ports. Each service is a real process that can be stopped,
@@ -47,6 +47,11 @@ class LocalStack:
     redis: RedisServer | None = None
     orthanc: Orthanc | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # Workers run under `dicom-node worker --restart-on-exit`: a worker that exits non-zero or whose
+    # heartbeat goes stale (`dicom-node worker-alive`) is restarted by its wrapper, which lives as
+    # long as the worker should (the quickstart command itself returns). kill_group() still kills
+    # both (a crash). Off for the tests and benchmarks, which kill and restart workers themselves.
+    supervise_workers: bool = False
 
     def node_env(self) -> dict[str, str]:
         """Settings shared by every node process (SCP, workers, CLI), as DICOM_NODE_* variables."""
@@ -69,8 +74,10 @@ class LocalStack:
             DICOM_NODE_RESULT_BACKEND=f"redis://127.0.0.1:{self.ports.redis}/1",
             DICOM_NODE_RETRY_BACKOFF_SECONDS="1",
             DICOM_NODE_RETRY_BACKOFF_MAX_SECONDS="5",
+            # One host, short outages: a dead worker's stage and a lost wake-up move on within seconds.
+            DICOM_NODE_JOB_LEASE_SECONDS="6",
+            DICOM_NODE_REPUBLISH_AFTER_SECONDS="15",
             DICOM_NODE_PRIORS__ARCHIVES=json.dumps([{**pacs, "method": "c-move"}]),
-            DICOM_NODE_PRIORS__RETRY_BACKOFF_SECONDS="0.5",
             DICOM_NODE_REPORT__DESTINATIONS=json.dumps([pacs]),
             DICOM_NODE_REPORT__BACKOFF_BASE_SECONDS="1",
             DICOM_NODE_REPORT__BACKOFF_MAX_SECONDS="5",
@@ -108,7 +115,8 @@ class LocalStack:
 
     def start_worker(self, queue: str, number: int = 1) -> subprocess.Popen:
         name = f"{queue}{number}"
-        return self._spawn(f"worker-{name}", ["worker", "--queues", queue, "--hostname", f"{name}@%h"])
+        restart = ["--restart-on-exit"] if self.supervise_workers else []
+        return self._spawn(f"worker-{name}", ["worker", "--queues", queue, "--hostname", f"{name}@%h", *restart])
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")

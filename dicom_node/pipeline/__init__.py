@@ -1,1 +1,1 @@
-"""The distributed pipeline: outbox dispatcher, job records, Celery tasks."""
+"""The distributed pipeline: job rows (the source of truth), stages, artifacts, Celery tasks, the coordinator."""

@@ -1,107 +1,147 @@
-"""Celery tasks: one per stage, each publishing the next when its work is durable.
+"""Celery tasks: each message only says "run stage S of job J"; the job row says whether to.
 
-priors (io) -> compare + SR (gpu) -> deliver (io) -> notify the worklist (io). Every task takes
-only the job key:
-its inputs are in the index and the job folder, so a re-delivered task simply re-runs.
+priors (io) -> compare (gpu) -> report (io) -> deliver (io) -> notify (io). A task claims its job
+(stage and lease, compare-and-set), keeps the lease alive while it works, and commits the
+stage's artifact with the move to the next stage; then it publishes the next wake-up, which may
+fail (the reconciler republishes). A duplicate or stale message finds nothing to claim and does
+nothing. Failures are recorded in the row with the time of the next attempt (retry.py); no
+Celery retry or countdown is used, so nothing depends on a worker or Redis surviving.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import random
+import os
+import socket
+import threading
+import time
 from collections.abc import Callable
 
-from celery import Task
-
 from ..logs import log_event
-from . import stages
+from . import retry, stages
 from .app import GPU_QUEUE, IO_QUEUE, app, priority_for
-from .jobs import Job
+from .jobs import STAGES, Job, JobStore
 from .runtime import Runtime, runtime
 
 log = logging.getLogger(__name__)
 
-NEXT_STAGE = {"priors": "compare", "compare": "deliver", "deliver": "notify", "notify": None}
-STAGE_QUEUE = {"priors": IO_QUEUE, "compare": GPU_QUEUE, "deliver": IO_QUEUE, "notify": IO_QUEUE}
+STAGE_QUEUE = {"priors": IO_QUEUE, "compare": GPU_QUEUE, "report": IO_QUEUE, "deliver": IO_QUEUE, "notify": IO_QUEUE}
 
 
-def backoff_seconds(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with full jitter: spreads retries of many jobs after an outage."""
-    return random.uniform(0, min(cap, base * 2**attempt))
+def publish(stage: str, key: str, priority: str = "routine") -> None:
+    """Send the wake-up for `stage` of job `key` (raises when the broker is unreachable)."""
+    TASKS[stage].apply_async((key,), queue=STAGE_QUEUE[stage], priority=priority_for(stage, priority),
+                             retry=False)  # a failed publish is the reconciler's, not a blocking loop here
 
 
-def publish(stage: str, key: str, priority: str = "routine", countdown: float | None = None) -> None:
-    task = {"priors": fetch_priors, "compare": compare, "deliver": deliver, "notify": notify}[stage]
-    task.apply_async((key,), queue=STAGE_QUEUE[stage], priority=priority_for(stage, priority), countdown=countdown)
-
-
-def _run_stage(task: Task, stage: str, key: str, work: Callable[[Runtime, Job], dict]) -> None:
-    rt = runtime()
-    job = rt.jobs.get(key)
-    if job is None:
-        log_event(log, logging.ERROR, "job.unknown", job=key, stage=stage)
-        return
-    if job.state in ("done", "failed") or (job.state in NEXT_STAGE and _stage_index(job.state) > _stage_index(stage)):
-        return  # a duplicate delivery of a stage already done: nothing to repeat
-    rt.jobs.start_stage(key, stage)
+def publish_job(jobs: JobStore, key: str, stage: str, priority: str) -> bool:
+    """Publish and record it; False (logged) when the broker is away: the reconciler tries again."""
     try:
-        result = work(rt, job)
-    except stages.DeliveryPending as exc:
-        # The SR waits in the durable outbox: retried until the PACS accepts it, never given up.
-        rt.jobs.record_error(key, f"{stage}: {exc}", failed=False)
-        log_event(log, logging.WARNING, "job.delivery_pending", job=key, retry_in=round(exc.retry_in, 1), reason=str(exc))
-        raise task.retry(countdown=exc.retry_in, max_retries=None)
-    except stages.PermanentJobError as exc:
-        rt.jobs.record_error(key, f"{stage}: {exc}", failed=True)
-        log_event(log, logging.ERROR, "job.failed", job=key, stage=stage, reason=str(exc))
-        return
-    except Exception as exc:  # transient or unknown: retried with backoff, then failed with its reason
-        attempt = task.request.retries
-        final = attempt >= rt.settings.task_max_retries
-        reason = f"{stage}: {type(exc).__name__}: {exc}"
-        rt.jobs.record_error(key, reason + ("" if not final else f" (gave up after {attempt + 1} attempts)"), failed=final)
-        log_event(log, logging.WARNING if not final else logging.ERROR, "job.stage_error", job=key, stage=stage, attempt=attempt, final=final, reason=reason)
-        if final:
-            return
-        delay = backoff_seconds(attempt, rt.settings.retry_backoff_seconds, rt.settings.retry_backoff_max_seconds)
-        raise task.retry(countdown=delay, max_retries=rt.settings.task_max_retries + 1)
+        publish(stage, key, priority)
+    except Exception as exc:  # noqa: BLE001 - any broker failure: the row stays due
+        log_event(log, logging.WARNING, "job.publish_failed", job=key, stage=stage, error=f"{type(exc).__name__}: {exc}")
+        return False
+    jobs.mark_published(key, stage)
+    return True
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+class LeaseKeeper:
+    """Renews a job's lease while its stage runs; a killed worker stops renewing, so the lease
+    expires and the reconciler hands the stage to another worker."""
+
+    def __init__(self, jobs: JobStore, key: str, owner: str, lease_seconds: float) -> None:
+        self.jobs, self.key, self.owner, self.lease_seconds = jobs, key, owner, lease_seconds
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{key[:8]}", daemon=True)
+
+    def __enter__(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                if not self.jobs.renew(self.key, self.owner, self.lease_seconds):
+                    self.lost = True
+                    return
+            except Exception:  # noqa: BLE001 - the database may be back before the lease runs out
+                log.warning("lease renewal of job %s failed", self.key, exc_info=True)
+
+
+def run_stage(rt: Runtime, stage: str, key: str, work: Callable[[Runtime, Job], stages.StageOutput]) -> str | None:
+    """Claim, work, commit, publish the next stage. Returns the job's new state (None: nothing was done)."""
+    owner = worker_id()
+    lease = rt.settings.job_lease_seconds
+    job = rt.jobs.claim(key, stage, owner, lease)
+    if job is None:
+        log_event(log, logging.DEBUG, "job.wakeup_ignored", job=key, stage=stage)
+        return None
+    log_event(log, logging.INFO, "job.stage_started", job=key, stage=stage, attempt=job.stage_attempts + 1)
+    try:
+        with LeaseKeeper(rt.jobs, key, owner, lease):
+            output = work(rt, job)
+    except Exception as exc:  # noqa: BLE001 - every failure is classified and recorded in the row
+        return record_failure(rt, job, owner, exc)
     finally:
         gc.collect()  # release what the job used before the next one
-    following = NEXT_STAGE[stage]
-    rt.jobs.finish_stage(key, stage, following or "done", result)
-    log_event(log, logging.INFO, "job.stage_done", job=key, stage=stage)
-    if following:
-        publish(following, key, job.priority)
+    state = rt.jobs.finish(job, owner, output.artifact, output.summary)
+    if state is None:
+        log_event(log, logging.WARNING, "job.lease_lost", job=key, stage=stage,
+                  reason="another worker took the stage over, or a newer job superseded this one; result discarded")
+        return None
+    log_event(log, logging.INFO, "job.stage_done", job=key, stage=stage, next=state)
+    if state in STAGES:
+        publish_job(rt.jobs, key, state, job.priority)
+    return state
 
 
-def _stage_index(state: str) -> int:
-    return list(NEXT_STAGE).index(state)
+def record_failure(rt: Runtime, job: Job, owner: str | None, exc: BaseException) -> str | None:
+    now = time.time()
+    error_class = retry.classify(exc)
+    failures = job.stage_attempts + 1
+    first = job.first_error_at or now
+    retry_in = exc.retry_in if isinstance(exc, retry.DeliveryPending) else None
+    at = retry.next_attempt_at(error_class, failures, first, now, rt.settings, retry_in)
+    reason = f"{job.state}: {type(exc).__name__}: {exc}"
+    if at is None:
+        reason += retry.give_up_reason(error_class, failures, first, now)
+    state = rt.jobs.fail(job, owner, reason, error_class, at)
+    level = logging.ERROR if at is None else logging.WARNING
+    log_event(log, level, "job.failed" if at is None else "job.stage_error", job=job.job_key, stage=job.state,
+              error_class=error_class, attempt=failures, retry_in=None if at is None else round(at - now, 1), reason=reason)
+    return state
 
 
-@app.task(bind=True, name="dicom_node.priors", max_retries=None)
-def fetch_priors(self: Task, key: str) -> None:
-    _run_stage(self, "priors", key, stages.run_priors)
+def _task(stage: str, work: Callable[[Runtime, Job], stages.StageOutput]):
+    @app.task(name=f"dicom_node.{stage}", ignore_result=True)
+    def task(key: str) -> None:
+        run_stage(runtime(), stage, key, work)
+
+    return task
 
 
-@app.task(bind=True, name="dicom_node.compare", max_retries=None)
-def compare(self: Task, key: str) -> None:
-    _run_stage(self, "compare", key, stages.run_compare)
-
-
-@app.task(bind=True, name="dicom_node.deliver", max_retries=None)
-def deliver(self: Task, key: str) -> None:
-    _run_stage(self, "deliver", key, stages.run_deliver)
-
-
-@app.task(bind=True, name="dicom_node.notify", max_retries=None)
-def notify(self: Task, key: str) -> None:
-    _run_stage(self, "notify", key, stages.run_notify)
+TASKS = {
+    "priors": _task("priors", stages.run_priors),
+    "compare": _task("compare", stages.run_compare),
+    "report": _task("report", stages.run_report),
+    "deliver": _task("deliver", stages.run_deliver),
+    "notify": _task("notify", stages.run_notify),
+}
 
 
 def retry_job(rt: Runtime, key: str) -> Job | None:
     """`dicom-node retry JOB`: start a failed job again from the beginning."""
     job = rt.jobs.reset(key)
     if job is not None:
-        publish("priors", key, job.priority)
+        publish_job(rt.jobs, key, job.state, job.priority)
     return job

@@ -45,13 +45,11 @@ def _batcher(choice: _ModelChoice):
     return Batcher(model.compare_many, max_batch_size=choice.max_batch_size, max_wait_s=choice.max_wait_ms / 1000)
 
 
-def vlm_compare(settings: Settings, current, prior_images: list, result, priors: dict):
+def vlm_compare(settings: Settings, current, prior_images: list, result, prior_report: str | None):
     """Model reading grounded on the measured regions; garbage output comes back flagged, never raised."""
     from inference.vlm import CompareRequest
 
     batcher = _batcher(_ModelChoice.of(settings))
     prior = prior_images[0] if prior_images and not result.refused else None
-    chosen = priors.get("chosen") or []
-    report = chosen[0].get("report_text") if chosen else None
-    request = CompareRequest(current, prior, tuple(result.regions), prior_report=report)
+    request = CompareRequest(current, prior, tuple(result.regions), prior_report=prior_report)
     return batcher.submit(request).result()

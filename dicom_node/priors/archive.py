@@ -1,8 +1,9 @@
 """Talking to archives: C-FIND / C-MOVE / C-GET (pynetdicom) and QIDO-RS / WADO-RS (dicomweb-client).
 
-Every operation is retried with backoff when the archive is down, refuses the association
-or drops it; after the last attempt it raises ArchiveUnavailable. A refused C-MOVE
-destination raises RetrieveRefused at once (retrying cannot fix a PACS configuration).
+An archive that is down, refuses the association or drops it raises ArchiveUnavailable
+(transient: the pipeline retries the job by time, pipeline/retry.py; nothing retries here).
+A C-MOVE destination the archive does not know (0xA801) raises RetrieveRefused at once
+(retrying cannot fix a PACS configuration).
 """
 
 from __future__ import annotations
@@ -179,29 +180,19 @@ class Answers:
 class Archive:
     """Query and retrieve from one configured archive; subclasses speak DIMSE or DICOMweb."""
 
-    def __init__(self, config: ArchiveConfig, settings: Settings, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, config: ArchiveConfig, settings: Settings) -> None:
         self.config = config
         self.settings = settings
         self.name = config.name
-        self._sleep = sleep
 
     def _retry(self, what: str, operation: Callable[[], T]) -> T:
-        attempts = self.settings.priors.retries
-        delay = self.settings.priors.retry_backoff_seconds
-        for attempt in range(1, attempts + 1):
-            try:
-                return operation()
-            except (AssociationFailed, _Lost, requests.ConnectionError, requests.Timeout) as exc:
-                self.close()
-                log_event(log, logging.WARNING, "priors.archive_attempt_failed", archive=self.name, operation=what,
-                          attempt=attempt, attempts=attempts, error=str(exc))
-                if attempt == attempts:
-                    raise ArchiveUnavailable(
-                        f"archive {self.name!r}: {what} failed after {attempts} attempt(s): {exc}"
-                    ) from exc
-                self._sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
+        """One attempt; a transient failure becomes ArchiveUnavailable, retried later by the pipeline."""
+        try:
+            return operation()
+        except (AssociationFailed, _Lost, requests.ConnectionError, requests.Timeout) as exc:
+            self.close()
+            log_event(log, logging.WARNING, "priors.archive_unavailable", archive=self.name, operation=what, error=str(exc))
+            raise ArchiveUnavailable(f"archive {self.name!r}: {what} failed: {exc}") from exc
 
     def find_studies(self, patient_id: str, issuer: str, date_range: str) -> Answers:
         return self._retry("study query", lambda: self._find_studies(patient_id, issuer, date_range))
@@ -232,11 +223,10 @@ class Archive:
         raise NotImplementedError
 
 
-def open_archive(config: ArchiveConfig, settings: Settings, sleep: Callable[[float], None] = time.sleep,
-                 index: Index | None = None) -> Archive:
+def open_archive(config: ArchiveConfig, settings: Settings, index: Index | None = None) -> Archive:
     if config.method == "dicomweb":
-        return DicomWebArchive(config, settings, sleep)
-    return DimseArchive(config, settings, sleep, index)
+        return DicomWebArchive(config, settings)
+    return DimseArchive(config, settings, index)
 
 
 def quiesce_reactor(assoc: Association, settle_s: float = 0.003) -> None:
@@ -294,9 +284,8 @@ def _collect(answers: Answers, parse: Callable, items: Iterator[tuple[Dataset, D
 
 
 class DimseArchive(Archive):
-    def __init__(self, config: ArchiveConfig, settings: Settings, sleep: Callable[[float], None] = time.sleep,
-                 index: Index | None = None) -> None:
-        super().__init__(config, settings, sleep)
+    def __init__(self, config: ArchiveConfig, settings: Settings, index: Index | None = None) -> None:
+        super().__init__(config, settings)
         self.index = index  # to read our SCP's association audit when a C-MOVE fails early
         self.peer = Peer(config.host, config.port, config.ae_title)
         self.calling_ae = config.calling_ae_title or settings.ae_title
@@ -452,7 +441,10 @@ class DimseArchive(Archive):
         code = f"0x{transfer.status:04X}"
         calls = [a for a in (self.index.recent_associations(50) if self.index else []) if a["started_at"] >= started - 1]
         if not calls:
-            raise RetrieveRefused(self._destination_message(f"{code} before any sub-operation, and it never connected to us"))
+            # A destination the archive cannot reach yet (this node restarting, a network blip) looks
+            # exactly like a wrong address in the PACS: transient, retried by time with the advice shown.
+            raise ArchiveUnavailable(self._destination_message(f"{code} before any sub-operation, and it never connected to us")
+                                     + " Retried: the node may just have been unreachable.")
         accepted = [a for a in calls if a["result"] != "rejected"]
         if not accepted:
             reasons = "; ".join(sorted({a["reason"] for a in calls}))
@@ -479,8 +471,8 @@ class DimseArchive(Archive):
 
 
 class DicomWebArchive(Archive):
-    def __init__(self, config: ArchiveConfig, settings: Settings, sleep: Callable[[float], None] = time.sleep) -> None:
-        super().__init__(config, settings, sleep)
+    def __init__(self, config: ArchiveConfig, settings: Settings) -> None:
+        super().__init__(config, settings)
         from dicomweb_client.api import DICOMwebClient
 
         session = requests.Session()
@@ -492,8 +484,8 @@ class DicomWebArchive(Archive):
             config.dicomweb_url.rstrip("/"), session=session,
             timeout=(config.timeout_seconds, config.retrieve_timeout_seconds),
         )
-        # dicomweb-client would otherwise retry every failed request itself, up to a minute,
-        # on top of (and blind to) priors.retries / retry_backoff_seconds.
+        # dicomweb-client would otherwise retry every failed request itself, up to a minute, on top
+        # of (and blind to) the pipeline's retries.
         self.client.set_http_retry_params(retry=False)
 
     def close(self) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,7 +111,6 @@ def select_priors(
     index: Index,
     study_uid: str,
     series_uids: list[str] | None = None,
-    sleep: Callable[[float], None] = time.sleep,
 ) -> Selection:
     """Query the archives (study level, then series level) and apply the selection rules.
 
@@ -143,7 +140,7 @@ def select_priors(
     decide = selection.decisions.append
     try:
         for config in ps.archives:
-            archive = open_archive(config, settings, sleep, index)
+            archive = open_archive(config, settings, index)
             selection.archives.append(archive)
             try:
                 answers = archive.find_studies(current.patient_id, current.issuer, date_range)
@@ -229,7 +226,6 @@ def retrieve_priors(
     ingestor: Ingestor,
     study_uid: str,
     series_uids: list[str] | None = None,
-    sleep: Callable[[float], None] = time.sleep,
 ) -> PriorRetrieval:
     """Choose the priors of `study_uid`, bring their matching series (and reports) into the store.
 
@@ -238,7 +234,7 @@ def retrieve_priors(
     With no prior at all the result has no_prior=True and a warning saying why.
     """
     ps = settings.priors
-    selection = select_priors(settings, index, study_uid, series_uids, sleep)
+    selection = select_priors(settings, index, study_uid, series_uids)
     result = PriorRetrieval(study_uid, candidates=selection.decisions, warnings=list(selection.warnings))
     try:
         for chosen in selection.chosen:

@@ -29,7 +29,7 @@ class ArchiveConfig(BaseModel):
     tls_key: Path | None = None  # key of tls_cert
     timeout_seconds: float = 30.0  # connect, association and C-FIND/QIDO response timeout
     retrieve_timeout_seconds: float = 300.0  # longest wait for the next C-MOVE/C-GET response or WADO-RS part
-    required: bool = True  # unreachable after retries: True fails the job (retried later), False records a warning and goes on
+    required: bool = True  # unreachable: True fails the attempt (the job is retried later), False records a warning and goes on
 
     @model_validator(mode="after")
     def _complete(self) -> ArchiveConfig:
@@ -67,8 +67,6 @@ class PriorSettings(BaseModel):
     retrieve_reports: bool = True  # also retrieve report objects (SR, encapsulated documents) of a chosen prior
     lease_seconds: float = 3600.0  # a retrieved prior is protected from eviction this long (the comparison must finish in it)
     cache_budget_mb: float = 20480.0  # disk budget of retrieved priors; least recently used ones are evicted above it
-    retries: int = 3  # attempts per archive operation when the archive is down or refuses the association
-    retry_backoff_seconds: float = 2.0  # wait before the 2nd attempt, doubled before each further one
     node_address: str = ""  # "host:port" the archive uses to reach this node, quoted in C-MOVE errors; empty: host/port settings
 
     @field_validator("modality_groups")
@@ -86,7 +84,7 @@ class PriorSettings(BaseModel):
     def _upper_modalities(cls, value: list[str]) -> list[str]:
         return [m.upper() for m in value]
 
-    @field_validator("max_priors", "retries", "max_candidates")
+    @field_validator("max_priors", "max_candidates")
     @classmethod
     def _at_least_one(cls, value: int) -> int:
         if value < 1:

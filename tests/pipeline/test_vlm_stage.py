@@ -24,9 +24,8 @@ def test_concurrent_comparisons_are_batched(tmp_path):
     sizes: list[int] = []
     run = batcher._run
     batcher._run = lambda batch: (sizes.append(len(batch)), run(batch))[1]  # observe the batch sizes
-    priors = {"chosen": [{"report_text": "Lungs clear."}]}
     with ThreadPoolExecutor(2) as pool:
-        readings = list(pool.map(lambda _: vlm_compare(settings, current, [prior], result, priors), range(2)))
+        readings = list(pool.map(lambda _: vlm_compare(settings, current, [prior], result, "Lungs clear."), range(2)))
     assert sizes == [2]  # both requests ran as one batch
     assert all(r.mode == "comparison" for r in readings)
     # A random model writes garbage: each reading falls back to the measured region, flagged.

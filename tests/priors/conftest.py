@@ -120,7 +120,7 @@ def archive(tmp_path_factory) -> Archive:
 
 
 def prior_settings(node: DicomNode, *archives: ArchiveConfig, **overrides) -> Settings:
-    values = {"archives": list(archives), "retry_backoff_seconds": 0.05, "retries": 2}
+    values = {"archives": list(archives)}
     values.update(overrides)
     return node.settings.model_copy(update={"priors": PriorSettings(**values)})
 
