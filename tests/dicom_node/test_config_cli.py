@@ -156,3 +156,13 @@ def test_scp_and_io_processes_do_not_load_the_model_stack():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_compare_stage_does_not_load_the_report_stack():
+    """The gpu worker runs only the compare stage: it needs neither highdicom nor the delivery outbox."""
+    code = ("import sys, dicom_node.pipeline.tasks, dicom_node.pipeline.artifacts, inference.overlay, dicom_node.scp; "
+            "from dicom_node.pipeline import retry; retry.classify(ValueError()); "
+            "print(sorted(m for m in ('highdicom', 'dicom_node.report.delivery', 'dicom_node.report.sr') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
