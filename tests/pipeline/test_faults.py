@@ -147,3 +147,30 @@ def test_poison_study_fails_with_reason_and_does_not_block(make_stack, tmp_path)
     assert "PixelSpacing" in job.last_error
     assert_exactly_one_report(stack, good_uid)
     assert reports_in_pacs(stack, poison_uid) == []
+
+
+def test_late_instance_after_the_report_gives_a_revision_naming_the_first(make_stack, tmp_path):
+    stack = make_stack(DICOM_NODE_PRIORS__ARCHIVES="[]")
+    study_uid, first = new_patient_study(tmp_path / "in", 9)
+    send_to_node(stack, first)
+    assert_exactly_one_report(stack, study_uid)
+    [original] = reports_in_pacs(stack, study_uid)
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    late = dcmread(first)  # a second image of the same study, arriving after the report went out
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    late.InstanceNumber = 2
+    late.save_as(tmp_path / "in" / "late.dcm", enforce_file_format=True)
+    send_to_node(stack, tmp_path / "in" / "late.dcm")
+    jobs = wait_until(lambda: (j := jobs_of(stack, study_uid)) and len(j) == 2 and all(x.state == "done" for x in j) and j,
+                      timeout=120, what="the re-analysis done")
+    assert jobs[1].result["revision"] == 2 and jobs[1].result["predecessor_sr"] == original
+    uids = wait_until(lambda: (u := reports_in_pacs(stack, study_uid)) and len(u) == 2 and u, timeout=30, what="the revision in the PACS")
+    [revision] = [u for u in uids if u != original]
+    instance = [i for i in stack.orthanc.instances_of_study(study_uid) if i["MainDicomTags"]["SOPInstanceUID"] == revision][0]
+    from io import BytesIO
+
+    sr = dcmread(BytesIO(stack.orthanc.instance_file(instance["ID"])))
+    named = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    assert named == original and sr.InstanceNumber == 2
