@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -120,9 +121,10 @@ def jobs(
         return
     for job in rows:
         seconds = {stage: round(t["finished"] - t["started"], 2) for stage, t in job.timings.items() if "finished" in t and "started" in t}
-        typer.echo(f"{job.job_key}  {job.state:8} {job.priority:7} study={job.study_uid} attempts={job.attempts} seconds={seconds}")
+        typer.echo(f"{job.job_key}  {job.state:10} {job.priority:7} study={job.study_uid} attempts={job.attempts} seconds={seconds}")
         if job.last_error:
-            typer.echo(f"    last error: {job.last_error}")
+            retrying = "" if job.finished else f", next attempt in {max(0.0, job.next_attempt_at - time.time()):.0f} s"
+            typer.echo(f"    last error ({job.error_class or 'superseded'}{retrying}): {job.last_error}")
 
 
 @app.command()
@@ -316,8 +318,9 @@ def send(
 
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Counts from the index, pending outbox rows and the latest associations."""
+    """Counts from the index, jobs by state, pending outbox rows and the latest associations."""
     from .index import Index
+    from .pipeline.jobs import JobStore
 
     settings = load_settings()
     index = Index(settings.database_url)
@@ -326,6 +329,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         "port": settings.port,
         "storage_dir": str(settings.storage_dir),
         "counts": index.counts(),
+        "jobs_by_state": JobStore(index).counts(),
         "outbox_pending": [row.__dict__ for row in index.outbox_rows(pending_only=True)],
         "recent_associations": index.recent_associations(),
     }
@@ -336,6 +340,9 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     typer.echo(f"node {settings.ae_title} port {settings.port}, store {settings.storage_dir}")
     for key, value in data["counts"].items():
         typer.echo(f"  {key:22} {value}")
+    typer.echo("  jobs: " + (", ".join(f"{n} {state}" for state, n in sorted(data["jobs_by_state"].items())) or "none"))
+    if data["jobs_by_state"].get("failed"):
+        typer.echo("  failed jobs need a look: dicom-node jobs --state failed")
     for row in data["recent_associations"]:
         typer.echo(
             f"  assoc #{row['id']} {row['calling_ae']}@{row['peer_host']} {row['result']}"
