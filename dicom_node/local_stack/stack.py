@@ -78,7 +78,8 @@ class LocalStack:
             DICOM_NODE_JOB_LEASE_SECONDS="6",
             DICOM_NODE_REPUBLISH_AFTER_SECONDS="15",
             DICOM_NODE_PRIORS__ARCHIVES=json.dumps([{**pacs, "method": "c-move"}]),
-            DICOM_NODE_REPORT__DESTINATIONS=json.dumps([pacs]),
+            # A send that dies with its worker is retried after 4 x timeout_seconds: keep that short here.
+            DICOM_NODE_REPORT__DESTINATIONS=json.dumps([{**pacs, "timeout_seconds": 10}]),
             DICOM_NODE_REPORT__BACKOFF_BASE_SECONDS="1",
             DICOM_NODE_REPORT__BACKOFF_MAX_SECONDS="5",
             DICOM_NODE_LOG_FORMAT="json",
