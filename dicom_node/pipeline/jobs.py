@@ -24,6 +24,8 @@ FINAL_STATES = ("done", "failed", "superseded")
 NEXT_STAGE = {"priors": "compare", "compare": "report", "report": "deliver", "deliver": "notify", "notify": "done"}
 # Before the report is built, a newer job of the same study replaces an older one outright.
 SUPERSEDABLE = ("priors", "compare")
+# A worker whose clock is a little behind the coordinator's may still claim a stage just made due.
+CLOCK_SKEW_SECONDS = 5.0
 
 
 def job_key(study_uid: str, instance_set_hash: str, model_version: str) -> str:
@@ -143,7 +145,7 @@ class JobStore:
             timings.setdefault(stage, {})["started"] = now
             got = conn.execute(
                 update(jobs)
-                .where(jobs.c.job_key == key, jobs.c.state == stage, jobs.c.next_attempt_at <= now,
+                .where(jobs.c.job_key == key, jobs.c.state == stage, jobs.c.next_attempt_at <= now + CLOCK_SKEW_SECONDS,
                        or_(jobs.c.lease_until.is_(None), jobs.c.lease_until < now))
                 .values(lease_owner=owner, lease_until=now + lease_seconds, timings=json.dumps(timings), updated_at=now)
                 .execution_options(preserve_rowcount=True)

@@ -61,6 +61,7 @@ def dispatch_pending(index: Index, jobs: JobStore, settings: Settings, publish=N
 
     publish = publish or publish_job
     created = 0
+    broker_up = True  # after one failed publish, the rest of the pass only creates jobs (no 4 s wait each)
     version = model_version(settings)
     for row in index.outbox_rows(pending_only=True):
         study = index.study(row.study_uid) or {}
@@ -71,7 +72,7 @@ def dispatch_pending(index: Index, jobs: JobStore, settings: Settings, publish=N
             created += 1
             log_event(log, logging.INFO, "dispatch.job_created", study_uid=row.study_uid, job=job.job_key,
                       priority=priority, reason=row.reason)
-            publish(jobs, job.job_key, job.state, job.priority)
+            broker_up = broker_up and publish(jobs, job.job_key, job.state, job.priority)
     return created
 
 
@@ -96,10 +97,11 @@ def reconcile(jobs: JobStore, settings: Settings, publish=None, now: float | Non
                       stage=job.state, owner=job.lease_owner, attempt=failures, final=at is None)
             if state is None or at is None or at > now:
                 continue
-        if publish(jobs, job.job_key, job.state, job.priority):
-            sent += 1
-            log_event(log, logging.INFO, "job.republished", job=job.job_key, stage=job.state,
-                      attempt=job.stage_attempts + 1, last_error=job.last_error[:200])
+        if not publish(jobs, job.job_key, job.state, job.priority):
+            break  # the broker is away: the next pass tries again
+        sent += 1
+        log_event(log, logging.INFO, "job.republished", job=job.job_key, stage=job.state,
+                  attempt=job.stage_attempts + 1, last_error=job.last_error[:200])
     return sent
 
 

@@ -184,3 +184,12 @@ def _rewrite(rt: Runtime, key: str, **values) -> None:
 
     with rt.index._write() as conn:
         conn.execute(update(jobs).where(jobs.c.job_key == key).values(**values))
+
+
+def test_with_the_broker_away_a_pass_stops_at_the_first_failed_publish(rt):
+    for study in ("1", "2", "3"):
+        new_job(rt, study=study)
+    attempts = []
+    assert reconcile(rt.jobs, rt.settings, publish=lambda jobs, key, stage, priority: attempts.append(key) and False) == 0
+    assert len(attempts) == 1  # not one connection timeout per job
+    assert all(j.published_at is None for j in rt.jobs.list())  # all still due for the next pass
