@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 
 from sqlalchemy import or_, update
 
@@ -115,7 +116,7 @@ class Coordinator(PollingThread):
         self.jobs = JobStore(index)
         self.index = index
         self.settings = settings
-        owner = f"{socket.gethostname()}:{os.getpid()}"
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # unique even for pid 1 in containers
         self.lease = Lease(index, COORDINATOR_LEASE, owner, ttl=max(10.0, 5 * settings.dispatch_poll_seconds))
         self.leading = False
         super().__init__("pipeline-coordinator", settings.dispatch_poll_seconds, self.run_pass)

@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 from ..logs import log_event
@@ -46,8 +47,11 @@ def publish_job(jobs: JobStore, key: str, stage: str, priority: str) -> bool:
     return True
 
 
+_PROCESS_TOKEN = uuid.uuid4().hex[:8]  # hostname and pid alone repeat across containers (pid 1)
+
+
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+    return f"{socket.gethostname()}:{os.getpid()}:{_PROCESS_TOKEN}:{threading.get_ident()}"
 
 
 class LeaseKeeper:
