@@ -61,7 +61,7 @@ def run(workdir: Path, change: str = "new_nodule", timeout: float = 170.0, echo=
     shutil.rmtree(workdir, ignore_errors=True)
     started = time.monotonic()
     echo("starting Redis, Orthanc (the PACS), the node and its io/gpu workers on loopback ...")
-    stack = LocalStack(workdir).start()
+    stack = LocalStack(workdir, supervise_workers=True).start()  # a worker that exits or hangs is restarted
     scenario = write_history(workdir / "data", change)
     echo("seeding the PACS with the patient's history (4 prior studies, one with a report, and a namesake) ...")
     seed_pacs(stack.orthanc, scenario)
