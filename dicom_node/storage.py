@@ -9,6 +9,7 @@ are removed at start-up.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import os
 import shutil
@@ -93,18 +94,28 @@ class InstanceStore:
             return StoreResult(StoreOutcome.DUPLICATE_IDENTICAL, final)
         if self.duplicate_policy == "reject":
             return StoreResult(StoreOutcome.CONFLICT_REJECTED, final)
-        conflict_copy = self.conflicts / f"{final.stem}.{uuid.uuid4().hex}.dcm"
         if self.duplicate_policy == "replace":
             # Keep the old copy before the new one takes its place: nothing is lost.
-            os.link(final, conflict_copy)
+            conflict_copy = self._keep_conflict(final, final.stem)
             os.replace(temp, final)
             outcome = StoreOutcome.CONFLICT_REPLACED
         else:
-            os.link(temp, conflict_copy)
+            conflict_copy = self._keep_conflict(temp, final.stem)
             outcome = StoreOutcome.CONFLICT_KEPT_FIRST
         _fsync_dir(self.conflicts)
         _fsync_dir(final.parent)
         return StoreResult(outcome, final, conflict_copy)
+
+    def _keep_conflict(self, source: Path, sop_uid: str) -> Path:
+        """Hard-link `source` into .conflicts as <SOPInstanceUID>.<sha256 of its bytes>.dcm.
+
+        Named by content, so each conflicting version is kept once however often it is resent."""
+        conflict_copy = self.conflicts / f"{sop_uid}.{_sha256(source)}.dcm"
+        try:
+            os.link(source, conflict_copy)
+        except FileExistsError:
+            pass  # this exact version is already kept
+        return conflict_copy
 
     def _write_synced(self, data: bytes) -> Path:
         temp = self.incoming / f"{uuid.uuid4().hex}.part"
@@ -137,6 +148,14 @@ class InstanceStore:
             except FileExistsError:
                 continue  # another association created it meanwhile
             _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:

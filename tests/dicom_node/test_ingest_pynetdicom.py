@@ -6,6 +6,7 @@ that nothing wrong lands in the store, and that the association stays usable aft
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,25 @@ def test_conflicting_duplicate_policies(make_node, tmp_path, ct, policy, status,
     else:
         other = second if kept == "first" else first
         assert [dataset_bytes(c) for c in conflicts] == [dataset_bytes(other)]
+
+
+@pytest.mark.parametrize("policy", ["keep_first", "replace"])
+def test_a_resent_conflicting_version_is_kept_once_by_content_hash(make_node, tmp_path, ct, policy):
+    node = make_node(duplicate_policy=policy)
+    first = save(ct, tmp_path / "first.dcm")
+    ct.PatientName = "CHANGED^NAME"
+    second = save(ct, tmp_path / "second.dcm")
+    # keep_first: the second version arrives three times; replace: the two versions take turns.
+    order = [first, second, second, second] if policy == "keep_first" else [first, second, first, second, first]
+    results = store_files(node, *order)
+    assert [status for status, _ in results[1:]] == [st.WARNING_DUPLICATE_CONFLICT] * (len(order) - 1)
+    conflicts = sorted((node.settings.storage_dir / ".conflicts").iterdir())
+    expected = [second] if policy == "keep_first" else [first, second]
+    assert sorted(dataset_bytes(c) for c in conflicts) == sorted(dataset_bytes(e) for e in expected)
+    for copy in conflicts:  # <SOPInstanceUID>.<sha256 of the file>.dcm
+        assert copy.name == f"{ct.SOPInstanceUID}.{hashlib.sha256(copy.read_bytes()).hexdigest()}.dcm"
+    [final] = stored(node)
+    assert dataset_bytes(final) == dataset_bytes(order[-1] if policy == "replace" else first)
 
 
 def test_disk_guard_answers_out_of_resources(make_node, tmp_path, ct):
