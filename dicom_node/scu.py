@@ -15,7 +15,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
-from .netutil import CONNECTION_HANDLER
+from .netutil import CONNECTION_HANDLER, peer_certificate_names
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,10 @@ _REJECT_REASONS = {
     (0x03, 0x02): "peer's association limit reached",
     (0x03, 0x01): "peer temporarily congested",
 }
+
+
+_X509_V_ERR_HOSTNAME_MISMATCH = 62  # OpenSSL verify codes of a certificate that does not name the host dialled
+_X509_V_ERR_IP_ADDRESS_MISMATCH = 64
 
 
 class AssociationFailed(RuntimeError):
@@ -72,7 +76,8 @@ def associate(ae: AE, peer: Peer, tls_context=None, ext_neg=None, evt_handlers=(
 
     `ext_neg` (e.g. SCP/SCU role selection for C-GET) and extra `evt_handlers` pass through to pynetdicom.
     """
-    tls_args = (tls_context, None) if tls_context else None
+    # The host dialled is the name the peer's certificate must carry (when the context checks it).
+    tls_args = (tls_context, peer.host) if tls_context else None
     assoc = ae.associate(
         peer.host,
         peer.port,
@@ -111,7 +116,7 @@ def _tcp_reachable(host: str, port: int, timeout: float = 5.0) -> bool | str:
 def _tls_failure(host: str, port: int, context: ssl.SSLContext, timeout: float = 5.0) -> str | None:
     """Only used to explain a failed TLS association: what went wrong in a fresh handshake, or None."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw, context.wrap_socket(raw) as tls:
+        with socket.create_connection((host, port), timeout=timeout) as raw, context.wrap_socket(raw, server_hostname=host) as tls:
             # With TLS 1.3 the server checks our certificate after our side of the handshake is done:
             # its refusal arrives as an alert on the first read. A DICOM server that accepted us just waits.
             tls.settimeout(1.0)
@@ -120,6 +125,12 @@ def _tls_failure(host: str, port: int, context: ssl.SSLContext, timeout: float =
             except TimeoutError:
                 pass
     except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code in (_X509_V_ERR_HOSTNAME_MISMATCH, _X509_V_ERR_IP_ADDRESS_MISMATCH):
+            names = peer_certificate_names(host, port, context)
+            carries = f"names {', '.join(names)}" if names else "does not name it"
+            return (f"the peer's certificate is not issued for the host dialled, {host!r}: it {carries}. Dial the "
+                    "peer by a name its certificate carries, have its certificate reissued for this name, or turn "
+                    "hostname checking off for this peer (check_hostname / tls_check_hostname: false)")
         return (f"the peer's certificate is not trusted ({exc.verify_message}): the TLS CA file must hold the CA "
                 "that signed the peer's certificate")
     except ssl.SSLError as exc:

@@ -29,7 +29,7 @@ from ..config import Settings
 from ..index import Index
 from ..ingest import Ingestor
 from ..logs import log_event
-from ..netutil import client_tls_context
+from ..netutil import client_tls_context, https_session
 from ..scp import ACCEPTED_TRANSFER_SYNTAXES
 from ..scu import AssociationFailed, Peer, associate
 from .model import (
@@ -295,7 +295,9 @@ class DimseArchive(Archive):
 
     def _tls(self):
         c = self.config
-        return client_tls_context(c.tls_ca, c.tls_cert, c.tls_key) if c.tls_enabled else None
+        if not c.tls_enabled:
+            return None
+        return client_tls_context(c.tls_ca, c.tls_cert, c.tls_key, check_hostname=c.tls_check_hostname)
 
     def _ae(self, dimse_timeout: float) -> AE:
         ae = AE(ae_title=self.calling_ae)
@@ -475,11 +477,7 @@ class DicomWebArchive(Archive):
         super().__init__(config, settings)
         from dicomweb_client.api import DICOMwebClient
 
-        session = requests.Session()
-        if config.tls_ca:
-            session.verify = str(config.tls_ca)
-        if config.tls_cert and config.tls_key:
-            session.cert = (str(config.tls_cert), str(config.tls_key))
+        session = https_session(config.tls_ca, config.tls_cert, config.tls_key, check_hostname=config.tls_check_hostname)
         self.client = DICOMwebClient(
             config.dicomweb_url.rstrip("/"), session=session,
             timeout=(config.timeout_seconds, config.retrieve_timeout_seconds),

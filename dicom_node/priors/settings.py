@@ -27,6 +27,7 @@ class ArchiveConfig(BaseModel):
     tls_ca: Path | None = None  # CA bundle that signed the archive's certificate (DICOM TLS and https DICOMweb)
     tls_cert: Path | None = None  # our client certificate, when the archive requires one
     tls_key: Path | None = None  # key of tls_cert
+    tls_check_hostname: bool = True  # the archive's certificate must name the host dialled (`host`, or dicomweb_url's host)
     timeout_seconds: float = 30.0  # connect, association and C-FIND/QIDO response timeout
     retrieve_timeout_seconds: float = 300.0  # longest wait for the next C-MOVE/C-GET response or WADO-RS part
     required: bool = True  # unreachable: True fails the attempt (the job is retried later), False records a warning and goes on

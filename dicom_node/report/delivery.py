@@ -34,7 +34,7 @@ from sqlalchemy import func, select, update
 from .. import audit, identity
 from ..index import Index, _insert, report_deliveries
 from ..logs import log_event
-from ..netutil import client_tls_context
+from ..netutil import client_tls_context, https_session
 from ..scu import AssociationFailed, Peer, associate
 from ..storage import InstanceStore, StoreOutcome
 from .settings import Destination, ReportSettings
@@ -253,7 +253,7 @@ class DeliveryQueue:
     def _tls(self, dest: Destination):
         if dest.tls is None:
             return None
-        return client_tls_context(dest.tls.ca, dest.tls.cert, dest.tls.key)
+        return client_tls_context(dest.tls.ca, dest.tls.cert, dest.tls.key, check_hostname=dest.tls.check_hostname)
 
     def _deliver_cstore(self, dest: Destination, rows: list[DeliveryRow], summary: DeliverySummary) -> None:
         datasets: dict[int, Dataset] = {}
@@ -380,11 +380,10 @@ class DeliveryQueue:
     def _deliver_stow(self, dest: Destination, rows: list[DeliveryRow], summary: DeliverySummary) -> None:
         from dicomweb_client import DICOMwebClient
 
-        session = requests.Session()
         if dest.tls is not None:
-            session.verify = str(dest.tls.ca) if dest.tls.ca else True
-            if dest.tls.cert and dest.tls.key:
-                session.cert = (str(dest.tls.cert), str(dest.tls.key))
+            session = https_session(dest.tls.ca, dest.tls.cert, dest.tls.key, check_hostname=dest.tls.check_hostname)
+        else:
+            session = requests.Session()
         client = DICOMwebClient(url=dest.stow_url.rstrip("/"), session=session, timeout=dest.timeout_seconds)
         for row in rows:
             try:

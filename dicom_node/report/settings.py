@@ -20,6 +20,7 @@ class TlsFiles(BaseModel):
     ca: Path | None = None  # CA bundle that signed the destination's certificate; None: system trust store
     cert: Path | None = None  # this node's client certificate (PEM), when the destination wants mutual TLS
     key: Path | None = None  # the client certificate's private key (PEM)
+    check_hostname: bool = True  # the certificate must name the host dialled (`host`, or the stow_url's host)
 
 
 class Destination(BaseModel):

@@ -130,3 +130,19 @@ def test_archive_with_an_untrusted_certificate_is_unavailable_with_a_tls_reason(
     message = str(raised.value)
     assert "DICOM TLS handshake" in message and "certificate is not trusted" in message, message
     assert f"{tls_archive.orthanc.aet}@127.0.0.1:{tls_archive.orthanc.dicom_port}" in message
+
+
+def test_archive_certificate_must_name_the_host_dialled_unless_checking_is_off(tls_archive, pki, node, worker_for):
+    """127.0.0.2 reaches the same Orthanc, but its certificate names only localhost and 127.0.0.1."""
+    register(tls_archive, node.settings.ae_title, free_port(), use_tls=False)
+    current = ingest_current(node, tls_archive)
+    worker = worker_for(node)
+
+    strict = prior_settings(node, tls_config(tls_archive, pki["hospital"], "c-get", host="127.0.0.2"))
+    with pytest.raises(ArchiveUnavailable) as raised:
+        retrieve_priors(strict, worker.index, worker.ingestor, current)
+    message = str(raised.value)
+    assert "not issued for the host dialled, '127.0.0.2': it names DNS:localhost, IP:127.0.0.1, CN=server" in message, message
+
+    relaxed = prior_settings(node, tls_config(tls_archive, pki["hospital"], "c-get", host="127.0.0.2", tls_check_hostname=False))
+    assert_recent_prior_retrieved(retrieve_priors(relaxed, worker.index, worker.ingestor, current), tls_archive)

@@ -83,3 +83,23 @@ def test_tls_misconfiguration_fails_specifically_and_keeps_the_report(cases, tls
     assert [r.sop_instance_uid for r in fixed.pending()] == [sr.SOPInstanceUID]
     assert fixed.deliver_due(now=1e12).accepted == 1
     assert len(copies_in(tls_pacs, sr.SOPInstanceUID)) == 1
+
+
+def test_destination_certificate_must_name_the_host_dialled_unless_checking_is_off(cases, tls_pacs, pki, index, tmp_path):
+    """127.0.0.2 reaches the same Orthanc, but its certificate names only localhost and 127.0.0.1."""
+    case = cases["resolved_nodule"]
+    settings = settings_for(pacs_destination(tls_pacs, host="127.0.0.2", tls=tls(pki["hospital"])))
+    queue = DeliveryQueue(index, tmp_path / "reports", settings)
+    sr = build_sr(case.inp, settings)
+    queue.enqueue(sr)
+
+    assert queue.deliver_due().failed == 1
+    [row] = queue.pending()
+    assert row.last_error.startswith(f"DICOM TLS handshake with PACS@127.0.0.2:{tls_pacs.dicom_port} failed: the peer's "
+                                     "certificate is not issued for the host dialled, '127.0.0.2': it names "
+                                     "DNS:localhost, IP:127.0.0.1, CN=server"), row.last_error
+    assert copies_in(tls_pacs, sr.SOPInstanceUID) == []
+
+    relaxed = settings_for(pacs_destination(tls_pacs, host="127.0.0.2", tls={**tls(pki["hospital"]), "check_hostname": False}))
+    assert DeliveryQueue(index, tmp_path / "reports", relaxed).deliver_due(now=1e12).accepted == 1
+    assert len(copies_in(tls_pacs, sr.SOPInstanceUID)) == 1
