@@ -297,22 +297,40 @@ def send(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively)")],
     called_ae: Annotated[str, typer.Option("--called-ae", "-c")] = "ANY-SCP",
     calling_ae: Annotated[Optional[str], typer.Option("--calling-ae", "-a")] = None,
+    decompress: Annotated[bool, typer.Option(
+        "--decompress/--no-decompress",
+        help="where the peer accepts a SOP class only uncompressed, decode compressed files and send them so "
+             "(--no-decompress: such files fail as refused)")] = True,
 ) -> None:
-    """C-STORE files and folders to a peer; exits non-zero if any instance failed."""
-    from .scu import AssociationFailed, Peer
+    """C-STORE files and folders to a peer, as stored; goes on after refusals and ends with a summary.
+
+    Exit status: 0 all sent (or skipped as not DICOM), 1 some failed, 2 no association could be made."""
+    from collections import Counter
+
+    from .scu import Peer
     from .scu import send as do_send
 
     settings = load_settings()
-    try:
-        report = do_send(Peer(host, port, called_ae), paths, calling_ae or settings.ae_title)
-    except AssociationFailed as exc:
-        typer.echo(f"send failed: {exc}", err=True)
-        raise typer.Exit(2)
+    report = do_send(Peer(host, port, called_ae), paths, calling_ae or settings.ae_title, decompress=decompress)
     for path, reason in report.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
+    for path, how in report.converted:
+        typer.echo(f"converted {path}: {how}")
+    for path, status in report.warned:
+        typer.echo(f"warning {path}: {status}")
     for path, reason in report.failed:
         typer.echo(f"FAILED {path}: {reason}", err=True)
-    typer.echo(f"sent {report.sent} ({report.warnings} with warnings), failed {len(report.failed)}, skipped {len(report.skipped)}")
+    for reason in report.association_failures:
+        typer.echo(f"send failed: {reason}", err=True)
+    typer.echo(f"sent {report.sent} ({report.warnings} with warnings, {len(report.converted)} converted), "
+               f"failed {len(report.failed)}, skipped {len(report.skipped)}, "
+               f"associations {report.associations}")
+    if report.failed:
+        typer.echo("failures by reason:")
+        for reason, count in Counter(reason for _, reason in report.failed).most_common():
+            typer.echo(f"  {count} x {reason}")
+    if report.association_failures and not report.associations:
+        raise typer.Exit(2)
     raise typer.Exit(1 if report.failed else 0)
 
 

@@ -9,8 +9,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
@@ -52,15 +53,43 @@ class Peer:
 class SendReport:
     sent: int = 0
     warnings: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # not DICOM or unreadable
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): not stored by the peer
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # not DICOM or unreadable: never offered
+    warned: list[tuple[str, str]] = field(default_factory=list)  # (path, status): stored, with a warning status
+    converted: list[tuple[str, str]] = field(default_factory=list)  # (path, how): stored, not as the file holds it
+    association_failures: list[str] = field(default_factory=list)  # one per association that could not be made
+    associations: int = 0  # associations made
 
 
 @dataclass(frozen=True)
 class _FileToSend:
     path: Path
-    sop_class_uid: str
+    sop_class_uid: str  # from the dataset, as storescu takes it (the file meta may disagree)
+    sop_instance_uid: str
     transfer_syntax_uid: str
+    meta_matches: bool  # the file meta names the same SOP class and instance: streamed from disk as stored
+    no_preamble: bool = False  # file meta without the 128-byte preamble and "DICM"
+
+    def read(self) -> Dataset:
+        return dcmread(self.path, force=self.no_preamble)
+
+    def contexts(self) -> list[tuple[str, tuple[str, ...]]]:
+        """The presentation contexts this file needs: its own transfer syntax on its own (so a peer
+        that accepts it is not offered an alternative to prefer), and the uncompressed fallbacks."""
+        if self.transfer_syntax_uid in UNCOMPRESSED:
+            return [(self.sop_class_uid, UNCOMPRESSED)]
+        return [(self.sop_class_uid, (self.transfer_syntax_uid,)), (self.sop_class_uid, UNCOMPRESSED)]
+
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)  # what every storage SCP accepts
+_STORE_WARNINGS = {0x0001, 0x0107, 0x0116}  # besides 0xBxxx: coercion, attribute list/value out of range
+
+_CONTEXT_RESULTS = {
+    0x01: "user rejection",
+    0x02: "no reason given",
+    0x03: "abstract syntax (SOP class) not supported",
+    0x04: "transfer syntax not supported",
+}
 
 
 def _make_ae(calling_ae: str, timeouts: float = 30.0) -> AE:
@@ -170,56 +199,155 @@ def _inspect(paths: Iterable[Path], report: SendReport) -> list[_FileToSend]:
     files = []
     for path in iter_dicom_paths(paths):
         try:
-            ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-            files.append(_FileToSend(path, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
-        except (InvalidDicomError, AttributeError, OSError, EOFError) as exc:
-            report.skipped.append((str(path), f"not a DICOM file with file meta and SOPClassUID: {exc}"))
+            force = _meta_without_preamble(path)  # read as storescu does; pydicom wants the 128-byte preamble
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"], force=force)
+            meta = ds.file_meta
+            syntax = str(meta.TransferSyntaxUID)
+        except (InvalidDicomError, AttributeError, OSError, EOFError, ValueError) as exc:
+            report.skipped.append((str(path), f"not a DICOM file with file meta and a transfer syntax: {exc}"))
+            continue
+        missing = [kw for kw in ("SOPClassUID", "SOPInstanceUID") if not ds.get(kw)]
+        if missing:
+            report.skipped.append((str(path), f"the dataset has no {' or '.join(missing)}"))
+            continue
+        sop_class, sop_instance = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+        in_meta = (str(meta.get("MediaStorageSOPClassUID", "")), str(meta.get("MediaStorageSOPInstanceUID", "")))
+        meta_matches = in_meta == (sop_class, sop_instance)
+        files.append(_FileToSend(path, sop_class, sop_instance, syntax, meta_matches, force))
     return files
 
 
-def send(peer: Peer, paths: Iterable[Path], calling_ae: str = "DICOM_NODE", tls_context=None) -> SendReport:
-    """C-STORE every DICOM file under `paths`, one association per 128 distinct (SOP class, syntax) pairs."""
+def _meta_without_preamble(path: Path) -> bool:
+    """A file that starts with a file meta element (group 0002) but has no preamble."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"\x02\x00"
+    except OSError:
+        return False
+
+
+def send(peer: Peer, paths: Iterable[Path], calling_ae: str = "DICOM_NODE", tls_context=None,
+         decompress: bool = True) -> SendReport:
+    """C-STORE every DICOM file under `paths`; never stops at a refusal: every file ends up sent,
+    failed (with the reason) or skipped in the report.
+
+    Each file is offered in its own transfer syntax and, as fallbacks, Explicit and Implicit VR Little
+    Endian; it is sent as stored (streamed from disk) where the peer accepts its syntax. Where the peer
+    accepts only a fallback, an uncompressed file is re-encoded by pynetdicom and a compressed one is
+    decoded first (`decompress`; false: it fails as refused). Files needing more than 128 presentation
+    contexts in all are split over several associations.
+    """
     report = SendReport()
     pending = _inspect(paths, report)
     while pending:
-        contexts: list[tuple[str, str]] = []
+        contexts: list[tuple[str, tuple[str, ...]]] = []
         batch, rest = [], []
         for item in pending:
-            key = (item.sop_class_uid, item.transfer_syntax_uid)
-            if key in contexts or len(contexts) < MAX_CONTEXTS:
-                if key not in contexts:
-                    contexts.append(key)
+            new = [c for c in item.contexts() if c not in contexts]
+            if len(contexts) + len(new) <= MAX_CONTEXTS - 1:  # one is Verification
+                contexts.extend(new)
                 batch.append(item)
             else:
                 rest.append(item)
-        _send_batch(peer, batch, contexts, calling_ae, tls_context, report)
+        _send_batch(peer, batch, contexts, calling_ae, tls_context, decompress, report)
         pending = rest
     return report
 
 
-def _send_batch(peer: Peer, batch: list[_FileToSend], contexts: list[tuple[str, str]], calling_ae: str, tls_context, report: SendReport) -> None:
+def _send_batch(peer: Peer, batch: list[_FileToSend], contexts: list[tuple[str, tuple[str, ...]]], calling_ae: str,
+                tls_context, decompress: bool, report: SendReport) -> None:
     ae = _make_ae(calling_ae)
-    for sop_class, syntax in contexts:
-        ae.add_requested_context(sop_class, syntax)
-    assoc = associate(ae, peer, tls_context)
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, list(syntaxes))
+    # Always offered too, so a peer refusing every SOP class offered still accepts the association
+    # and each refusal is reported per file instead of as an unexplained abort.
+    ae.add_requested_context(Verification)
+    try:
+        assoc = associate(ae, peer, tls_context)
+    except AssociationFailed as exc:
+        report.association_failures.append(str(exc))
+        report.failed.extend((str(item.path), f"not sent: {exc}") for item in batch)
+        return
+    report.associations += 1
     try:
         for item in batch:
             if not assoc.is_established:
-                report.failed.append((str(item.path), "association lost"))
+                report.failed.append((str(item.path), "not sent: the association was aborted or released by the peer"))
                 continue
-            status = assoc.send_c_store(item.path)
-            if not status:
-                report.failed.append((str(item.path), "no response (timeout or abort)"))
-                continue
-            code = int(status.Status)
-            if code == 0x0000:
-                report.sent += 1
-            elif code & 0xF000 == 0xB000:
-                report.sent += 1
-                report.warnings += 1
-            else:
-                comment = str(status.get("ErrorComment", ""))
-                report.failed.append((str(item.path), f"status 0x{code:04X} {comment}".strip()))
+            _send_one(assoc, item, decompress, report)
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _send_one(assoc: Association, item: _FileToSend, decompress: bool, report: SendReport) -> None:
+    path = str(item.path)
+    syntax = UID(item.transfer_syntax_uid)
+    accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == item.sop_class_uid]
+    exact = any(cx.transfer_syntax[0] == syntax for cx in accepted)
+    fallback = next((UID(cx.transfer_syntax[0]) for cx in accepted if cx.transfer_syntax[0] in UNCOMPRESSED), None)
+    how = None  # set when the file is not sent byte for byte as stored
+    try:
+        if exact and item.meta_matches:
+            status = assoc.send_c_store(item.path)  # straight from disk, as stored
+        elif exact:
+            # pynetdicom names a file's instance by its file meta; the dataset's own UIDs go in the request.
+            how = (f"sent as read by pydicom ({syntax.name}): its file meta names another SOP instance or class "
+                   "than its dataset")
+            status = assoc.send_c_store(item.read())
+        elif fallback is None:
+            report.failed.append((path, _refusal(assoc, item)))
+            return
+        elif not syntax.is_little_endian:
+            report.failed.append((path, f"{_refusal(assoc, item)}; the peer accepts {_sop_name(item)} only in "
+                                        f"{fallback.name}, and converting {syntax.name} to it is not supported"))
+            return
+        elif not syntax.is_compressed:
+            how = f"sent re-encoded as {fallback.name}: the peer refused {syntax.name}"
+            status = assoc.send_c_store(item.read())  # re-encoded by pynetdicom
+        elif not decompress:
+            report.failed.append((path, f"skipped: the peer refused its transfer syntax {syntax.name} for "
+                                        f"{_sop_name(item)} (it accepts {fallback.name}), and decompression is off"))
+            return
+        else:
+            ds = item.read()
+            try:
+                ds.decompress(generate_instance_uid=False)  # the same instance in another transfer syntax
+            except Exception as exc:  # noqa: BLE001 - any decoder failure: report it, go on with the batch
+                report.failed.append((path, f"skipped: the peer refused its transfer syntax {syntax.name} for "
+                                            f"{_sop_name(item)} (it accepts {fallback.name}) and it could not be "
+                                            f"decoded: {exc}"))
+                return
+            how = f"sent decompressed as {fallback.name}: the peer refused {syntax.name}"
+            status = assoc.send_c_store(ds)
+    except (ValueError, AttributeError, RuntimeError, OSError, EOFError) as exc:
+        report.failed.append((path, f"not sent: {exc}"))
+        return
+    if not status or "Status" not in status:
+        report.failed.append((path, "no C-STORE response (timeout or abort)"))
+        return
+    code = int(status.Status)
+    comment = str(status.get("ErrorComment", "")).strip()
+    if how and (code == 0x0000 or code & 0xF000 == 0xB000 or code in _STORE_WARNINGS):
+        report.converted.append((path, how))
+    if code == 0x0000:
+        report.sent += 1
+    elif code & 0xF000 == 0xB000 or code in _STORE_WARNINGS:
+        report.sent += 1
+        report.warnings += 1
+        report.warned.append((path, f"status 0x{code:04X} {comment}".strip()))
+    else:
+        report.failed.append((path, f"refused with status 0x{code:04X} {comment}".strip()))
+
+
+def _sop_name(item: _FileToSend) -> str:
+    name = UID(item.sop_class_uid).name
+    return f"{name} ({item.sop_class_uid})" if name != item.sop_class_uid else item.sop_class_uid
+
+
+def _refusal(assoc: Association, item: _FileToSend) -> str:
+    """Why no accepted presentation context fits `item`, from the peer's answers to the ones offered."""
+    results = sorted({_CONTEXT_RESULTS.get(cx.result, f"result {cx.result}") for cx in assoc.rejected_contexts
+                      if cx.abstract_syntax == item.sop_class_uid})
+    why = f": {', '.join(results)}" if results else ""
+    return f"refused at association: the peer accepted no presentation context for {_sop_name(item)}{why}"
