@@ -60,8 +60,9 @@ def _permanent_types() -> tuple[type[BaseException], ...]:
 
     from ..priors.model import RetrieveRefused
     from ..worklist import WorklistRejected
+    from .artifacts import ArtifactMissing
 
-    return (PermanentJobError, RetrieveRefused, WorklistRejected, InputError,
+    return (PermanentJobError, ArtifactMissing, RetrieveRefused, WorklistRejected, InputError,
             ModelConfigError, ModelNotFoundError, BackendUnavailableError)
 
 
