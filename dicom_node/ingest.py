@@ -1,20 +1,31 @@
 """What happens to one received instance: validate, store durably, index. No networking here.
 
-The C-STORE handler calls `Ingestor.ingest` with the encoded file (preamble, file meta and
-the dataset exactly as received) and returns the status it gets back. Success is only
-returned after the file is fsynced in place and the index row is committed.
+The C-STORE handler calls `Ingestor.ingest_file` with the file the SCP streamed the instance
+into (preamble, file meta and the dataset exactly as received), or `Ingestor.ingest` with the
+same bytes in memory, and returns the status it gets back. Success is only returned after the
+file is fsynced in place and the index row is committed.
+
+The index is filled from a header-only parse: pydicom stops before the pixel data, whose
+element and anything after it are then walked by offset (item headers only, never the values),
+so a 1 GB instance is checked for truncation without being read into memory.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from . import dimse_status as st
 from .index import Index, InstanceRecord
@@ -28,19 +39,54 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 # Objects with pixels that are not images to compare (segmentations, dose grids).
 NON_IMAGE_MODALITIES = frozenset({"SR", "KO", "PR", "DOC", "SEG", "REG", "RTDOSE", "RTSTRUCT", "RTPLAN"})
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+PIXEL_TAG_NUMBERS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 UNDEFINED_LENGTH = 0xFFFFFFFF
+DEFER_SIZE = 1 << 20  # header values above this are not read (their extent is still checked)
+MAX_COMMENT = 64  # ErrorComment is LO: 64 characters at most
+UID_ATTRIBUTES = (
+    ("StudyInstanceUID", "StudyInstanceUID (0020,000D)"),
+    ("SeriesInstanceUID", "SeriesInstanceUID (0020,000E)"),
+    ("SOPInstanceUID", "SOPInstanceUID (0008,0018)"),
+    ("SOPClassUID", "SOPClassUID (0008,0016)"),
+)
 
 
 @dataclass(frozen=True)
 class IngestResult:
     status: int
-    message: str = ""
+    message: str = ""  # the detail, for the log and the association audit (UIDs included)
     sop_instance_uid: str = ""
     study_uid: str = ""
+    comment: str = ""  # short reason for the C-STORE response, without UIDs; empty: from message
 
     @property
     def ok(self) -> bool:
         return self.status in (st.SUCCESS, st.WARNING_DUPLICATE_CONFLICT)
+
+    @property
+    def error_comment(self) -> str:
+        """For the response's ErrorComment: at most 64 characters, never a UID cut in half."""
+        return short_comment(self.comment or self.message)
+
+
+def short_comment(text: str, limit: int = MAX_COMMENT) -> str:
+    """`text` if it fits, else whole words up to `limit` (a UID is one word: in whole, or out)."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    words, kept = text.split(" "), ""
+    for word in words:
+        candidate = f"{kept} {word}" if kept else word
+        if len(candidate) > limit - 4:
+            break
+        kept = candidate
+    return f"{kept} ..." if kept else ""
+
+
+class Malformed(ValueError):
+    def __init__(self, detail: str, comment: str) -> None:
+        super().__init__(detail)
+        self.comment = comment
 
 
 class Ingestor:
@@ -49,51 +95,71 @@ class Ingestor:
         self.index = index
 
     def ingest(self, encoded: bytes, requested_sop_class: str = "", requested_sop_instance: str = "") -> IngestResult:
+        """An instance in memory (preamble, file meta, dataset)."""
+        return self._guarded(encoded, requested_sop_class, requested_sop_instance)
+
+    def ingest_file(self, path: Path, requested_sop_class: str = "", requested_sop_instance: str = "") -> IngestResult:
+        """An instance in a file (the SCP's spool file in the store's .incoming): never read whole."""
+        return self._guarded(Path(path), requested_sop_class, requested_sop_instance)
+
+    def _guarded(self, source: bytes | Path, requested_sop_class: str, requested_sop_instance: str) -> IngestResult:
         try:
-            return self._ingest(encoded, requested_sop_class, requested_sop_instance)
+            return self._ingest(source, requested_sop_class, requested_sop_instance)
         except Exception as exc:  # never take the association down: answer with a failure status
             log.exception("ingest.unexpected_error")
-            return IngestResult(st.PROCESSING_FAILURE, f"unexpected error while storing: {exc}")
+            return IngestResult(
+                st.PROCESSING_FAILURE, f"unexpected error while storing: {exc}",
+                comment=f"unexpected error while storing ({type(exc).__name__})",
+            )
 
-    def _ingest(self, encoded: bytes, requested_sop_class: str, requested_sop_instance: str) -> IngestResult:
+    def _ingest(self, source: bytes | Path, requested_sop_class: str, requested_sop_instance: str) -> IngestResult:
         if requested_sop_class == MEDIA_STORAGE_DIRECTORY:
-            return _refuse(st.MEDIA_DIRECTORY_REFUSED, "DICOMDIR is a media directory, not an instance; send the files it lists")
+            return _refuse(st.MEDIA_DIRECTORY_REFUSED, "DICOMDIR is a media directory, not an instance; send the files it lists",
+                           "DICOMDIR is a media directory, not an instance")
         try:
-            ds = _parse(encoded)
-        except ValueError as exc:
-            return _refuse(st.MALFORMED_DATASET, str(exc))
-        try:
-            study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID (0020,000D)")
-            series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID (0020,000E)")
-            sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID (0008,0018)")
-            sop_class = check_uid(ds.get("SOPClassUID"), "SOPClassUID (0008,0016)")
-        except MissingUID as exc:
-            return _refuse(st.MISSING_UID, str(exc))
-        except InvalidUID as exc:
-            return _refuse(st.INVALID_UID, str(exc))
+            ds, has_pixels, size = _parse_source(source)
+        except Malformed as exc:
+            return _refuse(st.MALFORMED_DATASET, str(exc), exc.comment)
+        uids: dict[str, str] = {}
+        for keyword, label in UID_ATTRIBUTES:
+            try:
+                uids[keyword] = check_uid(ds.get(keyword), label)
+            except MissingUID as exc:
+                return _refuse(st.MISSING_UID, str(exc), f"{label} is missing")
+            except InvalidUID as exc:
+                return _refuse(st.INVALID_UID, str(exc), f"{label} is not a valid DICOM UID")
+        study_uid, series_uid = uids["StudyInstanceUID"], uids["SeriesInstanceUID"]
+        sop_uid, sop_class = uids["SOPInstanceUID"], uids["SOPClassUID"]
         if sop_class == MEDIA_STORAGE_DIRECTORY:
-            return _refuse(st.MEDIA_DIRECTORY_REFUSED, "DICOMDIR is a media directory, not an instance")
+            return _refuse(st.MEDIA_DIRECTORY_REFUSED, "DICOMDIR is a media directory, not an instance",
+                           "DICOMDIR is a media directory, not an instance")
         if requested_sop_instance and requested_sop_instance != sop_uid:
             return _refuse(
                 st.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 f"SOPInstanceUID {sop_uid} differs from the C-STORE AffectedSOPInstanceUID {requested_sop_instance}",
+                "SOPInstanceUID differs from the request's AffectedSOPInstanceUID",
             )
         if requested_sop_class and requested_sop_class != sop_class:
             return _refuse(
                 st.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 f"SOPClassUID {sop_class} differs from the C-STORE AffectedSOPClassUID {requested_sop_class}",
+                "SOPClassUID differs from the request's AffectedSOPClassUID",
             )
 
         try:
-            stored = self.store.store(study_uid, series_uid, sop_uid, encoded)
+            if isinstance(source, Path):
+                stored = self.store.store_file(study_uid, series_uid, sop_uid, source)
+            else:
+                stored = self.store.store(study_uid, series_uid, sop_uid, source)
         except DiskFull as exc:
             log_event(log, logging.ERROR, "ingest.disk_full", sop_instance_uid=sop_uid, detail=str(exc))
-            return IngestResult(st.OUT_OF_RESOURCES, str(exc), sop_uid, study_uid)
+            return IngestResult(st.OUT_OF_RESOURCES, str(exc), sop_uid, study_uid, "free space below the node's threshold")
 
         if stored.outcome is StoreOutcome.CONFLICT_REJECTED:
-            return _refuse(st.DUPLICATE_SOP_INSTANCE, f"SOPInstanceUID {sop_uid} already stored with different content")
+            return _refuse(st.DUPLICATE_SOP_INSTANCE, f"SOPInstanceUID {sop_uid} already stored with different content",
+                           "SOPInstanceUID already stored with different content")
 
-        record = _record(ds, study_uid, series_uid, sop_uid, sop_class, str(stored.path), len(encoded))
+        record = _record(ds, study_uid, series_uid, sop_uid, sop_class, str(stored.path), size, has_pixels)
         if stored.outcome is StoreOutcome.DUPLICATE_IDENTICAL and self.index.instance_exists(sop_uid):
             return IngestResult(st.SUCCESS, "identical duplicate, already stored", sop_uid, study_uid)
         # A duplicate whose index row is missing (crash between fsync and commit) is indexed now.
@@ -125,30 +191,164 @@ class Ingestor:
         return IngestResult(st.SUCCESS, "", sop_uid, study_uid)
 
 
-def _refuse(status: int, message: str) -> IngestResult:
+def _refuse(status: int, message: str, comment: str = "") -> IngestResult:
     log_event(log, logging.WARNING, "ingest.refused", status=f"0x{status:04X}", reason=message)
-    return IngestResult(status, message)
+    return IngestResult(status, message, comment=comment)
 
 
-def _parse(encoded: bytes) -> Dataset:
-    """Decode the dataset and make sure nothing was cut off before it is acknowledged."""
+# --- the header-only parse ---------------------------------------------------------------
+
+
+def _parse_source(source: bytes | Path) -> tuple[Dataset, bool, int]:
+    """(dataset without its pixel data, whether it has pixel data, size in bytes)."""
+    if isinstance(source, Path):
+        size = source.stat().st_size
+        with open(source, "rb") as fp:
+            ds, has_pixels = _parse(fp, size)
+        return ds, has_pixels, size
+    ds, has_pixels = _parse(BytesIO(source), len(source))
+    return ds, has_pixels, len(source)
+
+
+def _parse(fp: BinaryIO, size: int) -> tuple[Dataset, bool]:
+    """Decode the dataset up to its pixel data and make sure nothing was cut off anywhere."""
     try:
-        ds = dcmread(BytesIO(encoded), force=False)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
-        raise ValueError(f"malformed dataset: {type(exc).__name__}: {exc}") from exc
+        ds = dcmread(fp, force=False, stop_before_pixels=True, defer_size=DEFER_SIZE)
+        syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+        if syntax == DeflatedExplicitVRLittleEndian:
+            # pydicom inflates the whole dataset in memory anyway: read it all (rare, and small).
+            fp.seek(0)
+            ds = dcmread(fp, force=False)
+            _check_read_lengths(ds, None)
+            return ds, any(tag in ds for tag in PIXEL_TAGS)
+        stopped_at = fp.tell()
+    except Malformed:
+        raise
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError, struct.error, zlib.error) as exc:
+        kind = type(exc).__name__ if type(exc).__name__ != "error" else f"{type(exc).__module__}.error"
+        raise Malformed(f"malformed dataset: {kind}: {exc}", f"malformed dataset ({kind})") from exc
+    _check_read_lengths(ds, size)
+    has_pixels = any(tag in ds for tag in PIXEL_TAGS)
+    if stopped_at >= size:
+        # pydicom ends quietly on a partial element header at the end of the file: look there.
+        stopped_at = _end_of_last_element(ds, size)
+    if stopped_at < size:
+        implicit, little = ds.original_encoding
+        tail = _Tail(fp, size, bool(implicit), little is not False)
+        tail.walk(stopped_at)
+        has_pixels = has_pixels or bool(tail.tags & PIXEL_TAG_NUMBERS)
+    return ds, has_pixels
+
+
+def _end_of_last_element(ds: Dataset, size: int) -> int:
+    last = None
+    for last in ds.elements():
+        pass
+    if isinstance(last, RawDataElement) and last.length != UNDEFINED_LENGTH and last.value_tell:
+        return last.value_tell + last.length
+    return size
+
+
+def _truncated(tag, declared: int, arrived: int) -> Malformed:
+    return Malformed(
+        f"truncated dataset: element {Tag(tag)} declares {declared} bytes, {max(arrived, 0)} arrived",
+        f"truncated dataset: element {Tag(tag)} cut short",
+    )
+
+
+def _check_read_lengths(ds: Dataset, size: int | None) -> None:
     # pydicom returns short values for a truncated stream instead of failing; compare each
-    # element's declared length with what arrived (values stay unconverted: cheap).
+    # element's declared length with what arrived (values stay unconverted: cheap). A value
+    # too large to read (deferred) must at least end inside the file.
     for element in ds.elements():
-        if (
-            isinstance(element, RawDataElement)
-            and element.length != UNDEFINED_LENGTH
-            and element.value is not None
-            and len(element.value) != element.length
-        ):
-            raise ValueError(
-                f"truncated dataset: element {element.tag} declares {element.length} bytes, {len(element.value)} arrived"
-            )
-    return ds
+        if not isinstance(element, RawDataElement) or element.length == UNDEFINED_LENGTH:
+            continue
+        if element.value is not None:
+            if len(element.value) != element.length:
+                raise _truncated(element.tag, element.length, len(element.value))
+        elif size is not None and element.length and element.value_tell + element.length > size:
+            raise _truncated(element.tag, element.length, size - element.value_tell)
+
+
+ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+class _Tail:
+    """Walk top-level elements from an offset to the end of the file by their headers alone:
+    each value (pixel data, fragments, items) is skipped, and must end inside the file."""
+
+    def __init__(self, fp: BinaryIO, size: int, implicit: bool, little: bool) -> None:
+        self.fp, self.size, self.implicit = fp, size, implicit
+        self.endian = "<" if little else ">"
+        self.tags: set[int] = set()
+
+    def walk(self, offset: int) -> None:
+        self.fp.seek(offset)
+        self._dataset(top=True)
+
+    def _read(self, count: int, what: str, tag: int | None = None) -> bytes:
+        data = self.fp.read(count)
+        if len(data) != count:
+            if tag is not None:
+                raise Malformed(f"truncated dataset: {what} in element {Tag(tag)} cut short at byte {self.size}",
+                                f"truncated dataset: element {Tag(tag)} cut short")
+            raise Malformed(f"truncated dataset: {what} cut short at byte {self.size}", "truncated dataset")
+        return data
+
+    def _tag(self, tag_hint: int | None) -> int:
+        group, element = struct.unpack(self.endian + "HH", self._read(4, "a tag", tag_hint))
+        return group << 16 | element
+
+    def _length(self, tag: int) -> tuple[int, bytes | None]:
+        if self.implicit or tag >> 16 == 0xFFFE:
+            return struct.unpack(self.endian + "L", self._read(4, "the length", tag))[0], None
+        head = self._read(4, "the VR and length", tag)
+        vr = head[:2]
+        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+            # Written implicit in an explicit syntax (as pydicom also tolerates): a 4-byte length.
+            return struct.unpack(self.endian + "L", head)[0], None
+        if vr in LONG_LENGTH_VRS:
+            return struct.unpack(self.endian + "L", self._read(4, "the length", tag))[0], vr
+        return struct.unpack(self.endian + "H", head[2:])[0], vr
+
+    def _skip(self, length: int, tag: int) -> None:
+        start = self.fp.tell()
+        if start + length > self.size:
+            raise _truncated(tag, length, self.size - start)
+        self.fp.seek(start + length)
+
+    def _dataset(self, top: bool, parent: int | None = None) -> None:
+        while True:
+            if top and self.fp.tell() >= self.size:
+                return
+            tag = self._tag(parent)
+            length, _ = self._length(tag)
+            if tag == ITEM_DELIMITER and not top:
+                return
+            if tag >> 16 == 0xFFFE:
+                raise Malformed(f"malformed dataset: unexpected item tag {Tag(tag)}", "malformed dataset (item tag)")
+            if top:
+                self.tags.add(tag)
+            if length == UNDEFINED_LENGTH:
+                self._items(tag)
+            else:
+                self._skip(length, tag)
+
+    def _items(self, parent: int) -> None:
+        """An undefined-length value: items (fragments, or nested datasets) up to the delimiter."""
+        while True:
+            tag = self._tag(parent)
+            length, _ = self._length(tag)
+            if tag == SEQUENCE_DELIMITER:
+                return
+            if tag != ITEM:
+                raise Malformed(f"malformed dataset: {Tag(tag)} inside element {Tag(parent)}, expected an item",
+                                f"malformed dataset: element {Tag(parent)}")
+            if length == UNDEFINED_LENGTH:
+                self._dataset(top=False, parent=parent)
+            else:
+                self._skip(length, parent)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -157,10 +357,9 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 
 def _record(
-    ds: Dataset, study_uid: str, series_uid: str, sop_uid: str, sop_class: str, path: str, size: int
+    ds: Dataset, study_uid: str, series_uid: str, sop_uid: str, sop_class: str, path: str, size: int, has_pixels: bool
 ) -> InstanceRecord:
     modality = _text(ds, "Modality").upper()
-    has_pixels = any(tag in ds for tag in PIXEL_TAGS)
     return InstanceRecord(
         patient_id=_text(ds, "PatientID"),
         issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),

@@ -89,6 +89,49 @@ class InstanceStore:
         finally:
             temp.unlink(missing_ok=True)
 
+    def store_file(self, study_uid: str, series_uid: str, sop_uid: str, source: Path) -> StoreResult:
+        """store() for an instance already in a file (a C-STORE the SCP streamed to .incoming):
+        fsynced and hard-linked into place without being read into memory (copied first only
+        from another folder). `source` itself is left for its owner to remove."""
+        source = Path(source)
+        if self.free_bytes() < self.min_free_bytes:  # its bytes are on this disk already
+            raise DiskFull(
+                f"free space on {self.root} below the threshold of {self.min_free_bytes // 2**20} MiB"
+            )
+        final = self.path_for(study_uid, series_uid, sop_uid)
+        self._ensure_dir(final.parent)
+        temp = self._adopt_synced(source)
+        try:
+            try:
+                os.link(temp, final)
+            except FileExistsError:
+                if _same_content(final, temp):
+                    return StoreResult(StoreOutcome.DUPLICATE_IDENTICAL, final)
+                return self._resolve_duplicate(final, temp, temp.read_bytes())  # a conflict: rare
+            _fsync_dir(final.parent)
+            return StoreResult(StoreOutcome.STORED, final)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _adopt_synced(self, source: Path) -> Path:
+        temp = self.incoming / f"{uuid.uuid4().hex}.part"
+        if source.parent.resolve() == self.incoming.resolve():
+            os.link(source, temp)
+        else:
+            with open(source, "rb") as src, open(temp, "xb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        try:
+            fd = os.open(temp, os.O_RDONLY)
+            try:
+                os.fchmod(fd, 0o640)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return temp
+
     def _resolve_duplicate(self, final: Path, temp: Path, data: bytes) -> StoreResult:
         if final.stat().st_size == len(data) and final.read_bytes() == data:
             return StoreResult(StoreOutcome.DUPLICATE_IDENTICAL, final)
@@ -164,3 +207,15 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _same_content(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            block = fa.read(chunk)
+            if block != fb.read(chunk):
+                return False
+            if not block:
+                return True
