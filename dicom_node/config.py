@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     allowed_callers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     check_called_ae: bool = True
     max_associations: int = 16
+    max_connections_per_host: int = 8  # concurrent connections from one peer address, associated or not; 0: no limit
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 120.0

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID_dictionary
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -28,10 +30,12 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification, register_uid
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
 from .assembly import Assembler
 from .config import Settings
+from .frontdoor import FrontDoor, Limits, Refusal
 from .http_api import ASSOCIATIONS, INSTANCES, StatusServer
 from .index import Index
 from .ingest import MEDIA_STORAGE_DIRECTORY, Ingestor
@@ -64,6 +68,18 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 # sender gets a status saying why it is refused.
 register_uid(MEDIA_STORAGE_DIRECTORY, "MediaStorageDirectoryOverNetwork", StorageServiceClass)
 
+# Retired storage SOP classes that archives still hold (US Image Storage 1.2.840.10008.5.1.4.1.1.6,
+# NM, US multi-frame, the SR trials, standalone curves and LUTs...): pynetdicom knows none of
+# them; DCMTK's storescp and Orthanc accept them. Stored and indexed like any other instance.
+RETIRED_STORAGE_CLASSES = tuple(
+    uid
+    for uid, (name, kind, _, retired, _keyword) in UID_dictionary.items()
+    if kind == "SOP Class" and retired == "Retired" and "Storage" in name and "Commitment" not in name
+)
+for _uid in RETIRED_STORAGE_CLASSES:
+    if uid_to_service_class(_uid) is not StorageServiceClass:
+        register_uid(_uid, UID_dictionary[_uid][4] or f"RetiredStorage{_uid.replace('.', '_')}", StorageServiceClass)
+
 # A-ASSOCIATE-RJ (result, source, diagnostic)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
@@ -75,6 +91,7 @@ class _AssociationStats:
     received: int = 0
     failures: int = 0
     last_failure: str = ""
+    abort_reason: str = ""  # why the front door cut the association, if it did
 
 
 def caller_allowed(allowed: list[str], calling_ae: str, host: str) -> bool:
@@ -109,6 +126,16 @@ class DicomNode:
         self._status: StatusServer | None = None
         self._delivery_queue = None  # built on the first Storage Commitment report
         self.ae = self._build_ae()
+        self.front_door = FrontDoor(
+            Limits(
+                acse_timeout=s.acse_timeout,
+                network_timeout=s.network_timeout,
+                max_pdu_size=s.max_pdu_size,
+                max_connections_per_host=s.max_connections_per_host,
+                spool_dir=self.store.incoming,  # C-STORE data sets are streamed to a file there
+            ),
+            self._on_refusal,
+        )
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -116,14 +143,12 @@ class DicomNode:
         s = self.settings
         self.store.remove_partial_writes()
         handlers = self._handlers()
-        self._servers.append(self.ae.start_server((s.host, s.port), block=False, evt_handlers=handlers))
+        self._servers.append(self.front_door.serve(self.ae, (s.host, s.port), handlers))
         if s.tls_enabled:
             if not (s.tls_cert and s.tls_key):
                 raise ValueError("tls_enabled needs tls_cert and tls_key")
             context = server_tls_context(s.tls_cert, s.tls_key, s.tls_ca, s.tls_require_client_cert)
-            self._servers.append(
-                self.ae.start_server((s.host, s.tls_port), block=False, evt_handlers=handlers, ssl_context=context)
-            )
+            self._servers.append(self.front_door.serve(self.ae, (s.host, s.tls_port), handlers, ssl_context=context))
         self._assembler = Assembler(self.index, s)
         self._assembler.start()
         if s.http_port:
@@ -167,6 +192,8 @@ class DicomNode:
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        for uid in RETIRED_STORAGE_CLASSES:
+            ae.add_supported_context(uid, ACCEPTED_TRANSFER_SYNTAXES)
         # Accepted only so a sender gets a clear refusal status rather than a bare context rejection.
         ae.add_supported_context(MEDIA_STORAGE_DIRECTORY, ACCEPTED_TRANSFER_SYNTAXES)
         # The PACS answers Storage Commitment requests for delivered reports on an association of its own.
@@ -190,6 +217,8 @@ class DicomNode:
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
+        if assoc.is_aborted:
+            return  # the front door cut the connection before any A-ASSOCIATE-RQ (already audited)
         calling = assoc.requestor.primitive.calling_ae_title.strip()
         called = assoc.requestor.primitive.called_ae_title.strip()
         host, port = assoc.requestor.address, assoc.requestor.port
@@ -226,7 +255,19 @@ class DicomNode:
         )
         with self._stats_lock:
             self._stats[id(assoc)] = _AssociationStats(audit_id)
-        log_event(log, logging.INFO, "association.accepted", calling_ae=calling, peer=f"{assoc.requestor.address}:{assoc.requestor.port}", audit_id=audit_id)
+        peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
+        log_event(log, logging.INFO, "association.accepted", calling_ae=calling, peer=peer, audit_id=audit_id)
+        if assoc.rejected_contexts:
+            log_event(
+                log,
+                logging.WARNING,
+                "association.contexts_refused",
+                calling_ae=calling,
+                peer=peer,
+                audit_id=audit_id,
+                accepted=len(assoc.accepted_contexts),
+                refused=[_describe_refused(cx) for cx in assoc.rejected_contexts],
+            )
 
     def _on_released(self, event: evt.Event) -> None:
         self._close(event, "released")
@@ -240,7 +281,8 @@ class DicomNode:
         if stats is None:
             return  # rejected before acceptance: already audited
         ASSOCIATIONS.labels(result).inc()
-        self.index.close_association(stats.audit_id, result, stats.received, stats.failures, stats.last_failure)
+        reason = stats.abort_reason or stats.last_failure
+        self.index.close_association(stats.audit_id, result, stats.received, stats.failures, reason)
         log_event(
             log,
             logging.INFO,
@@ -249,6 +291,31 @@ class DicomNode:
             received=stats.received,
             failures=stats.failures,
         )
+
+    def _on_refusal(self, refusal: Refusal) -> None:
+        """A connection the front door refused (per-host limit, TLS) or cut (deadline, PDU size)."""
+        peer = f"{refusal.host}:{refusal.port}"
+        with self._stats_lock:
+            stats = self._stats.get(id(refusal.assoc)) if refusal.assoc is not None else None
+            if stats is not None:
+                stats.abort_reason = refusal.reason  # written to its audit row when it closes
+        log_event(
+            log,
+            logging.WARNING,
+            f"connection.{refusal.result}",
+            peer=peer,
+            calling_ae=refusal.calling_ae,
+            audit_id=stats.audit_id if stats else None,
+            reason=refusal.reason,
+        )
+        if stats is not None:
+            return
+        ASSOCIATIONS.labels(refusal.result).inc()
+        audit_id = self.index.open_association(
+            refusal.calling_ae, refusal.called_ae, refusal.host, refusal.port, refusal.result, refusal.reason
+        )
+        if refusal.result != "rejected":  # a rejected row is closed when written
+            self.index.close_association(audit_id, refusal.result, 0, 0, refusal.reason)
 
     # --- services ---------------------------------------------------------------------
 
@@ -264,11 +331,12 @@ class DicomNode:
 
     def _on_store(self, event: evt.Event) -> Dataset:
         request = event.request
-        result = self.ingestor.ingest(
-            event.encoded_dataset(include_meta=True),
-            str(request.AffectedSOPClassUID or ""),
-            str(request.AffectedSOPInstanceUID or ""),
-        )
+        requested = str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or "")
+        spooled = event.dataset_path  # a Path when the front door streamed it to .incoming
+        if isinstance(spooled, Path):
+            result = self.ingestor.ingest_file(spooled, *requested)
+        else:
+            result = self.ingestor.ingest(event.encoded_dataset(include_meta=True), *requested)
         INSTANCES.labels("accepted" if result.ok else f"0x{result.status:04X}").inc()
         with self._stats_lock:
             stats = self._stats.get(id(event.assoc))
@@ -280,6 +348,16 @@ class DicomNode:
                     stats.last_failure = result.message
         response = Dataset()
         response.Status = result.status
-        if result.message:
-            response.ErrorComment = result.message[:64]  # LO: 64 characters at most
+        if result.message or result.comment:
+            response.ErrorComment = result.error_comment  # LO: 64 characters, no UID cut in half
         return response
+
+
+CONTEXT_RESULTS = {0x01: "user rejection", 0x02: "no reason", 0x03: "abstract syntax not supported", 0x04: "transfer syntaxes not supported"}
+
+
+def _describe_refused(cx) -> str:
+    uid = str(cx.abstract_syntax)
+    name = UID_dictionary.get(uid, (uid,))[0]
+    syntaxes = ",".join(str(ts) for ts in cx.transfer_syntax or [])
+    return f"{uid} ({name}): {CONTEXT_RESULTS.get(cx.result, f'result {cx.result}')}" + (f" [{syntaxes}]" if syntaxes else "")

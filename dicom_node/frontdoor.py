@@ -1,0 +1,462 @@
+"""The front door: what every TCP connection to the SCP goes through before pynetdicom trusts it.
+
+pynetdicom 3.0.4 reads a PDU with a blocking ``recv`` of whatever length its header declares,
+on a socket without a timeout. A peer that sends half a PDU, or a header claiming 4 GB, holds
+the connection (and an association slot) forever, and the bytes it does send pile up in memory.
+It also keeps a received C-STORE data set in memory unless ``STORE_RECV_CHUNKED_DATASET`` is set,
+which is global to the process (and changes what every C-STORE handler gets, ours and those of
+our own C-GET requests). This module puts the checks in front of it, in one place:
+
+- **Deadlines per protocol phase.** A complete A-ASSOCIATE-RQ within ``acse_timeout`` of the
+  connection; the rest of each PDU within ``network_timeout`` of its first byte; every send
+  within ``network_timeout``; a TLS handshake within ``acse_timeout``, in the connection's own
+  thread (pynetdicom does it in the accept loop, where one silent client stops the listener).
+  When a deadline passes the socket is closed.
+- **PDU size caps, checked on the header.** A P-DATA-TF longer than ``max_pdu_size`` (the size
+  we announced), any other PDU longer than ``MAX_CONTROL_PDU`` (an A-ASSOCIATE-RQ is a few KB),
+  an unknown PDU type, or anything but an A-ASSOCIATE-RQ first: an A-ABORT, and the socket is
+  closed without reading the body.
+- **Concurrent connections per peer address** (``max_connections_per_host``), counted from
+  accept to the end of the connection's association thread, associated or not.
+- **Received data sets go to a file as they arrive** (``Event.dataset_path``), in the store's
+  ``.incoming`` folder, for this node's associations only; a connection's leftover spool files
+  (an association aborted mid-transfer) are removed when it ends.
+
+Each refusal is handed to ``on_refusal`` (the SCP logs and audits it) with the peer address
+and the reason. The reader is installed per connection (``DULServiceProvider._read_pdu_data``),
+the two module patches (``install()``) only act on threads of connections accepted here. Every
+internal they touch is checked against ``PYNETDICOM_VERSION`` at start-up; pyproject pins it.
+Upstream, this would be: timeouts on ``AssociationSocket.recv``, a maximum-PDU check in
+``_read_pdu_data``, a per-AE chunked-receive switch with a spool directory, and a
+``max_connections_per_host`` on ``AssociationServer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pynetdicom
+import pynetdicom.dimse_messages
+from pynetdicom import _config, evt
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.timer import Timer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from .logs import log_event
+
+log = logging.getLogger(__name__)
+
+PYNETDICOM_VERSION = "3.0.4"  # the internals below were read in this version; pyproject pins it
+
+MAX_CONTROL_PDU = 1 << 20  # any PDU but P-DATA-TF: an A-ASSOCIATE-RQ with 128 contexts is ~30 KB
+UNLIMITED_PDU_CAP = 1 << 26  # max_pdu_size 0 ("no limit" in DICOM) still stops a P-DATA at 64 MiB
+ABORT_SEND_TIMEOUT = 1.0
+
+PDU_NAMES = {
+    0x01: "A-ASSOCIATE-RQ",
+    0x02: "A-ASSOCIATE-AC",
+    0x03: "A-ASSOCIATE-RJ",
+    0x04: "P-DATA-TF",
+    0x05: "A-RELEASE-RQ",
+    0x06: "A-RELEASE-RP",
+    0x07: "A-ABORT",
+}
+# A-ABORT reason/diagnostic (PS3.8 9.3.8), source 0x02: service provider
+ABORT_UNRECOGNISED_PDU = 0x01
+ABORT_UNEXPECTED_PDU = 0x02
+ABORT_INVALID_PARAMETER = 0x06
+
+
+class UnsupportedPynetdicom(RuntimeError):
+    pass
+
+
+def check_pynetdicom() -> None:
+    """Refuse to start on a pynetdicom whose internals this module has not been checked against."""
+    if pynetdicom.__version__ != PYNETDICOM_VERSION:
+        raise UnsupportedPynetdicom(
+            f"pynetdicom {pynetdicom.__version__} is installed; the SCP front door (dicom_node/frontdoor.py) "
+            f"was written against {PYNETDICOM_VERSION}: re-check DULServiceProvider._read_pdu_data, "
+            "DIMSEMessage.decode_msg and ThreadedAssociationServer, then update PYNETDICOM_VERSION"
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    acse_timeout: float
+    network_timeout: float
+    max_pdu_size: int  # 0: no limit announced (capped at UNLIMITED_PDU_CAP here)
+    max_connections_per_host: int  # 0: no limit
+    spool_dir: Path | None = None  # where received data sets are written; None: kept in memory
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A connection the front door refused or cut: the SCP logs and audits it."""
+
+    result: str  # "rejected" (never let in) or "aborted" (cut)
+    reason: str
+    host: str
+    port: int
+    calling_ae: str = ""
+    called_ae: str = ""
+    assoc: object | None = None  # the pynetdicom Association, when there was one
+
+
+# --- the two module patches: chunked receive per connection ------------------------------
+
+
+def _connection() -> _Connection | None:
+    """The front-door connection whose DUL thread is running, if any."""
+    return getattr(threading.current_thread(), "_front_door", None)
+
+
+class _ChunkedPerConnection:
+    """Stands in for ``pynetdicom._config`` inside ``pynetdicom.dimse_messages``: C-STORE data
+    sets are written to a file on connections accepted here, as configured elsewhere."""
+
+    def __getattr__(self, name: str):
+        return getattr(_config, name)
+
+    @property
+    def STORE_RECV_CHUNKED_DATASET(self) -> bool:  # noqa: N802 (pynetdicom's name)
+        conn = _connection()
+        if conn is not None and conn.limits.spool_dir is not None:
+            return True
+        return _config.STORE_RECV_CHUNKED_DATASET
+
+
+def _spool_file(*args, **kwargs):
+    """``NamedTemporaryFile`` for ``dimse_messages``: in the store's .incoming on our connections."""
+    conn = _connection()
+    if conn is None or conn.limits.spool_dir is None:
+        return tempfile.NamedTemporaryFile(*args, **kwargs)
+    kwargs.update(dir=conn.limits.spool_dir, prefix="rx-")
+    handle = tempfile.NamedTemporaryFile(*args, **kwargs)
+    conn.spool_files.append(handle)
+    return handle
+
+
+_install_lock = threading.Lock()
+
+
+def install() -> None:
+    """Apply the two ``pynetdicom.dimse_messages`` patches (idempotent); checks the version first."""
+    check_pynetdicom()
+    module = pynetdicom.dimse_messages
+    with _install_lock:
+        if isinstance(module._config, _ChunkedPerConnection):
+            return
+        if module._config is not _config or module.NamedTemporaryFile is not tempfile.NamedTemporaryFile:
+            raise UnsupportedPynetdicom("pynetdicom.dimse_messages was patched by someone else")
+        module.NamedTemporaryFile = _spool_file
+        module._config = _ChunkedPerConnection()
+
+
+# --- one connection ------------------------------------------------------------------------
+
+
+_NEVER_EXPIRES = Timer(None)
+
+
+class _Closed(Exception):
+    """The connection was closed or cut while reading; what to report is already decided."""
+
+
+class _Connection:
+    """Deadlines, caps and bookkeeping of one accepted connection; ``read_pdu`` runs in its DUL thread."""
+
+    def __init__(self, door: FrontDoor, assoc, host: str, port: int) -> None:
+        self.door = door
+        self.limits = door.limits
+        self.assoc = assoc
+        self.host, self.port = host, port
+        self.acse_deadline = time.monotonic() + self.limits.acse_timeout
+        self.spool_files: list = []
+        self.saw_data = False
+        self.peer_closed = False
+        self.reported = False
+
+    # The replacement for DULServiceProvider._read_pdu_data (same contract: put the FSM event on
+    # dul.event_queue and the decoded PDU on dul._recv_pdu).
+    def read_pdu(self) -> None:
+        dul = self.assoc.dul
+        sock = dul.socket.socket if dul.socket else None
+        if sock is None:
+            dul.event_queue.put("Evt17")
+            return
+        before_association = _awaiting_request(dul)
+        deadline = time.monotonic() + self.limits.network_timeout
+        if before_association:
+            deadline = min(deadline, self.acse_deadline)
+        # Not idle while a PDU arrives: its own deadline applies (pynetdicom's network idle timer
+        # would abort the association first, from the other thread, without saying why).
+        idle, dul._idle_timer = dul._idle_timer, _NEVER_EXPIRES
+        try:
+            header = self._recv(sock, 6, deadline, before_association, what="a PDU header")
+            pdu_type, _, length = struct.unpack(">BBL", header)
+            name = PDU_NAMES.get(pdu_type)
+            if name is None:
+                self._cut(f"unknown PDU type 0x{pdu_type:02X}", ABORT_UNRECOGNISED_PDU)
+            if before_association and pdu_type not in (0x01, 0x07):
+                self._cut(f"{name} before any A-ASSOCIATE-RQ", ABORT_UNEXPECTED_PDU)
+            cap = self._cap(pdu_type)
+            if length > cap:
+                self._cut(f"{name} declares {length} bytes, more than the {cap} accepted", ABORT_INVALID_PARAMETER)
+            pdu = bytearray(6 + length)
+            pdu[:6] = header
+            self._recv(sock, length, deadline, before_association, what=f"the {length}-byte {name}", into=memoryview(pdu)[6:])
+        except _Closed:
+            return
+        finally:
+            dul._idle_timer = idle
+            idle.restart()
+            if dul.socket is not None and dul.socket.socket is not None:
+                _settimeout(dul.socket.socket, self.limits.network_timeout)  # bounds every send too
+        try:
+            decoded, event = dul._decode_pdu(pdu)
+        except Exception as exc:
+            try:
+                self._cut(f"undecodable {name}: {type(exc).__name__}: {exc}"[:300], ABORT_INVALID_PARAMETER)
+            except _Closed:
+                return
+        dul.event_queue.put(event)
+        dul._recv_pdu.put(decoded)
+
+    def _cap(self, pdu_type: int) -> int:
+        if pdu_type == 0x04:
+            return self.limits.max_pdu_size or UNLIMITED_PDU_CAP
+        return MAX_CONTROL_PDU
+
+    def _recv(self, sock, count: int, deadline: float, before_association: bool, what: str, into=None) -> bytes:
+        buffer = into if into is not None else memoryview(bytearray(count))
+        got = 0
+        while got < count:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                n = sock.recv_into(buffer[got:], count - got)
+            except TimeoutError:
+                if before_association and deadline >= self.acse_deadline:
+                    reason = f"no complete A-ASSOCIATE-RQ within acse_timeout ({self.limits.acse_timeout:g} s)"
+                else:
+                    reason = f"{what} incomplete {self.limits.network_timeout:g} s (network_timeout) after it began"
+                self._cut(f"{reason}: {got} of {count} bytes", None)
+            except (OSError, ValueError) as exc:
+                self._close(f"connection error: {exc}", quiet=True)
+            if n == 0:
+                self.peer_closed = True
+                quiet = not self.saw_data and got == 0
+                self._close(f"peer closed the connection after {got} of {count} bytes of {what}", quiet=quiet)
+            got += n
+            self.saw_data = True
+        return bytes(buffer) if into is None else b""
+
+    def _cut(self, reason: str, abort_reason: int | None) -> None:
+        """Report, send an A-ABORT (unless the peer is just slow), close; raises _Closed."""
+        self.report("aborted", reason)
+        sock = self.assoc.dul.socket.socket if self.assoc.dul.socket else None
+        if sock is not None:
+            pdu = A_ABORT_RQ()
+            pdu.source = 0x02
+            pdu.reason_diagnostic = abort_reason if abort_reason is not None else 0x00
+            try:
+                sock.settimeout(ABORT_SEND_TIMEOUT)
+                sock.sendall(pdu.encode())
+            except (OSError, ValueError):
+                pass
+        self._close(reason, quiet=True)
+
+    def _close(self, reason: str, quiet: bool) -> None:
+        if not quiet:
+            log_event(log, logging.INFO, "connection.closed", peer=f"{self.host}:{self.port}", reason=reason)
+        dul = self.assoc.dul
+        if dul.socket is not None:
+            dul.socket.close()  # queues Evt17: the state machine ends the association
+        if _awaiting_request(dul):
+            # The association thread waits up to acse_timeout for an A-ASSOCIATE-RQ that will
+            # not come; wake it (marked aborted, it neither negotiates nor runs) so the
+            # connection frees its slot now.
+            self.assoc.is_aborted = True
+            dul.to_user_queue.put(A_ASSOCIATE())
+        raise _Closed
+
+    def report(self, result: str, reason: str) -> None:
+        if self.reported:
+            return
+        self.reported = True
+        primitive = getattr(self.assoc.requestor, "primitive", None)
+        calling = getattr(primitive, "calling_ae_title", None) or ""
+        called = getattr(primitive, "called_ae_title", None) or ""
+        self.door.report(Refusal(result, reason, self.host, self.port, calling.strip(), called.strip(), self.assoc))
+
+    def end(self) -> None:
+        """After the association thread: stop the DUL, close the socket, remove spool leftovers."""
+        assoc, dul = self.assoc, self.assoc.dul
+        give_up = time.monotonic() + 5
+        while dul.is_alive() and not dul.stop_dul():
+            if time.monotonic() > give_up:
+                dul.kill_dul()
+                break
+            time.sleep(0.01)
+        if dul.socket is not None and dul.socket.socket is not None:
+            dul.socket.close()
+        for handle in self.spool_files:
+            try:
+                handle.close()
+                Path(handle.name).unlink(missing_ok=True)
+            except OSError:
+                pass
+        if not (self.reported or self.saw_data or self.peer_closed) and assoc.requestor.primitive is None:
+            self.report("aborted", f"no A-ASSOCIATE-RQ within acse_timeout ({self.limits.acse_timeout:g} s)")
+
+
+def _awaiting_request(dul) -> bool:
+    # Sta2: connection open, no A-ASSOCIATE-RQ yet. Sta1 too: the DUL reads the socket before it
+    # handles the queued Evt5 (transport connection indication) that moves it to Sta2.
+    return dul.state_machine.current_state in ("Sta1", "Sta2")
+
+
+def _settimeout(sock, seconds: float) -> None:
+    try:
+        sock.settimeout(seconds)
+    except OSError:
+        pass
+
+
+# --- the server ----------------------------------------------------------------------------
+
+
+class _GuardedRequestHandler(RequestHandler):
+    """pynetdicom's handler, with the front door attached before the association starts; it
+    returns when the association thread ends (so the connection is counted until then)."""
+
+    def handle(self) -> None:
+        door: FrontDoor = self.server.front_door  # type: ignore[attr-defined]
+        assoc = self._create_association()
+        host, port = self.client_address[0], self.client_address[1]
+        conn = _Connection(door, assoc, host, port)
+        assoc.dul._front_door = conn
+        assoc.dul._read_pdu_data = conn.read_pdu
+        _settimeout(self.request, door.limits.network_timeout)
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        try:
+            assoc.start()
+            assoc.join()
+        finally:
+            conn.end()
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server: per-host limit and TLS handshake in the connection's thread."""
+
+    daemon_threads = True
+    block_on_close = False  # a connection thread lives as long as its association
+    front_door: FrontDoor
+
+    def get_request(self):
+        # No TLS handshake here: pynetdicom does it in the accept loop, without a timeout.
+        assert self.socket is not None
+        return self.socket.accept()
+
+    def process_request_thread(self, request, client_address) -> None:
+        door = self.front_door
+        host, port = client_address[0], client_address[1]
+        if not door.admit(host):
+            door.report(Refusal(
+                "rejected", f"more than max_connections_per_host ({door.limits.max_connections_per_host}) "
+                f"connections from {host}", host, port))
+            self.shutdown_request(request)
+            return
+        try:
+            if self.ssl_context is not None:
+                request = self._handshake(request, host, port)
+                if request is None:
+                    return
+            self.finish_request(request, client_address)
+        except Exception:
+            log.exception("frontdoor.connection_failed")
+            self.shutdown_request(request)
+        finally:
+            door.release(host)
+
+    def _handshake(self, raw: socket.socket, host: str, port: int):
+        door = self.front_door
+        try:
+            raw.settimeout(door.limits.acse_timeout)
+            tls = self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            tls.do_handshake()
+            return tls
+        except (OSError, ValueError) as exc:
+            reason = "TLS handshake not completed within acse_timeout" if isinstance(exc, TimeoutError) else (
+                f"TLS handshake failed: {exc}")
+            door.report(Refusal("rejected", reason[:300], host, port))
+            self.shutdown_request(raw)
+            return None
+
+
+class FrontDoor:
+    """One per node: its limits, the per-host counts shared by its listeners, the refusal sink."""
+
+    def __init__(self, limits: Limits, on_refusal: Callable[[Refusal], None]) -> None:
+        check_pynetdicom()
+        install()
+        self.limits = limits
+        self._on_refusal = on_refusal
+        self._per_host: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def serve(self, ae, address, evt_handlers, ssl_context: ssl.SSLContext | None = None) -> GuardedAssociationServer:
+        """``ae.start_server(address, block=False, ...)``, through the front door."""
+        server = ae.make_server(
+            address,
+            ssl_context=ssl_context,
+            evt_handlers=evt_handlers,
+            server_class=GuardedAssociationServer,
+            request_handler=_GuardedRequestHandler,
+        )
+        server.front_door = self
+        thread = threading.Thread(target=server.serve_forever, name=f"FrontDoor@{address[1]}", daemon=True)
+        thread.start()
+        ae._servers.append(server)  # as start_server does: AssociationServer.shutdown removes it
+        return server
+
+    def admit(self, host: str) -> bool:
+        with self._lock:
+            count = self._per_host.get(host, 0)
+            if self.limits.max_connections_per_host and count >= self.limits.max_connections_per_host:
+                return False
+            self._per_host[host] = count + 1
+            return True
+
+    def release(self, host: str) -> None:
+        with self._lock:
+            count = self._per_host.get(host, 0) - 1
+            if count > 0:
+                self._per_host[host] = count
+            else:
+                self._per_host.pop(host, None)
+
+    def connections(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._per_host)
+
+    def report(self, refusal: Refusal) -> None:
+        try:
+            self._on_refusal(refusal)
+        except Exception:  # the audit failing must not keep a hostile socket open
+            log.exception("frontdoor.report_failed")
+            log_event(log, logging.WARNING, f"connection.{refusal.result}", peer=f"{refusal.host}:{refusal.port}",
+                      reason=refusal.reason)

@@ -1,0 +1,323 @@
+"""The front door under hostile input: raw-socket clients against a real in-process node.
+
+Each case checks that the socket is closed within its deadline (plus slack), that the event is
+in the association audit with the peer address and the reason, and that ordinary senders
+(DCMTK storescu, pynetdicom) get through while such sockets are open and afterwards.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pynetdicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import _config
+from pynetdicom.sop_class import Verification
+
+from dicom_node import frontdoor
+from dicom_node.scu import Peer, _make_ae, associate
+from dicom_node.synthetic import ct_slice, write_ct_study
+from tests.support.dicom import stored_files
+from tests.support.pki import make_pki
+from tests.support.procs import free_port
+from tests.support.waiting import wait_until
+
+from .conftest import NODE_AE, run_tool
+
+ACSE, NETWORK = 1.5, 2.0
+SLACK = 1.5
+HOSTILE = "127.0.0.2"  # loopback too: a second peer address without a second machine
+
+
+@pytest.fixture
+def guarded(make_node):
+    return make_node(acse_timeout=ACSE, network_timeout=NETWORK, max_pdu_size=16384, max_connections_per_host=3)
+
+
+def connect(node, source: str = HOSTILE, port: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port or node.settings.port))
+    return sock
+
+
+def wait_closed(sock: socket.socket, within: float) -> tuple[float, bytes]:
+    """Seconds until the node closed the connection, and what it sent before."""
+    start = time.monotonic()
+    sock.settimeout(within)
+    received = b""
+    try:
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f"connection still open after {within} s") from None
+    finally:
+        sock.close()
+    return time.monotonic() - start, received
+
+
+def audit_row(node, reason_part: str, host: str = HOSTILE) -> dict:
+    def find():
+        rows = [r for r in node.index.recent_associations(50) if reason_part in (r["reason"] or "")]
+        return rows[0] if rows else None
+
+    try:
+        row = wait_until(find, timeout=5, what=f"audit row with {reason_part!r}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; audit: {[r['reason'] for r in node.index.recent_associations(5)]}") from None
+    assert row["peer_host"] == host
+    assert row["ended_at"] is not None
+    return row
+
+
+def a_associate_rq_prefix(length: int = 400) -> bytes:
+    """The first bytes of an A-ASSOCIATE-RQ that claims `length` bytes: header, version, AE titles."""
+    body = b"\x00\x01\x00\x00" + NODE_AE.ljust(16).encode() + b"HALFRQ".ljust(16) + b"\x00" * 32
+    return struct.pack(">BBL", 0x01, 0, length) + body
+
+
+def echo_works(node) -> None:
+    ae = _make_ae("ECHOER")
+    ae.add_requested_context(Verification)
+    assoc = associate(ae, Peer("127.0.0.1", node.settings.port, NODE_AE))
+    try:
+        assert int(assoc.send_c_echo().Status) == 0
+    finally:
+        assoc.release()
+
+
+A_ABORT_PREFIX = b"\x07\x00\x00\x00\x00\x04"
+
+
+def test_garbage_is_aborted_and_audited(guarded):
+    sock = connect(guarded)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: node\r\n\r\n")
+    elapsed, received = wait_closed(sock, SLACK)
+    assert received.startswith(A_ABORT_PREFIX)
+    row = audit_row(guarded, "unknown PDU type 0x47")
+    assert row["result"] == "aborted"
+    echo_works(guarded)
+
+
+def test_unknown_pdu_type_is_aborted(guarded):
+    sock = connect(guarded)
+    sock.sendall(struct.pack(">BBL", 0x09, 0, 4) + b"\x00" * 4)
+    _, received = wait_closed(sock, SLACK)
+    assert received == A_ABORT_PREFIX + b"\x00\x00\x02\x01"  # source: provider, reason: unrecognised PDU
+    assert audit_row(guarded, "unknown PDU type 0x09")["result"] == "aborted"
+
+
+def test_half_an_associate_request_then_silence_is_closed_at_the_acse_deadline(guarded):
+    sock = connect(guarded)
+    sock.sendall(a_associate_rq_prefix())
+    elapsed, _ = wait_closed(sock, ACSE + SLACK)
+    assert elapsed < ACSE + SLACK
+    row = audit_row(guarded, "no complete A-ASSOCIATE-RQ within acse_timeout")
+    assert row["result"] == "aborted" and "bytes" in row["reason"]
+
+
+def test_silent_connection_is_closed_and_audited(guarded):
+    sock = connect(guarded)
+    elapsed, _ = wait_closed(sock, ACSE + SLACK)
+    assert elapsed < ACSE + SLACK
+    assert audit_row(guarded, "no A-ASSOCIATE-RQ within acse_timeout")["result"] == "aborted"
+
+
+def test_probe_that_connects_and_closes_is_not_audited(guarded):
+    connect(guarded).close()
+    time.sleep(0.5)
+    echo_works(guarded)
+    assert [r for r in guarded.index.recent_associations(10) if r["peer_host"] == HOSTILE] == []
+
+
+@pytest.mark.parametrize("then_stream", [False, True], ids=["then-nothing", "then-stream"])
+def test_4_gb_associate_request_is_aborted_without_reading_it(guarded, then_stream):
+    sock = connect(guarded)
+    sock.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF))
+    if then_stream:
+        chunk = b"\x00" * (1 << 20)
+        try:
+            for _ in range(64):
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed under us: expected
+    elapsed, _ = wait_closed(sock, SLACK)
+    row = audit_row(guarded, "A-ASSOCIATE-RQ declares 4294967295 bytes")
+    assert row["result"] == "aborted"
+    echo_works(guarded)
+
+
+def test_other_pdu_before_the_associate_request_is_aborted(guarded):
+    sock = connect(guarded)
+    sock.sendall(struct.pack(">BBL", 0x04, 0, 6) + b"\x00\x00\x00\x02\x01\x03")
+    wait_closed(sock, SLACK)
+    assert audit_row(guarded, "P-DATA-TF before any A-ASSOCIATE-RQ")["result"] == "aborted"
+
+
+def associated(node, calling: str = "RAWPDATA"):
+    ae = _make_ae(calling)
+    ae.add_requested_context(Verification)
+    assoc = associate(ae, Peer("127.0.0.1", node.settings.port, NODE_AE))
+    audit_id = wait_until(
+        lambda: next((r["id"] for r in node.index.recent_associations(5) if r["calling_ae"] == calling), None),
+        what="accepted association",
+    )
+    return assoc, audit_id
+
+
+def audit_by_id(node, audit_id: int) -> dict:
+    return next(r for r in node.index.recent_associations(50) if r["id"] == audit_id)
+
+
+def test_p_data_over_max_pdu_size_inside_an_association_is_aborted(guarded):
+    assoc, audit_id = associated(guarded)
+    # Written under pynetdicom's requestor, on its socket: a P-DATA-TF declaring 4 GB.
+    assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, 0xFFFFFFFF) + b"\x00" * 1000)
+    wait_until(lambda: assoc.is_aborted, timeout=SLACK, what="A-ABORT from the node")
+    row = wait_until(lambda: (r := audit_by_id(guarded, audit_id))["result"] == "aborted" and r, what="audit closed")
+    assert "P-DATA-TF declares 4294967295 bytes, more than the 16384 accepted" in row["reason"]
+    assert row["calling_ae"] == "RAWPDATA" and row["peer_host"] == "127.0.0.1"
+    echo_works(guarded)
+
+
+def test_p_data_of_exactly_max_pdu_size_is_read(guarded):
+    """The cap is the size we announced, not less: a P-DATA-TF of exactly max_pdu_size is fine
+    (here a dataset fragment without a command: the association goes on)."""
+    assoc, audit_id = associated(guarded, "EXACTPDU")
+    pdv = struct.pack(">LBB", 16384 - 4, 1, 0x00) + b"\x00" * (16384 - 6)
+    assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv)
+    time.sleep(0.5)
+    assert assoc.is_established
+    assoc.abort()
+
+
+def test_p_data_incomplete_after_network_timeout_is_cut(guarded):
+    assoc, audit_id = associated(guarded, "SLOWPDU")
+    assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, 1000) + b"\x00" * 10)
+    start = time.monotonic()
+    wait_until(lambda: assoc.is_aborted, timeout=NETWORK + SLACK, what="connection cut")
+    assert time.monotonic() - start < NETWORK + SLACK
+    row = wait_until(lambda: (r := audit_by_id(guarded, audit_id))["result"] == "aborted" and r, what="audit closed")
+    assert "incomplete" in row["reason"] and "network_timeout" in row["reason"]
+
+
+def test_too_many_connections_from_one_host(guarded):
+    held = [connect(guarded) for _ in range(3)]  # max_connections_per_host=3, all unassociated
+    time.sleep(0.2)
+    extra = connect(guarded)
+    elapsed, received = wait_closed(extra, 1.0)
+    assert received == b""
+    row = audit_row(guarded, "max_connections_per_host")
+    assert row["result"] == "rejected"
+    # Another host is not affected, DCMTK or pynetdicom, while the three are open.
+    echo_works(guarded)
+    run_tool("echoscu", "-aec", NODE_AE, "127.0.0.1", str(guarded.settings.port))
+    for sock in held:
+        sock.close()
+    wait_until(lambda: HOSTILE not in guarded.front_door.connections(), timeout=ACSE + SLACK, what="slots released")
+
+
+def test_storescu_gets_through_while_hostile_sockets_are_open_and_after(make_node, tmp_path):
+    node = make_node(acse_timeout=4.0, network_timeout=4.0, max_connections_per_host=8)
+    hostile = []
+    for source in ("127.0.0.2", "127.0.0.3"):
+        a = connect(node, source)
+        a.sendall(a_associate_rq_prefix())  # half a request, then silence
+        b = connect(node, source)
+        b.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0))  # a huge header, then nothing
+        c = connect(node, source)  # nothing at all
+        hostile += [a, b, c]
+    _, paths = write_ct_study(tmp_path / "ct", 5)
+    run_tool("storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))
+    assert len(stored_files(node.settings.storage_dir)) == 5
+    for sock in hostile:
+        wait_closed(sock, 4.0 + SLACK)
+    _, more = write_ct_study(tmp_path / "ct2", 3)
+    run_tool("storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, more))
+    assert len(stored_files(node.settings.storage_dir)) == 8
+    reasons = [r["reason"] for r in node.index.recent_associations(50) if r["peer_host"] in ("127.0.0.2", "127.0.0.3")]
+    assert len(reasons) == 6
+
+
+def test_silent_tls_client_does_not_block_the_tls_listener(make_node, tmp_path):
+    pki = make_pki(tmp_path / "pki")
+    node = make_node(
+        acse_timeout=3.0, tls_enabled=True, tls_port=free_port(), tls_cert=pki["server.pem"], tls_key=pki["server.key"],
+    )
+    silent = connect(node, port=node.settings.tls_port)  # no ClientHello
+    _, paths = write_ct_study(tmp_path / "ct", 2)
+    run_tool("storescu", "+tla", "+cf", str(pki["ca.pem"]), "-aec", NODE_AE, "127.0.0.1", str(node.settings.tls_port),
+             *map(str, paths))
+    assert len(stored_files(node.settings.storage_dir)) == 2
+    wait_closed(silent, 3.0 + SLACK)
+    assert audit_row(node, "TLS handshake")["result"] == "rejected"
+
+
+def test_aborted_transfer_leaves_no_spool_file(guarded, tmp_path):
+    """A C-STORE whose association is cut half-way: its spool file in .incoming is removed."""
+    ds = ct_slice(generate_uid(), generate_uid(), 1)
+    path = tmp_path / "a.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    ae = _make_ae("HALFSTORE")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = associate(ae, Peer("127.0.0.1", guarded.settings.port, NODE_AE))
+    # The command set and the first data fragment, then a P-DATA-TF that never ends.
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    req = C_STORE()
+    req.MessageID, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = 1, ds.SOPClassUID, ds.SOPInstanceUID
+    req.Priority = 2
+    req.DataSet = __import__("io").BytesIO(path.read_bytes()[200:])
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    context_id = assoc.accepted_contexts[0].context_id
+    pdus = list(message.encode_msg(context_id, 4000))
+    sock = assoc.dul.socket.socket
+    for pdu in pdus[:2]:  # command, then one data fragment
+        sock.sendall(pdu_bytes(pdu))
+    wait_until(lambda: list(guarded.store.incoming.glob("rx-*")), timeout=3, what="spool file")
+    sock.sendall(struct.pack(">BBL", 0x04, 0, 1000) + b"\x00" * 10)
+    wait_until(lambda: assoc.is_aborted, timeout=NETWORK + SLACK, what="connection cut")
+    wait_until(lambda: not list(guarded.store.incoming.iterdir()), timeout=3, what="spool file removed")
+
+
+def pdu_bytes(primitive) -> bytes:
+    from pynetdicom.pdu import P_DATA_TF
+
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def test_a_received_data_set_is_streamed_to_incoming_not_kept_in_memory(node, tmp_path, monkeypatch):
+    seen = []
+    original = node.ingestor.ingest_file
+
+    def spy(path, *args):
+        seen.append(path.parent)
+        return original(path, *args)
+
+    monkeypatch.setattr(node.ingestor, "ingest_file", spy)
+    monkeypatch.setattr(node.ingestor, "ingest", lambda *a: pytest.fail("the data set was passed in memory"))
+    _, paths = write_ct_study(tmp_path / "ct", 2)
+    run_tool("storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))
+    assert seen == [node.store.incoming] * 2
+    assert len(stored_files(node.settings.storage_dir)) == 2
+    assert list(node.store.incoming.iterdir()) == []
+    # Only the node's own connections stream: the process-wide switch (our C-GET handlers) is off.
+    assert _config.STORE_RECV_CHUNKED_DATASET is False
+
+
+def test_unchecked_pynetdicom_version_refuses_to_start(monkeypatch):
+    monkeypatch.setattr(pynetdicom, "__version__", "3.0.5")
+    with pytest.raises(frontdoor.UnsupportedPynetdicom, match="3.0.5"):
+        frontdoor.check_pynetdicom()
