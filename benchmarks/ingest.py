@@ -1,6 +1,7 @@
 """Ingest speed and memory: the node's SCP against DCMTK storescp, in one run.
 
     python benchmarks/ingest.py [--instances 1000] [--size 128] [--memory-instances 10000]
+    python benchmarks/ingest.py --big-instance-mb 1024 [--concurrent 16]   (RSS while receiving big instances)
 
 DCMTK storescu (TCP_NODELAY=1) sends the same small CT instances over one association and
 over four parallel associations into (a) the node (fsync + index commit before each
@@ -90,13 +91,87 @@ def split(paths: list[Path], root: Path, parts: int) -> list[Path]:
     return folders
 
 
+def write_big_instance(path: Path, megabytes: int) -> None:
+    """A 1024x1024 16-bit multi-frame CT of about `megabytes`, written frame by frame."""
+    from pydicom.uid import generate_uid
+
+    from dicom_node.synthetic import ct_slice
+
+    ds = ct_slice(generate_uid(), generate_uid(), 1, rows=1024, cols=1024)
+    frame = 1024 * 1024 * 2
+    ds.NumberOfFrames = max(1, (megabytes << 20) // frame)
+    del ds.PixelData
+    ds.save_as(path, enforce_file_format=True)
+    chunk = os.urandom(frame)
+    with open(path, "ab") as f:
+        f.write(b"\xe0\x7f\x10\x00OW\x00\x00" + (ds.NumberOfFrames * frame).to_bytes(4, "little"))
+        for _ in range(ds.NumberOfFrames):
+            f.write(chunk)
+
+
+def big_instances(megabytes: int, concurrent: int, workdir: Path | None) -> None:
+    """The node's RSS (sampled every 20 ms) while `concurrent` storescu send one big instance each."""
+    import threading
+
+    Path("var").mkdir(exist_ok=True)
+    work = workdir or Path(tempfile.mkdtemp(prefix="bench-big-", dir="var"))
+    folders = []
+    for number in range(concurrent):
+        folder = work / f"big{number}"
+        folder.mkdir(parents=True)
+        write_big_instance(folder / "big.dcm", megabytes)
+        folders.append(folder)
+    size_mb = (folders[0] / "big.dcm").stat().st_size / 2**20
+    port = free_port()
+    # All senders are on this host: no per-host limit; enough associations for all of them.
+    node = start_node(work / "node", port, extra_env={
+        "DICOM_NODE_STUDY_IDLE_SECONDS": "3600", "DICOM_NODE_MAX_CONNECTIONS_PER_HOST": "0",
+        "DICOM_NODE_MAX_ASSOCIATIONS": str(max(16, concurrent)),
+    })
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(memory_mb(node.pid))
+            time.sleep(0.02)
+
+    try:
+        wait_for_port(port)
+        time.sleep(1)
+        before = memory_mb(node.pid)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        elapsed = storescu(port, "DICOM_NODE", folders)
+        done.set()
+        sampler.join()
+        stored = [p for p in (work / "node" / "store").rglob("*.dcm") if ".incoming" not in p.parts]
+        peak = max(samples)
+        print(f"\n{concurrent} x {size_mb:.0f} MiB multi-frame instance(s), one association each, {elapsed:.1f} s, "
+              f"{len(stored)} stored")
+        print(f"node RSS: {before:.0f} MiB before, peak {peak:.0f} MiB while receiving (growth {peak - before:.0f} MiB), "
+              f"VmHWM {memory_mb(node.pid, 'VmHWM'):.0f} MiB")
+    finally:
+        done.set()
+        node.terminate()
+        node.wait()
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--size", type=int, default=128, help="rows = columns of each CT slice")
     parser.add_argument("--memory-instances", type=int, default=0, help="also send this many and sample the node's RSS")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder under ./var")
+    parser.add_argument("--big-instance-mb", type=int, default=0,
+                        help="only measure the node's RSS while it receives big multi-frame instances of this size")
+    parser.add_argument("--concurrent", type=int, default=1, help="with --big-instance-mb: this many at once, one association each")
     args = parser.parse_args()
+    if args.big_instance_mb:
+        big_instances(args.big_instance_mb, args.concurrent, args.workdir)
+        return
 
     Path("var").mkdir(exist_ok=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-ingest-", dir="var"))
