@@ -20,11 +20,12 @@ def queue_for(settings: Settings, index: Index) -> DeliveryQueue:
     return DeliveryQueue(index, Path(settings.work_dir) / "outbox", settings.report, settings.ae_title)
 
 
-def deliver_pending(rt: Runtime, sr_uid: str) -> tuple[bool, str, float]:
-    """Try every due delivery; returns (this SR accepted everywhere, last error, seconds until next try)."""
+def deliver_pending(rt: Runtime, sop_uids: list[str]) -> tuple[bool, str, float]:
+    """Try the due deliveries of one job's objects (its SR, and overlay SC if any); returns (all accepted
+    everywhere, last error, seconds until the next try)."""
     queue = delivery_queue(rt)
-    queue.deliver_due()
-    rows = [row for row in queue.rows() if row.sop_instance_uid == sr_uid]
+    queue.deliver_due(only=sop_uids)
+    rows = [row for row in queue.rows() if row.sop_instance_uid in sop_uids]
     waiting = [row for row in rows if row.status not in DONE]
     if not waiting:
         return True, "", 0.0

@@ -266,7 +266,8 @@ def run_deliver(rt: Runtime, job: Job) -> StageOutput:
     from .reporting import deliver_pending
 
     reading = read_reading(job)
-    accepted, last_error, retry_in = deliver_pending(rt, reading.sr_sop_instance_uid)
+    objects = [uid for uid in (reading.sr_sop_instance_uid, reading.overlay_sop_instance_uid) if uid]
+    accepted, last_error, retry_in = deliver_pending(rt, objects)
     if not accepted:
         raise DeliveryPending(f"SR {reading.sr_sop_instance_uid} not accepted yet: {last_error}", retry_in)
     return StageOutput(None, {"delivered": True})

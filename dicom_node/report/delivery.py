@@ -19,6 +19,7 @@ import io
 import logging
 import random
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,12 +155,14 @@ class DeliveryQueue:
         delay = min(s.backoff_max_seconds, s.backoff_base_seconds * 2 ** max(attempts - 1, 0))
         return max(0.0, delay * (1 + self.rng.uniform(-s.backoff_jitter, s.backoff_jitter)))
 
-    def deliver_due(self, now: float | None = None) -> DeliverySummary:
+    def deliver_due(self, now: float | None = None, only: Collection[str] | None = None) -> DeliverySummary:
+        """Try every due row once; `only`: just the rows of these SOP Instance UIDs (one job's objects,
+        so that job never waits on another worker's claim of them)."""
         now = time.time() if now is None else now
         summary = DeliverySummary(started_at=now)
         destinations = {d.name: d for d in self.settings.destinations}
         self._expire_commitments(summary)
-        due = self._claim_due(now)
+        due = self._claim_due(now, only)
         by_destination: dict[str, list[DeliveryRow]] = {}
         for row in due:
             by_destination.setdefault(row.destination, []).append(row)
@@ -192,16 +195,17 @@ class DeliveryQueue:
                 log_event(log, logging.WARNING, "report.commitment_expired", destination=row.destination,
                           sop_instance_uid=row.sop_instance_uid)
 
-    def _claim_due(self, now: float) -> list[DeliveryRow]:
+    def _claim_due(self, now: float, only: Collection[str] | None = None) -> list[DeliveryRow]:
         """Due rows, each leased for a while so a concurrent worker does not send them too."""
         lease = now + max((d.timeout_seconds for d in self.settings.destinations), default=30.0) * 4
         claimed = []
+        query = (select(report_deliveries)
+                 .where(report_deliveries.c.status == "pending", report_deliveries.c.next_attempt_at <= now)
+                 .order_by(report_deliveries.c.id))
+        if only is not None:
+            query = query.where(report_deliveries.c.sop_instance_uid.in_(list(only)))
         with self.index._write() as conn:  # noqa: SLF001
-            rows = conn.execute(
-                select(report_deliveries)
-                .where(report_deliveries.c.status == "pending", report_deliveries.c.next_attempt_at <= now)
-                .order_by(report_deliveries.c.id)
-            ).all()
+            rows = conn.execute(query).all()
             for r in rows:
                 got = conn.execute(
                     update(report_deliveries)

@@ -3,6 +3,7 @@ a SOP class refused, a timeout mid-transfer, failure and warning statuses; plus 
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import threading
@@ -180,3 +181,16 @@ def test_settings_from_environment_and_validation(monkeypatch):
     ]:
         with pytest.raises(ValidationError, match=message):
             ReportSettings(destinations=bad)
+
+
+def test_one_jobs_delivery_sends_only_its_own_objects(fake_pacs, sr, index, tmp_path):
+    pacs = fake_pacs()
+    queue = DeliveryQueue(index, tmp_path / "out", settings_for(pacs.destination()))
+    other = copy.deepcopy(sr)
+    other.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.99"
+    queue.enqueue(sr)
+    queue.enqueue(other)
+    summary = queue.deliver_due(only=[str(sr.SOPInstanceUID)])
+    assert summary.accepted == 1 and pacs.received == [str(sr.SOPInstanceUID)]
+    [waiting] = queue.pending()
+    assert waiting.sop_instance_uid == other.SOPInstanceUID and waiting.attempts == 0  # untouched, still due
