@@ -143,6 +143,9 @@ def _spool_file(*args, **kwargs):
         return tempfile.NamedTemporaryFile(*args, **kwargs)
     kwargs.update(dir=conn.limits.spool_dir, prefix="rx-")
     handle = tempfile.NamedTemporaryFile(*args, **kwargs)
+    # Kept until closed: pynetdicom closes and removes each after its C-STORE handler; those of
+    # a transfer cut half-way are removed when the connection ends.
+    conn.spool_files = [h for h in conn.spool_files if not h.closed]
     conn.spool_files.append(handle)
     return handle
 

@@ -42,6 +42,7 @@ PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 PIXEL_TAG_NUMBERS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFER_SIZE = 1 << 20  # header values above this are not read (their extent is still checked)
+SMALL_INSTANCE = 1 << 20  # a file up to this size is read whole before it is parsed
 MAX_COMMENT = 64  # ErrorComment is LO: 64 characters at most
 UID_ATTRIBUTES = (
     ("StudyInstanceUID", "StudyInstanceUID (0020,000D)"),
@@ -203,6 +204,9 @@ def _parse_source(source: bytes | Path) -> tuple[Dataset, bool, int]:
     """(dataset without its pixel data, whether it has pixel data, size in bytes)."""
     if isinstance(source, Path):
         size = source.stat().st_size
+        if size <= SMALL_INSTANCE:  # parsed faster from memory, and bounded all the same
+            ds, has_pixels = _parse(BytesIO(source.read_bytes()), size)
+            return ds, has_pixels, size
         with open(source, "rb") as fp:
             ds, has_pixels = _parse(fp, size)
         return ds, has_pixels, size
