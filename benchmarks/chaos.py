@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.local_stack.orthanc import require_private_network  # noqa: E402
+from dicom_node.local_stack.orthanc import run_in_private_network  # noqa: E402
 from tests.support.chaos import (  # noqa: E402
     CONTROL,
     Cohort,
@@ -51,22 +50,6 @@ from tests.support.chaos import (  # noqa: E402
 
 COLUMNS = ("seed", "studies", "SR exactly once", "missing SR", "doubled", "jobs unfinished/failed",
            "instances lost", "settle s", "total s (x control)", "pass")
-
-
-def in_private_namespace() -> bool:
-    try:
-        require_private_network()
-        return True
-    except RuntimeError:
-        return False
-
-
-def reexec_in_private_namespace() -> None:
-    """Run this same command again inside `unshare -n`, with loopback up (scripts/test.sh does the same)."""
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    command = [*sudo, "unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
-               sys.executable, *sys.argv]
-    os.execvp(command[0], command)
 
 
 def parse_args() -> argparse.Namespace:
@@ -146,8 +129,7 @@ def run_all(args: argparse.Namespace, cohort: Cohort, plans: list[FaultPlan], ro
 
 def main() -> int:
     args = parse_args()
-    if not in_private_namespace():
-        reexec_in_private_namespace()
+    run_in_private_network()
     set_child_subreaper(True)  # orphans of killed process groups come back to us to be reaped
     (REPO / "var").mkdir(exist_ok=True)
     root = (args.workdir or Path(tempfile.mkdtemp(prefix="chaos-", dir=REPO / "var"))).resolve()

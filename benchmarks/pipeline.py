@@ -27,20 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import select  # noqa: E402
 
 from dicom_node.index import Index, studies  # noqa: E402
-from dicom_node.local_stack.orthanc import require_private_network  # noqa: E402
+from dicom_node.local_stack.orthanc import run_in_private_network  # noqa: E402
 from dicom_node.local_stack.scenario import ARCHIVE_LOADER_AE  # noqa: E402
 from dicom_node.local_stack.stack import MODALITY_AE, NODE_AE, LocalStack, Ports  # noqa: E402
 from dicom_node.pipeline.jobs import JobStore  # noqa: E402
 from dicom_node.report.delivery import report_deliveries  # noqa: E402
 from dicom_node.scu import Peer, send  # noqa: E402
-
-
-def in_private_namespace() -> bool:
-    try:
-        require_private_network()
-        return True
-    except RuntimeError:
-        return False
 
 
 def make_studies(folder: Path, count: int, size: int) -> tuple[list[Path], list[Path]]:
@@ -98,7 +90,7 @@ def run(workdir: Path, workers: int, priors: list[Path], currents: list[Path], t
         deadline = time.time() + timeout
         rss_after_first: dict[str, float] = {}
         while time.time() < deadline:
-            finished = [j for j in jobs.list(limit=10_000) if j.state in ("done", "failed")]
+            finished = [j for j in jobs.list(limit=10_000) if j.finished]
             if finished and not rss_after_first:
                 rss_after_first = worker_rss(stack)
             if len(finished) >= len(currents):
@@ -140,11 +132,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=2.0,
                         help="also run 1 worker/queue with one study every INTERVAL seconds (latency at steady load); 0: skip")
     args = parser.parse_args()
-    if not in_private_namespace():
-        # Re-run inside a private network namespace holding only loopback.
-        sudo = [] if os.geteuid() == 0 else ["sudo"]
-        os.execvp(sudo[0] if sudo else "unshare", [*sudo, "unshare", "--net", "--", "sh", "-c",
-                  'ip link set lo up && exec "$0" "$@"', sys.executable, *sys.argv])
+    run_in_private_network()
     Path("var").mkdir(exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="bench-pipeline-", dir="var"))
     priors, currents = make_studies(root / "data", args.studies, args.size)

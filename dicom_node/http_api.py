@@ -39,13 +39,9 @@ class _IndexCollector:
 
 
 def job_counts(index: Index) -> dict[str, int]:
-    from sqlalchemy import func, select
+    from .pipeline.jobs import JobStore
 
-    from .index import jobs
-
-    with index.engine.connect() as conn:
-        rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
-    return {state: count for state, count in rows}
+    return JobStore(index).counts()
 
 
 def status_document(index: Index, limit: int = 20) -> dict:

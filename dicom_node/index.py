@@ -129,7 +129,7 @@ prior_studies = Table(
     Column("in_use_until", Float, nullable=False, default=0.0),  # lease: never evicted before this time
 )
 
-# One row per (study, instance set) to analyse; the Celery dispatcher publishes and marks them.
+# One row per (study, instance set) to analyse; the pipeline coordinator turns each into a job.
 outbox = Table(
     "outbox",
     metadata,
@@ -561,15 +561,10 @@ class Index:
             ).one()
             return OutboxRow(**row._mapping)
 
-    def mark_published(self, outbox_id: int) -> None:
+    def mark_job_created(self, outbox_id: int) -> None:
+        """The outbox row's job exists (published_at: when; the row is kept for audit)."""
         with self._write() as conn:
             conn.execute(update(outbox).where(outbox.c.id == outbox_id).values(published_at=time.time(), last_error=""))
-
-    def record_publish_error(self, outbox_id: int, error: str) -> None:
-        with self._write() as conn:
-            conn.execute(
-                update(outbox).where(outbox.c.id == outbox_id).values(attempts=outbox.c.attempts + 1, last_error=error[:2000])
-            )
 
     def outbox_rows(self, pending_only: bool = False) -> list[OutboxRow]:
         query = select(outbox).order_by(outbox.c.id)

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,9 +30,23 @@ def routing_lua(from_aet: str, to_modality: str) -> str:
     return f"ROUTE_FROM_AET = {from_aet!r}\nROUTE_TO = {to_modality!r}\n" + ROUTING_LUA.read_text()
 
 
+def in_private_network() -> bool:
+    return sorted(name for _, name in socket.if_nameindex()) == ["lo"]  # this process's namespace
+
+
+def run_in_private_network() -> None:
+    """Benchmarks: re-run this same command inside `unshare -n` with loopback up, unless already
+    there (scripts/test.sh does the same for the suite)."""
+    if in_private_network():
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    command = [*sudo, "unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable, *sys.argv]
+    os.execvp(command[0], command)
+
+
 def require_private_network() -> None:
-    interfaces = sorted(name for _, name in socket.if_nameindex())  # this process's namespace
-    if interfaces != ["lo"]:
+    if not in_private_network():
+        interfaces = sorted(name for _, name in socket.if_nameindex())
         raise RuntimeError(
             f"Orthanc binds 0.0.0.0; refusing to start it with network interfaces {interfaces}. "
             "Run it through scripts/test.sh or scripts/quickstart.sh, which use a private network namespace (unshare -n)."

@@ -47,7 +47,7 @@ def finished_job(workdir: Path, study_uid: str, timeout: float = 15.0) -> dict |
         deadline = time.monotonic() + timeout
         while True:
             jobs = store.for_study(study_uid)
-            if (jobs and jobs[-1].state in ("done", "failed")) or time.monotonic() > deadline:
+            if (jobs and jobs[-1].finished) or time.monotonic() > deadline:
                 return jobs[-1].__dict__ if jobs else None
             time.sleep(0.3)
     finally:

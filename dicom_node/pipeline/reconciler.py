@@ -68,7 +68,7 @@ def dispatch_pending(index: Index, jobs: JobStore, settings: Settings, publish=N
         study = index.study(row.study_uid) or {}
         priority = "urgent" if study.get("urgent") else "routine"
         job, new = jobs.create(row.study_uid, row.id, row.instance_set_hash, version, priority)
-        index.mark_published(row.id)  # the outbox row's job exists (the row is kept for audit)
+        index.mark_job_created(row.id)
         if new:
             created += 1
             log_event(log, logging.INFO, "dispatch.job_created", study_uid=row.study_uid, job=job.job_key,

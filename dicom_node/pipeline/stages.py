@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RF", "XA", "IO", "PX"})
 ENGINE_NAME = "dicom-node analysis engine"
-WAIT_FOR_EARLIER_REPORT_SECONDS = 2.0
 
 
 @dataclass

@@ -19,7 +19,6 @@ Content tree:
 from __future__ import annotations
 
 import datetime as dt
-from collections import Counter
 from dataclasses import dataclass, field
 
 import highdicom as hd

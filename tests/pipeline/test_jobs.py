@@ -12,9 +12,7 @@ import time
 import pytest
 
 from dicom_node.config import Settings
-from dicom_node.index import Index
 from dicom_node.pipeline import retry, tasks
-from dicom_node.pipeline.jobs import JobStore
 from dicom_node.pipeline.reconciler import reconcile
 from dicom_node.pipeline.runtime import Runtime
 from dicom_node.pipeline.stages import StageOutput
