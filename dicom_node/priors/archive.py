@@ -450,10 +450,10 @@ class DimseArchive(Archive):
         accepted = [a for a in calls if a["result"] != "rejected"]
         if not accepted:
             reasons = "; ".join(sorted({a["reason"] for a in calls}))
-            raise RetrieveRefused(
-                f"archive {self.name!r} tried to send to this node but the node rejected its association ({reasons}): "
-                f"add the archive's AE title to allowed_callers"
-            )
+            fix = ("configure the PACS to use DICOM TLS when it sends to this node's TLS port (or register the plain port)"
+                   if "TLS" in reasons else "add the archive's AE title to allowed_callers")
+            raise RetrieveRefused(f"archive {self.name!r} tried to send to this node but the node rejected its association "
+                                  f"({reasons}): {fix}")
         failures = "; ".join(sorted({a["reason"] for a in accepted if a["reason"]}))
         transfer.problems.append(
             f"C-MOVE failed with status {code} after the archive connected to us; C-STORE failures on our side: "

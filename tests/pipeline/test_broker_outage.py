@@ -306,7 +306,8 @@ def test_restart_on_exit_restarts_a_worker_that_exits_non_zero(tmp_path):
         wait_until(lambda: runs(tmp_path) >= 3, 30, 0.1, "three runs")
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 3
+        # The last run's status: 3, or 128+SIGTERM when the signal reached a run just starting.
+        assert proc.wait(10) in (3, 128 + signal.SIGTERM)
 
 
 def test_restart_on_exit_kills_and_restarts_a_worker_without_heartbeat(tmp_path):

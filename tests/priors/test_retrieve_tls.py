@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from dicom_node.priors import ArchiveUnavailable, retrieve_priors
+from dicom_node.priors import ArchiveUnavailable, RetrieveRefused, retrieve_priors
 from tests.support.orthanc import Orthanc
 from tests.support.pki import make_pki
 from tests.support.procs import free_port
@@ -113,7 +113,8 @@ def test_cmove_without_tls_to_the_tls_listener_is_refused(tls_archive, pki, make
     settings = prior_settings(node, tls_config(tls_archive, ca, "c-move"))
     worker = worker_for(node)
 
-    with pytest.raises(ArchiveUnavailable, match="refused to send to move destination"):  # transient: retried
+    # The front door audits the failed handshake, so the node knows Orthanc did call back: a configuration error.
+    with pytest.raises(RetrieveRefused, match="TLS handshake failed.*configure the PACS to use DICOM TLS"):
         retrieve_priors(settings, worker.index, worker.ingestor, current)
     assert not [a for a in node.index.recent_associations(20) if a["calling_ae"] == tls_archive.orthanc.aet]
 
