@@ -166,7 +166,7 @@ def test_worker_outlives_redis_killed_mid_task(tmp_path, broker, start_worker):
     broker.start()
 
     wait_until(lambda: f"tests.sleep[{task.id}] succeeded" in log_of(tmp_path), 30, 0.2, "the task to finish")
-    round_trip(app)
+    round_trip(client(broker))  # a fresh client: the test's own pooled connections died with Redis (the worker's are under test)
     assert worker.poll() is None
     assert worker_alive(tmp_path, broker).returncode == 0
     log = log_of(tmp_path)
