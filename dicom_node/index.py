@@ -161,6 +161,7 @@ jobs = Table(
     Column("state", String(16), nullable=False, index=True),
     Column("attempts", Integer, nullable=False, default=0),  # failed attempts, all stages
     Column("stage_attempts", Integer, nullable=False, default=0),  # failed attempts of the current stage
+    Column("unknown_attempts", Integer, nullable=False, default=0),  # of those, unknown-class ones (task_max_retries)
     Column("last_error", Text, nullable=False, default=""),
     Column("error_class", String(16), nullable=False, default=""),  # transient | permanent | unknown
     Column("first_error_at", Float),  # start of the current stage's run of failures (the retry horizon)

@@ -55,6 +55,7 @@ class Job:
     result: dict = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
+    unknown_attempts: int = 0  # of stage_attempts, those of the unknown class (a dead worker, a bug)
 
     @classmethod
     def from_row(cls, row) -> "Job":
@@ -172,7 +173,7 @@ class JobStore:
             row = conn.execute(select(jobs.c.timings, jobs.c.result, jobs.c.artifacts).where(jobs.c.job_key == job.job_key)).first()
             timings = json.loads(row.timings or "{}")
             timings.setdefault(stage, {})["finished"] = now
-            values: dict = dict(state=following, stage_attempts=0, last_error="", error_class="", first_error_at=None,
+            values: dict = dict(state=following, stage_attempts=0, unknown_attempts=0, last_error="", error_class="", first_error_at=None,
                                 next_attempt_at=now, published_at=None, lease_owner=None, lease_until=None,
                                 timings=json.dumps(timings), updated_at=now)
             if artifact is not None:
@@ -191,6 +192,7 @@ class JobStore:
         now = time.time()
         values: dict = dict(last_error=error[:2000], error_class=error_class, attempts=jobs.c.attempts + 1,
                             stage_attempts=jobs.c.stage_attempts + 1,
+                            unknown_attempts=jobs.c.unknown_attempts + int(error_class == "unknown"),
                             first_error_at=jobs.c.first_error_at if job.first_error_at else now,
                             lease_owner=None, lease_until=None, published_at=None, updated_at=now)
         if retry_at is None:
@@ -216,7 +218,7 @@ class JobStore:
         with self.index._write() as conn:  # noqa: SLF001
             conn.execute(
                 update(jobs).where(jobs.c.job_key == key).values(
-                    state=STAGES[0], attempts=0, stage_attempts=0, last_error="", error_class="", first_error_at=None,
+                    state=STAGES[0], attempts=0, stage_attempts=0, unknown_attempts=0, last_error="", error_class="", first_error_at=None,
                     next_attempt_at=now, published_at=None, lease_owner=None, lease_until=None, updated_at=now)
             )
         return self.get(key)

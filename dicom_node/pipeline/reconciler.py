@@ -88,11 +88,8 @@ def reconcile(jobs: JobStore, settings: Settings, publish=None, now: float | Non
         if job.lease_until is not None and job.lease_until < now:
             # The worker running the stage stopped renewing its lease: it died (or hangs).
             failures = job.stage_attempts + 1
-            first = job.first_error_at or now
-            at = retry.next_attempt_at(retry.UNKNOWN, failures, first, now, settings)
-            reason = f"{job.state}: the worker running it ({job.lease_owner}) stopped renewing its lease"
-            if at is None:
-                reason += retry.give_up_reason(retry.UNKNOWN, failures, first, now)
+            at, gave_up = retry.plan_retry(retry.UNKNOWN, job, now, settings)
+            reason = f"{job.state}: the worker running it ({job.lease_owner}) stopped renewing its lease{gave_up}"
             state = jobs.fail(job, None, reason, retry.UNKNOWN, at)
             log_event(log, logging.WARNING if at else logging.ERROR, "job.lease_expired", job=job.job_key,
                       stage=job.state, owner=job.lease_owner, attempt=failures, final=at is None)

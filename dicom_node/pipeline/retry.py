@@ -84,20 +84,30 @@ def backoff_seconds(failures: int, settings: Settings) -> float:
 
 
 def next_attempt_at(error_class: str, failures: int, first_error_at: float, now: float, settings: Settings,
-                    retry_in: float | None = None) -> float | None:
-    """When to try again after the `failures`-th failed attempt of a stage; None: give up (failed)."""
+                    retry_in: float | None = None, unknown_failures: int = 0) -> float | None:
+    """When to try again after the `failures`-th failed attempt of a stage, `unknown_failures` of them
+    of the unknown class; None: give up (failed). Only unknown failures count against
+    `task_max_retries`: a stage that met a 20 s PACS outage (transient) and then a killed worker
+    (unknown) has had one unexplained failure, not six."""
     if error_class == PERMANENT:
         return None
-    if error_class == UNKNOWN and failures > settings.task_max_retries:
+    if error_class == UNKNOWN and unknown_failures > settings.task_max_retries:
         return None
     if error_class == TRANSIENT and retry_in is None and now - first_error_at > settings.retry_horizon_seconds:
         return None
     return now + (retry_in if retry_in is not None else backoff_seconds(failures, settings))
 
 
-def give_up_reason(error_class: str, failures: int, first_error_at: float, now: float) -> str:
-    if error_class == PERMANENT:
-        return ""
+def plan_retry(error_class: str, job, now: float, settings: Settings,
+               retry_in: float | None = None) -> tuple[float | None, str]:
+    """For a failed attempt of `job`'s current stage (a jobs.Job): when to try again (None: give up)
+    and the text to add to the error when giving up."""
+    failures = job.stage_attempts + 1
+    unknown_failures = job.unknown_attempts + (error_class == UNKNOWN)
+    first = job.first_error_at or now
+    at = next_attempt_at(error_class, failures, first, now, settings, retry_in, unknown_failures)
+    if at is not None or error_class == PERMANENT:
+        return at, ""
     if error_class == UNKNOWN:
-        return f" (gave up after {failures} attempts)"
-    return f" (gave up after {failures} attempts over {now - first_error_at:.0f} s: retry_horizon_seconds)"
+        return None, f" (gave up after {unknown_failures} unexplained failures, {failures} attempts in all)"
+    return None, f" (gave up after {failures} attempts over {now - first:.0f} s: retry_horizon_seconds)"

@@ -113,12 +113,9 @@ def record_failure(rt: Runtime, job: Job, owner: str | None, exc: BaseException)
     now = time.time()
     error_class = retry.classify(exc)
     failures = job.stage_attempts + 1
-    first = job.first_error_at or now
     retry_in = exc.retry_in if isinstance(exc, retry.DeliveryPending) else None
-    at = retry.next_attempt_at(error_class, failures, first, now, rt.settings, retry_in)
-    reason = f"{job.state}: {type(exc).__name__}: {exc}"
-    if at is None:
-        reason += retry.give_up_reason(error_class, failures, first, now)
+    at, gave_up = retry.plan_retry(error_class, job, now, rt.settings, retry_in)
+    reason = f"{job.state}: {type(exc).__name__}: {exc}{gave_up}"
     state = rt.jobs.fail(job, owner, reason, error_class, at)
     level = logging.ERROR if at is None else logging.WARNING
     log_event(log, level, "job.failed" if at is None else "job.stage_error", job=job.job_key, stage=job.state,

@@ -126,7 +126,27 @@ def test_unknown_errors_have_an_attempt_budget(rt, published):
         _make_due(rt, job.job_key)
         states.append(tasks.run_stage(rt, "priors", job.job_key, bug))
     assert states == ["priors", "priors", "failed"]  # task_max_retries=2
-    assert "gave up after 3 attempts" in rt.jobs.get(job.job_key).last_error
+    assert "gave up after 3 unexplained failures" in rt.jobs.get(job.job_key).last_error
+
+
+def test_a_dead_worker_after_an_outage_spends_only_the_unknown_budget(rt, published):
+    """Chaos seed 5: six transient failures during a PACS outage, then the io worker was killed
+    holding the stage. That is one unexplained failure, not the seventh of task_max_retries=2."""
+    job = new_job(rt)
+    outage = failing(ArchiveUnavailable("archive 'pacs': could not connect"))
+    for _ in range(6):
+        _make_due(rt, job.job_key)
+        tasks.run_stage(rt, "priors", job.job_key, outage)
+    _make_due(rt, job.job_key)
+    dying = rt.jobs.claim(job.job_key, "priors", "killed-worker", lease_seconds=1)
+    later = dying.lease_until + 1
+    reconcile(rt.jobs, rt.settings, publish=lambda *a: True, now=later)
+    row = rt.jobs.get(job.job_key)
+    assert (row.state, row.stage_attempts, row.unknown_attempts) == ("priors", 7, 1)
+    assert "stopped renewing its lease" in row.last_error and "gave up" not in row.last_error
+    _make_due(rt, job.job_key)
+    assert tasks.run_stage(rt, "priors", job.job_key, ok) == "compare"
+    assert rt.jobs.get(job.job_key).unknown_attempts == 0  # a new stage starts with a fresh budget
 
 
 def test_delivery_waits_without_limit_on_the_outbox_schedule(rt, published):

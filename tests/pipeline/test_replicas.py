@@ -434,7 +434,7 @@ def test_dead_workers_are_failed_attempts_then_the_job_gives_up(replica, setting
         t = row.next_attempt_at + 0.05  # the next worker takes it ... and dies too
 
     assert row.state == "failed"
-    assert f"gave up after {TASK_MAX_RETRIES + 1} attempts" in row.last_error
+    assert f"gave up after {TASK_MAX_RETRIES + 1} unexplained failures" in row.last_error
     assert recorder.calls == []
     assert reconcile(jobs, settings, publish=recorder, now=t + 3600) == 0
     assert jobs.claim(key, "priors", "late-worker", lease_seconds=1, now=t + 3600) is None
