@@ -50,6 +50,8 @@ class TruthRegion:
     bbox: tuple[int, ...]  # current-image pixels, end-exclusive; (r0,c0,r1,c1) or (z0,r0,c0,z1,r1,c1)
     size_mm: float  # longest diameter of the changed area
     center: tuple[float, ...]  # current-image pixel coordinates
+    # Longest diameter of the lesion itself at each visit, oldest first (None: absent then); nodules only.
+    sizes_mm: tuple[float | None, ...] = ()
 
 
 @dataclass
@@ -100,7 +102,7 @@ def make_chest_pair(seed: int, change: str = "new_nodule", size: int = 512, *,
     spacing_out = FOV_MM / size
     scale_c2o = size / canvas
 
-    def add_truth(kind: str, mask_or_disk, zone: str, size_mm: float, center_c) -> None:
+    def add_truth(kind: str, mask_or_disk, zone: str, size_mm: float, center_c, sizes=()) -> None:
         if isinstance(mask_or_disk, np.ndarray):
             rr, cc = np.nonzero(mask_or_disk)
             bbox_c = (rr.min(), cc.min(), rr.max() + 1, cc.max() + 1)
@@ -109,7 +111,7 @@ def make_chest_pair(seed: int, change: str = "new_nodule", size: int = 512, *,
             bbox_c = (r - rad, c - rad, r + rad + 1, c + rad + 1)
         bbox = tuple(int(round(v * scale_c2o)) for v in bbox_c)
         truth.regions.append(TruthRegion(kind, EXPECTED_STATUS[change], zone, bbox, float(size_mm),
-                                         (center_c[0] * scale_c2o, center_c[1] * scale_c2o)))
+                                         (center_c[0] * scale_c2o, center_c[1] * scale_c2o), tuple(sizes)))
 
     cmm = FOV_MM / canvas
     if change.endswith("nodule") or change == "stable":
@@ -120,20 +122,20 @@ def make_chest_pair(seed: int, change: str = "new_nodule", size: int = 512, *,
         d = lesion_size_mm or float(rng.uniform(lo, 30.0))
         if change == "new_nodule":
             _add_nodule(cur_lesion, r, c, d / 2 / cmm)
-            add_truth("nodule", d / 2 / cmm, zone, d, (r, c))
+            add_truth("nodule", d / 2 / cmm, zone, d, (r, c), (None, d))
         elif change == "resolved_nodule":
             _add_nodule(pri_lesion, r, c, d / 2 / cmm)
-            add_truth("nodule", d / 2 / cmm, zone, d, (r, c))
+            add_truth("nodule", d / 2 / cmm, zone, d, (r, c), (d, None))
         elif change == "growing_nodule":
             d0 = d / rng.uniform(1.4, 1.8)
             _add_nodule(pri_lesion, r, c, d0 / 2 / cmm)
             _add_nodule(cur_lesion, r, c, d / 2 / cmm)
-            add_truth("nodule", d / 2 / cmm, zone, d, (r, c))
+            add_truth("nodule", d / 2 / cmm, zone, d, (r, c), (d0, d))
         elif change == "shrinking_nodule":
             d1 = d * rng.uniform(0.5, 0.7)
             _add_nodule(pri_lesion, r, c, d / 2 / cmm)
             _add_nodule(cur_lesion, r, c, d1 / 2 / cmm)
-            add_truth("nodule", d / 2 / cmm, zone, d, (r, c))
+            add_truth("nodule", d / 2 / cmm, zone, d, (r, c), (d, d1))
         else:  # stable: an unchanged nodule in both, which must not be reported
             _add_nodule(pri_lesion, r, c, d / 2 / cmm)
             _add_nodule(cur_lesion, r, c, d / 2 / cmm)
@@ -173,6 +175,112 @@ def make_chest_pair(seed: int, change: str = "new_nodule", size: int = 512, *,
     pri_ds = _dx_dataset(pri, spacing_out, patient, patient.prior_date, patient.prior_accession,
                          f"{uid_root}|prior", view, monochrome1)
     return Pair(cur_ds, pri_ds, truth)
+
+
+HISTORY_TRAJECTORIES = ("growing", "shrinking", "new", "resolved", "stable")
+TREND_OF = {"growing": "worsened", "shrinking": "improved", "new": "new", "resolved": "resolved", "stable": "stable"}
+# Differences between visits that a real archive holds (the prior side of each pair); "standard" is
+# repositioning, exposure and noise alone.
+PERTURBATIONS = ("standard", "strong_exposure", "inspiration", "detector", "monochrome1", "lossy", "two_changes",
+                 "small_nodule")
+
+
+class History(NamedTuple):
+    visits: list  # Datasets, oldest first; the last is the current study
+    truth: PhantomTruth
+
+
+def make_chest_history(seed: int, trajectory: str = "growing", visits: int = 3, size: int = 512, *,
+                       perturbation: str = "standard", patient: PatientInfo | None = None,
+                       lesion_size_mm: float | None = None) -> History:
+    """A patient's chest PA studies over `visits` years, one nodule following `trajectory`. The truth
+    gives the nodule's diameter at each visit (`TruthRegion.sizes_mm`, None where absent), in the
+    current (last) image's pixels; `perturbation` changes how the priors were acquired or stored."""
+    if trajectory not in HISTORY_TRAJECTORIES:
+        raise ValueError(f"trajectory must be one of {HISTORY_TRAJECTORIES}, not {trajectory!r}")
+    if perturbation not in PERTURBATIONS:
+        raise ValueError(f"perturbation must be one of {PERTURBATIONS}, not {perturbation!r}")
+    if visits < 2:
+        raise ValueError("a history needs at least 2 visits")
+    patient = patient or PatientInfo()
+    rng = np.random.default_rng(_stable_int("history", seed, trajectory, visits, perturbation))
+    canvas = min(size, _CANVAS_MAX)
+    geo = _chest_geometry(np.random.default_rng(_stable_int(patient.patient_id, seed)))
+    base = _render_chest(canvas, geo, np.random.default_rng(_stable_int(patient.patient_id, seed)))
+    cmm = FOV_MM / canvas
+    side, zone_i, (r, c) = _pick_lung_spot(rng, geo, canvas)
+    small = perturbation == "small_nodule"
+    d = lesion_size_mm or float(rng.uniform(6.0, 9.0) if small else rng.uniform(12.0, 24.0))
+    step = float(rng.uniform(1.3, 1.5) if visits > 2 else rng.uniform(1.4, 1.8))
+    n = visits
+    sizes: list[float | None] = {
+        "growing": [d / step ** (n - 1 - i) for i in range(n)],  # d at the current visit
+        "shrinking": [d / step ** i for i in range(n)],  # d at the first visit
+        "new": [None] * (n - 1) + [d],
+        "resolved": [d] * (n - 1) + [None],
+        "stable": [d] * n,
+    }[trajectory]
+    truth = PhantomTruth(change=trajectory)
+    scale_c2o = size / canvas
+    others = []
+    if perturbation == "two_changes":  # a second, new nodule elsewhere at the last visit
+        for _ in range(50):
+            s2, z2, (r2, c2) = _pick_lung_spot(rng, geo, canvas)
+            if math.hypot(r2 - r, c2 - c) * cmm > 60:
+                others.append((s2, z2, r2, c2, float(rng.uniform(10.0, 20.0))))
+                break
+    if trajectory != "stable":
+        big = max(v for v in sizes if v)
+        rad = big / 2 / cmm
+        bbox = tuple(int(round(v * scale_c2o)) for v in (r - rad, c - rad, r + rad + 1, c + rad + 1))
+        truth.regions.append(TruthRegion("nodule", TREND_OF[trajectory], _zone_name(side, zone_i), bbox, big,
+                                         (r * scale_c2o, c * scale_c2o), tuple(sizes)))
+    else:
+        truth.notes["stable_nodule"] = {"center": (r * scale_c2o, c * scale_c2o), "diameter_mm": d}
+    for s2, z2, r2, c2, d2 in others:
+        rad = d2 / 2 / cmm
+        bbox = tuple(int(round(v * scale_c2o)) for v in (r2 - rad, c2 - rad, r2 + rad + 1, c2 + rad + 1))
+        truth.regions.append(TruthRegion("nodule", "new", _zone_name(s2, z2), bbox, d2, (r2 * scale_c2o, c2 * scale_c2o),
+                                         tuple([None] * (n - 1) + [d2])))
+    datasets = []
+    for i in range(n):
+        current = i == n - 1
+        lesion = np.zeros_like(base)
+        if sizes[i]:
+            _add_nodule(lesion, r, c, sizes[i] / 2 / cmm)
+        if current:
+            for _, _, r2, c2, d2 in others:
+                _add_nodule(lesion, r2, c2, d2 / 2 / cmm)
+        out_size = size if current or perturbation != "detector" else int(round(size * 0.8 / 8)) * 8
+        spacing = FOV_MM / out_size
+        if current:
+            angle, scale, shift, rows = 0.0, 1.0, rng.uniform(0.3, 0.7, size=2), 1.0
+        else:
+            angle, scale = float(rng.uniform(-4.0, 4.0)), float(rng.uniform(0.95, 1.05))
+            shift = rng.uniform(-12.0, 12.0, size=2) / spacing
+            rows = float(rng.uniform(1.03, 1.07)) if perturbation == "inspiration" else 1.0
+        img = _resample(base + lesion, out_size, angle, scale, shift, rows)
+        strong = perturbation == "strong_exposure" and not current
+        stored = _expose(img, rng, True, spacing, strong=strong)
+        when = date.fromordinal(patient.current_date.toordinal() - 365 * (n - 1 - i))
+        accession = f"{patient.current_accession}-{i}" if not current else patient.current_accession
+        root = f"{patient.patient_id}|history|{seed}|{trajectory}|{n}|{perturbation}|{size}|{i}"
+        ds = _dx_dataset(stored, spacing, patient, when, accession, root, "PA",
+                         perturbation == "monochrome1" and not current)
+        if perturbation == "lossy" and i == n - 2:
+            _lossy(ds, 40)
+        datasets.append(ds)
+    return History(datasets, truth)
+
+
+def _lossy(ds: Dataset, ratio: float) -> None:
+    """Store as lossy JPEG 2000 at about `ratio`:1, flagged as DICOM requires."""
+    from pydicom.uid import JPEG2000
+
+    ds.compress(JPEG2000, ds.pixel_array, encoding_plugin="pylibjpeg", j2k_cr=[ratio])
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionRatio = f"{ratio:g}"
+    ds.LossyImageCompressionMethod = "ISO_15444_1"
 
 
 @dataclass(frozen=True)
@@ -327,7 +435,8 @@ def _centroid(mask: np.ndarray) -> tuple[float, float]:
     return float(rr.mean()), float(cc.mean())
 
 
-def _resample(canvas_img: np.ndarray, size: int, angle_deg: float, scale: float, shift_px) -> np.ndarray:
+def _resample(canvas_img: np.ndarray, size: int, angle_deg: float, scale: float, shift_px,
+              rows: float = 1.0) -> np.ndarray:
     """Render an output image of `size` px; output pixel o shows the anatomy at current pixel
     R*S*(o - centre) + centre + shift, read from the canvas."""
     from scipy import ndimage
@@ -336,6 +445,7 @@ def _resample(canvas_img: np.ndarray, size: int, angle_deg: float, scale: float,
     k = n / size
     t = math.radians(angle_deg)
     rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]]) * scale
+    rot = np.diag([1.0 / rows, 1.0]) @ rot  # rows > 1: the anatomy taller (a deeper inspiration)
     centre = np.array([size / 2 - 0.5, size / 2 - 0.5])
     # canvas = k * (p + 0.5) - 0.5 with p = rot @ (o - centre) + centre + shift
     matrix = k * rot
@@ -344,11 +454,13 @@ def _resample(canvas_img: np.ndarray, size: int, angle_deg: float, scale: float,
                                     order=1, mode="constant", cval=0.0).astype(np.float32)
 
 
-def _expose(a: np.ndarray, rng, jitter: bool, spacing_mm: float) -> np.ndarray:
+def _expose(a: np.ndarray, rng, jitter: bool, spacing_mm: float, strong: bool = False) -> np.ndarray:
     """Log-attenuation to 12-bit detector values with this exposure's gain, gamma, heel effect, noise."""
     gain = rng.uniform(0.85, 1.15) if jitter else 1.0
     offset = 300 + (rng.uniform(-100, 100) if jitter else 0.0)
     gamma = rng.uniform(0.88, 1.12) if jitter else 1.0
+    if strong:  # another detector or processing: larger gain and gamma differences
+        gain, gamma = rng.choice([0.7, 1.3]) * rng.uniform(0.95, 1.05), rng.choice([0.8, 1.25])
     heel = rng.uniform(-0.06, 0.06) if jitter else 0.0
     noise = (rng.uniform(0.8, 1.3) if jitter else 1.0) * 25.0 * min(1.0, 0.2 / spacing_mm)
     n = a.shape[0]

@@ -29,6 +29,20 @@ class Registered:
     warped: np.ndarray  # prior resampled onto the current grid (float32)
     valid: np.ndarray  # bool: where the warped prior has data
     quality: RegistrationQuality
+    transform: object = None  # SimpleITK transform: fixed physical point -> moving physical point
+
+    def to_moving(self, points: np.ndarray, fixed_spacing: tuple[float, ...],
+                  moving_spacing: tuple[float, ...]) -> np.ndarray:
+        """Fixed-grid indices (N, dim) in numpy order -> moving-grid indices (both grids start at 0 mm).
+        Used to draw a finding measured on the registered prior on the prior's own image."""
+        if self.transform is None:
+            return np.asarray(points, float)
+        fs, ms = np.asarray(fixed_spacing, float), np.asarray(moving_spacing, float)
+        out = []
+        for p in np.asarray(points, float):
+            phys = self.transform.TransformPoint(tuple(float(v) for v in (p * fs)[::-1]))  # SimpleITK is x, y(, z)
+            out.append(np.asarray(phys)[::-1] / ms)
+        return np.array(out).reshape(-1, len(fs))
 
 
 def register(fixed: np.ndarray, fixed_spacing: tuple[float, ...], moving: np.ndarray,
@@ -103,7 +117,7 @@ def register(fixed: np.ndarray, fixed_spacing: tuple[float, ...], moving: np.nda
     ok = ncc_after >= NCC_MIN_AFTER and ncc_after >= ncc_before - 0.02 and overlap >= MIN_OVERLAP
     desc = f"{name}; {_describe(final, dim)}; overlap {overlap:.0%}"
     return Registered(warped.astype(np.float32), valid,
-                      RegistrationQuality(round(ncc_before, 4), round(ncc_after, 4), bool(ok), desc))
+                      RegistrationQuality(round(ncc_before, 4), round(ncc_after, 4), bool(ok), desc), final)
 
 
 def _rotate_inplane(a: np.ndarray, angle_deg: float) -> np.ndarray:

@@ -1,10 +1,15 @@
-"""ComparisonResult to a JSON-able dict (schema version 1; documented in the README)."""
+"""ComparisonResult to a JSON-able dict (schema version 2; documented in the README).
+
+Version 2 added, per region, `timepoints` (the finding at every study compared, oldest first),
+`trend`, `lesion_type`, and `priors_compared` at the top level."""
 
 from __future__ import annotations
 
-from .types import ChangeRegion, ComparisonResult
+from dataclasses import asdict
 
-SCHEMA_VERSION = 1
+from .types import ChangeRegion, ComparisonResult, ReferenceUse, Timepoint
+
+SCHEMA_VERSION = 2
 
 
 def result_to_dict(result: ComparisonResult) -> dict:
@@ -15,6 +20,7 @@ def result_to_dict(result: ComparisonResult) -> dict:
         "current": result.current_source,
         "prior": result.prior_source or None,
         "prior_date": result.prior_date.isoformat() if result.prior_date else None,
+        "priors_compared": list(result.priors_compared),
         "no_prior": result.no_prior,
         "refused": result.refused,
         "summary": result.summary,
@@ -28,6 +34,8 @@ def result_to_dict(result: ComparisonResult) -> dict:
         "analysis_spacing_mm": list(result.analysis_spacing_mm),
         "regions": [_region(r) for r in result.regions],
         "seconds": result.seconds,
+        "mode": result.mode,
+        "references": [asdict(r) for r in result.references],
     }
 
 
@@ -42,6 +50,9 @@ def _region(r: ChangeRegion) -> dict:
         "longest_diameter_mm": r.longest_diameter_mm,
         "mean_change": r.mean_change,
         "contour": [list(p) for p in r.contour],
+        "lesion_type": r.lesion_type,
+        "trend": r.trend or None,
+        "timepoints": [_timepoint(t) for t in r.timepoints],
     }
     if r.volume_mm3 is not None:
         d["volume_mm3"] = r.volume_mm3
@@ -50,13 +61,40 @@ def _region(r: ChangeRegion) -> dict:
     return d
 
 
+def _timepoint(t: Timepoint) -> dict:
+    return {
+        "date": t.date.isoformat() if t.date else None,
+        "study_uid": t.study_uid or None,
+        "sop_instance_uid": t.sop_instance_uid or None,
+        "present": t.present,
+        "long_axis_mm": t.long_axis_mm,
+        "short_axis_mm": t.short_axis_mm,
+        "area_mm2": t.area_mm2,
+        "volume_mm3": t.volume_mm3,
+        "contour": [list(p) for p in t.contour],
+        "source": t.source,
+    }
+
+
+def _timepoint_from(d: dict) -> Timepoint:
+    from datetime import date
+
+    return Timepoint(
+        date=date.fromisoformat(d["date"]) if d.get("date") else None,
+        study_uid=d.get("study_uid") or "", sop_instance_uid=d.get("sop_instance_uid") or "",
+        present=bool(d["present"]), long_axis_mm=d.get("long_axis_mm"), short_axis_mm=d.get("short_axis_mm"),
+        area_mm2=d.get("area_mm2"), volume_mm3=d.get("volume_mm3"),
+        contour=tuple(tuple(p) for p in d.get("contour", [])), source=d.get("source", ""),
+    )
+
+
 def result_from_dict(data: dict) -> ComparisonResult:
     """The inverse of result_to_dict (the overlay, kept apart as a PNG, comes back as None)."""
     from datetime import date
 
     from .types import RegistrationQuality, SanityFlag
 
-    if data.get("schema_version") != SCHEMA_VERSION:
+    if data.get("schema_version") not in (1, SCHEMA_VERSION):  # 1: no time points (jobs from before the upgrade)
         raise ValueError(f"comparison schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     reg = data.get("registration")
     return ComparisonResult(
@@ -71,8 +109,11 @@ def result_from_dict(data: dict) -> ComparisonResult:
         current_source=data.get("current") or "",
         prior_source=data.get("prior") or "",
         prior_date=date.fromisoformat(data["prior_date"]) if data.get("prior_date") else None,
+        priors_compared=list(data.get("priors_compared", [])),
         analysis_spacing_mm=tuple(data.get("analysis_spacing_mm", ())),
         seconds=float(data.get("seconds", 0.0)),
+        mode=data.get("mode", "prior"),
+        references=[ReferenceUse(**r) for r in data.get("references", [])],
     )
 
 
@@ -90,4 +131,7 @@ def _region_from(d: dict) -> ChangeRegion:
         bbox_3d=tuple(d["bbox_3d"]) if d.get("bbox_3d") else None,
         key_slice=d.get("key_slice"),
         kind=d.get("kind", ""),
+        timepoints=tuple(_timepoint_from(t) for t in d.get("timepoints", [])),
+        trend=d.get("trend") or "",
+        lesion_type=d.get("lesion_type", ""),
     )

@@ -15,6 +15,7 @@ import numpy as np
 # The one change vocabulary (DESIGN.md); synonyms are mapped onto it at parse time.
 ChangeStatus = Literal["new", "resolved", "improved", "worsened", "stable", "indeterminate"]
 CHANGE_STATUSES: tuple[str, ...] = ("new", "resolved", "improved", "worsened", "stable", "indeterminate")
+PRESENT = "present"  # against normal references (no prior): atypical for normals, no claim about time
 DeviceStatus = Literal["placed", "removed", "repositioned", "unchanged"]
 DEVICE_STATUSES: tuple[str, ...] = ("placed", "removed", "repositioned", "unchanged")
 
@@ -44,6 +45,26 @@ class ImageInput:
         return self.pixels.ndim == 3
 
 
+TREND_STATUSES: tuple[str, ...] = ("new", "resolved", "worsened", "improved", "stable")
+
+
+@dataclass(frozen=True)
+class Timepoint:
+    """The finding at one time point (one study), measured on that time point's own image."""
+
+    date: date | None
+    study_uid: str
+    sop_instance_uid: str
+    present: bool
+    long_axis_mm: float | None = None  # None where absent
+    short_axis_mm: float | None = None  # largest width perpendicular to the long axis
+    area_mm2: float | None = None  # volumes: on the key slice
+    volume_mm3: float | None = None
+    # Outline on this time point's own image, in its own pixels (row, col); () where absent or unmapped.
+    contour: tuple[tuple[int, int], ...] = ()
+    source: str = ""  # file name or SOP Instance UID of the image measured
+
+
 @dataclass(frozen=True)
 class ChangeRegion:
     """A measured region of change, in current-image pixel coordinates."""
@@ -61,6 +82,15 @@ class ChangeRegion:
     bbox_3d: tuple[int, int, int, int, int, int] | None = None
     key_slice: int | None = None
     kind: str = ""  # "increase" (denser/brighter now) or "decrease"
+    # The finding itself at every time point compared, oldest first, the current last (inference.lesions);
+    # area_mm2 / longest_diameter_mm above describe the region of change, not the finding.
+    timepoints: tuple[Timepoint, ...] = ()
+    trend: str = ""  # over the whole trajectory: one of TREND_STATUSES ("" when not measured)
+    lesion_type: str = ""  # what the analysis can honestly call it: focal opacity, basal opacity, diffuse change
+
+    @property
+    def current_timepoint(self) -> Timepoint | None:
+        return self.timepoints[-1] if self.timepoints else None
 
 
 @dataclass(frozen=True)
@@ -78,6 +108,20 @@ class RegistrationQuality:
     transform: str = ""
 
 
+@dataclass(frozen=True)
+class ReferenceUse:
+    """One normal reference (another person) the query was compared against, and why it was chosen."""
+
+    source: str  # the reference's library file or de-identified SOP Instance UID
+    why: str  # e.g. "same DX CHEST PA; sex F matches; age 40-49 (query 40-49); descriptor 0.93"
+    sop_instance_uid: str = ""  # de-identified UIDs: evidence in the SR
+    sop_class_uid: str = ""
+    series_instance_uid: str = ""
+    study_instance_uid: str = ""
+    registered: bool = True  # False: registration onto the query failed; not part of the normal model
+    ncc_after: float = 0.0
+
+
 @dataclass
 class ComparisonResult:
     regions: list[ChangeRegion] = field(default_factory=list)
@@ -91,5 +135,11 @@ class ComparisonResult:
     current_source: str = ""
     prior_source: str = ""  # the prior actually compared (the most recent usable one)
     prior_date: date | None = None
+    # Every prior measured against (oldest first; the last is prior_source): the time points of the regions.
+    priors_compared: list[str] = field(default_factory=list)
     analysis_spacing_mm: tuple[float, ...] = ()  # grid the change map was computed on
     seconds: float = 0.0
+    # "prior": against the patient's own prior; "reference": against normal references of other people
+    # (no change over time is claimed; region status is "present").
+    mode: str = "prior"
+    references: list[ReferenceUse] = field(default_factory=list)

@@ -136,11 +136,18 @@ def test_json_and_overlay(tmp_path, new_nodule_case):
     d = result_to_dict(res)
     text = json.dumps(d)
     back = json.loads(text)
-    assert back["schema_version"] == 1 and back["regions"][0]["status"] == res.regions[0].status
+    assert back["schema_version"] == 2 and back["regions"][0]["status"] == res.regions[0].status
     assert set(back) >= {"current", "prior", "refused", "no_prior", "summary", "findings", "sanity_flags",
                          "registration", "regions", "analysis_spacing_mm"}
     assert set(back["regions"][0]) >= {"status", "confidence", "zone", "bbox", "area_mm2", "longest_diameter_mm",
-                                       "mean_change", "contour", "kind"}
+                                       "mean_change", "contour", "kind", "timepoints", "trend"}
+    [prior_tp, current_tp] = back["regions"][0]["timepoints"]
+    assert prior_tp["present"] is False and prior_tp["long_axis_mm"] is None and prior_tp["area_mm2"] is None
+    assert current_tp["present"] is True and current_tp["date"] == cur.acquired_on.isoformat()
+    assert back["regions"][0]["trend"] == "new"
+    from inference.serialize import result_from_dict
+
+    assert result_from_dict(back).regions[0].timepoints == res.regions[0].timepoints
     out = tmp_path / "o.png"
     save_overlay_png(res, out)
     from PIL import Image
