@@ -83,13 +83,14 @@ worker is then a thin CPU worker. */}}
 {{- end -}}
 
 {{/* A generated secret value that survives upgrades: the existing Secret's value when there is
-one (lookup, at install/upgrade), else a new random one. Call with (dict "root" $ "key" "k"). */}}
+one (lookup, at install/upgrade), else a new random one (after prefix). Call with
+(dict "root" $ "key" "k" "prefix" ""). */}}
 {{- define "dicom-node.generated" -}}
 {{- $existing := lookup "v1" "Secret" .root.Release.Namespace (include "dicom-node.secretName" .root) -}}
 {{- if and $existing (index $existing.data .key) -}}
 {{- index $existing.data .key -}}
 {{- else -}}
-{{- randAlphaNum 40 | b64enc -}}
+{{- printf "%s%s" (.prefix | default "") (randAlphaNum 40) | b64enc -}}
 {{- end -}}
 {{- end -}}
 
