@@ -34,3 +34,14 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# checkov (tests/chart scans the rendered chart and the Dockerfiles) pins dependencies that clash
+# with the project's, so it gets a virtual environment of its own.
+CHECKOV_VERSION=3.3.30
+if [ ! -f ".venv-checkov/.installed-$CHECKOV_VERSION" ]; then
+  echo "setup: installing checkov $CHECKOV_VERSION into .venv-checkov"
+  rm -rf .venv-checkov
+  "$PYTHON" -m venv .venv-checkov
+  .venv-checkov/bin/pip install -q "checkov==$CHECKOV_VERSION"
+  touch ".venv-checkov/.installed-$CHECKOV_VERSION"
+fi
