@@ -54,7 +54,7 @@ def worker(
     queues: Annotated[str, typer.Option("--queues", "-Q", help="io, gpu, or io,gpu")] = "io",
     concurrency: Annotated[Optional[int], typer.Option("--concurrency", "-c", help="default: 1 for gpu, 2 for io")] = None,
     hostname: Annotated[Optional[str], typer.Option("--hostname", "-n")] = None,
-    pool: Annotated[str, typer.Option(help="prefork (default), or threads to batch VLM comparisons")] = "prefork",
+    pool: Annotated[Optional[str], typer.Option(help="prefork (default), or threads to batch VLM comparisons (default for gpu with vlm_backend openai)")] = None,
     restart_on_exit: Annotated[bool, typer.Option(help="run the worker in a child process and restart it when it exits non-zero or its heartbeat goes stale (hosts without a supervisor)")] = False,
 ) -> None:
     """Run a Celery worker for the pipeline queues (prefetch 1, tasks acknowledged late).
@@ -65,6 +65,10 @@ def worker(
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
+    served = "gpu" in queues.split(",") and settings.vlm_backend == "openai"
+    # A model server batches what is in flight: the gpu worker keeps vlm_max_concurrency requests going (threads).
+    pool = pool or ("threads" if served else "prefork")
+    concurrency = concurrency or (settings.vlm_max_concurrency if served else None)
     if restart_on_exit:
         name = worker_process.node_name(hostname)
         argv = ["worker", "-Q", queues, "--pool", pool, "--hostname", name] + (["-c", str(concurrency)] if concurrency else [])
@@ -211,8 +215,9 @@ def compare(
     prior: Annotated[Path, typer.Argument(help="DICOM file or folder of the prior study")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
     overlay: Annotated[Optional[Path], typer.Option(help="write the change heat map as PNG")] = None,
+    vlm: Annotated[bool, typer.Option("--vlm", help="also run the configured model (vlm_model / vlm_backend, or a model server)")] = False,
 ) -> None:
-    """Compare two images or volumes offline (no network) with the analysis engine."""
+    """Compare two images or volumes offline (no network, but a configured model server) with the analysis engine."""
     import inference
     from inference.errors import InputError
     from inference.overlay import save_overlay_png
@@ -220,20 +225,31 @@ def compare(
     from inference.serialize import result_to_dict
 
     try:
-        result = inference.compare(load_path(current), [load_path(prior)])
+        current_image, prior_image = load_path(current), load_path(prior)
+        result = inference.compare(current_image, [prior_image])
     except InputError as exc:
         typer.echo(f"cannot compare: {exc}", err=True)
         raise typer.Exit(2)
     if overlay is not None:
         save_overlay_png(result, overlay)
+    reading = None
+    if vlm:
+        from .pipeline.vlm import offline_reading
+
+        reading = offline_reading(load_settings(), current_image, prior_image, result)
     if as_json:
-        typer.echo(json.dumps(result_to_dict(result), indent=2, default=str))
+        doc = result_to_dict(result)
+        if reading is not None:
+            doc["vlm"] = reading.to_dict()
+        typer.echo(json.dumps(doc, indent=2, default=str))
         return
     typer.echo(result.summary)
     for flag in result.sanity_flags:
         typer.echo(f"  sanity: {flag.code}{' (refused)' if flag.blocking else ''}: {flag.reason}")
     for line in result.findings:
         typer.echo(f"  - {line}")
+    if reading is not None:
+        typer.echo(reading.text())
 
 
 @app.command()

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     vlm_vision_batch: int = Field(0, ge=0)  # images per vision-encoder run (onnxruntime); 0: automatic
     vlm_max_batch_size: int = 4  # comparisons run together by a threaded gpu worker
     vlm_max_wait_ms: float = 50.0  # how long the first request of a batch waits for others
+    # vlm_backend "openai": a model server's OpenAI-compatible API (vLLM, SGLang, TensorRT-LLM / NIM)
+    vlm_base_url: str = ""  # e.g. http://model-server:8000/v1
+    vlm_served_model: str = ""  # the name the server serves; empty: vlm_model's name
+    vlm_api_key: SecretStr = SecretStr("")  # never logged; or from a mounted Secret via vlm_api_key_file
+    vlm_api_key_file: Path | None = None  # a file holding the key (wins over vlm_api_key)
+    vlm_timeout_seconds: float = Field(120.0, gt=0)  # one request; past it the comparison is retried later
+    vlm_max_concurrency: int = Field(8, ge=1)  # requests in flight per gpu worker (the server batches them)
 
     # Worklist notification: HL7 ORU^R01 over MLLP to the RIS after the SR is delivered
     worklist_hl7_host: str = ""  # empty: no worklist notification

@@ -44,3 +44,18 @@ def postgres_url(postgres_server) -> str:
     name = postgres_server.create_database()
     yield postgres_server.url(name)
     postgres_server.drop_database(name)
+@pytest.fixture(scope="session")
+def model_server(tmp_path_factory):
+    """One real `transformers serve` (tiny random Gemma 3, CPU) behind a recording proxy, for the session."""
+    from tests.support.model_server import start_served
+
+    served = start_served(tmp_path_factory.mktemp("served"))
+    yield served
+    served.proxy.close()
+    served.server.stop()
+
+
+@pytest.fixture
+def served(model_server):
+    model_server.proxy.reset()  # plain forwarding, counters at zero
+    return model_server

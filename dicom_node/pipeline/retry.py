@@ -44,26 +44,27 @@ def _transient_types() -> tuple[type[BaseException], ...]:
     import kombu.exceptions
     import redis.exceptions
     import sqlalchemy.exc
+    from inference.vlm.errors import ModelServerUnavailable
 
     from ..priors.model import ArchiveUnavailable
     from ..scu import AssociationFailed
     from ..worklist import WorklistUnavailable
 
     return (TransientJobError, DeliveryPending, ArchiveUnavailable, AssociationFailed, WorklistUnavailable,
-            ConnectionError, TimeoutError, OSError, kombu.exceptions.OperationalError,
+            ModelServerUnavailable, ConnectionError, TimeoutError, OSError, kombu.exceptions.OperationalError,
             redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, sqlalchemy.exc.OperationalError)
 
 
 def _permanent_types() -> tuple[type[BaseException], ...]:
     from inference.errors import InputError
-    from inference.vlm.errors import BackendUnavailableError, ModelConfigError, ModelNotFoundError
+    from inference.vlm.errors import BackendUnavailableError, ModelConfigError, ModelNotFoundError, ModelServerRejected
 
     from ..priors.model import RetrieveRefused
     from ..worklist import WorklistRejected
     from .artifacts import ArtifactMissing
 
     return (PermanentJobError, ArtifactMissing, RetrieveRefused, WorklistRejected, InputError,
-            ModelConfigError, ModelNotFoundError, BackendUnavailableError)
+            ModelConfigError, ModelNotFoundError, BackendUnavailableError, ModelServerRejected)
 
 
 def classify(exc: BaseException) -> str:

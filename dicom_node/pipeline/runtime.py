@@ -15,8 +15,10 @@ from .jobs import JobStore
 
 def model_version(settings: Settings) -> str:
     """Part of the job key and of the SR's identity: changes when the analysis could change."""
+    from .vlm import vlm_enabled, vlm_model_name
+
     version = f"analysis-{SOFTWARE_VERSION}"
-    return f"{version}+{settings.vlm_model}-{settings.vlm_backend}" if settings.vlm_model else version
+    return f"{version}+{vlm_model_name(settings)}-{settings.vlm_backend}" if vlm_enabled(settings) else version
 
 
 @dataclass

@@ -18,6 +18,7 @@ from . import artifacts
 from .jobs import Job
 from .retry import DeliveryPending, PermanentJobError, TransientJobError
 from .runtime import Runtime, model_version
+from .vlm import vlm_enabled, vlm_model_name
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,10 @@ def run_compare(rt: Runtime, job: Job) -> StageOutput:
         vlm=vlm,
         overlay_png=str(overlay) if overlay else None,
         prior_report=_prior_report(retrieval),
-        model_name=settings.vlm_model or ENGINE_NAME,
+        model_name=vlm_model_name(settings) or ENGINE_NAME,
         model_version=model_version(settings),
-        algorithm_parameters={"vlm_backend": settings.vlm_backend if settings.vlm_model else "none", "job": job.job_key},
+        algorithm_parameters={"vlm_backend": settings.vlm_backend if vlm_enabled(settings) else "none", "job": job.job_key,
+                              **_served_by(vlm)},
     )
     path = folder / artifacts.COMPARISON_FILE
     artifacts.write_comparison(path, comparison)
@@ -156,7 +158,15 @@ def run_compare(rt: Runtime, job: Job) -> StageOutput:
         "no_prior": result.no_prior,
         "regions": [{"zone": r.zone, "status": r.status, "diameter_mm": round(r.longest_diameter_mm, 1)} for r in result.regions],
         "summary": result.summary,
+        **_served_by(vlm),
     })
+
+
+def _served_by(vlm) -> dict[str, str]:
+    """Who answered, as a model server reported it (SR algorithm parameters and the job's result)."""
+    if vlm is None or not vlm.served_model:
+        return {}
+    return {"vlm_served_model": vlm.served_model, "vlm_server_version": vlm.server_version or "unreported"}
 
 
 def _prior_report(retrieval) -> str | None:
@@ -173,7 +183,7 @@ def _load_prior(rt: Runtime, job: Job, prior, volume: bool):
 
 def run_vlm(rt: Runtime, current, prior_images, result, retrieval):
     """The VLM's reading when a model is configured; None (analysis engine alone) otherwise."""
-    if not rt.settings.vlm_model:
+    if not vlm_enabled(rt.settings):
         return None
     from .vlm import vlm_compare
 

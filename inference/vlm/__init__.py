@@ -17,6 +17,7 @@ _EXPORTS = {
     "BuildResult": ".engine", "build_engine": ".engine", "check_engine": ".engine", "detect_platform": ".engine",
     "BackendUnavailableError": ".errors", "EngineError": ".errors", "ModelConfigError": ".errors",
     "ModelNotFoundError": ".errors", "VLMError": ".errors",
+    "ModelServerRejected": ".errors", "ModelServerUnavailable": ".errors", "ServerOptions": ".backends",
     "VLM": ".model", "CompareRequest": ".model", "load_model": ".model",
     "ModelStatus": ".repository", "list_models": ".repository",
     "DeviceFinding": ".schema", "Finding": ".schema", "VLMResult": ".schema",

@@ -21,3 +21,11 @@ class BackendUnavailableError(VLMError):
 
 class EngineError(VLMError):
     """A compiled engine is missing or incompatible with this GPU / library stack."""
+
+
+class ModelServerUnavailable(VLMError):
+    """The model server cannot answer now (refused connection, timeout, 429, 503): worth a retry later."""
+
+
+class ModelServerRejected(VLMError):
+    """The model server refused the request itself (400 and other 4xx): retrying the same request cannot help."""

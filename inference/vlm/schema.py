@@ -88,6 +88,9 @@ class VLMResult:
     model: str = ""
     prompt_set: str = ""
     raw_output: str = ""
+    served_model: str = ""  # backend openai: the model name the server reported
+    server_version: str = ""  # backend openai: the server's reported version
+    latency_s: float | None = None  # wall time of the model call (its batch, in process)
 
     @property
     def usable(self) -> bool:

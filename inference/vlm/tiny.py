@@ -137,3 +137,31 @@ def write_tiny_model(models_root: str | Path, family: str, name: str | None = No
            **yaml_extra}
     (folder / "model.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     return folder
+
+
+# Gemma's turn markup with OpenAI-style content lists (text and image items), for a model server.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "<start_of_turn>{{ role }}\n{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def write_serving_files(folder: str | Path) -> Path:
+    """Add what a model server loads beside the weights (a Gemma 3 processor: image processor, the
+    tokenizer's image tokens and a chat template), so `transformers serve <weights>` can serve the
+    tiny model; the in-process adapters do not need these. Returns the weights directory."""
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    wdir = Path(folder) / "weights"
+    cfg = Gemma3Config.from_pretrained(wdir)
+    tok = AutoTokenizer.from_pretrained(wdir, extra_special_tokens={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    side = int(cfg.vision_config.image_size)
+    images = Gemma3ImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": side, "width": side})
+    Gemma3Processor(image_processor=images, tokenizer=tok, chat_template=GEMMA_CHAT_TEMPLATE,
+                    image_seq_length=int(cfg.mm_tokens_per_image)).save_pretrained(wdir)
+    return wdir

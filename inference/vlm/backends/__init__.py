@@ -1,18 +1,26 @@
-"""Backend registry; `load_backend` applies the configured fallback when one is unavailable."""
+"""Backend registry; `load_backend` applies the configured fallback when one is unavailable.
+
+Importing this package does not import torch: the `openai` backend (a client of a model server)
+runs in processes that have no torch at all."""
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendUnavailableError
 from ..spec import ModelSpec
-from .base import BackendOptions, Timings, VLMBackend
+from .options import BackendOptions, ServerOptions, Timings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .base import VLMBackend
 
 log = logging.getLogger(__name__)
-BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt", "openai")
+IN_PROCESS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
 
 
-def backend_class(name: str) -> type[VLMBackend]:
+def backend_class(name: str) -> type[Any]:
     if name == "torch":
         from .torch_backend import TorchBackend as cls
     elif name == "torch-compile":
@@ -21,12 +29,14 @@ def backend_class(name: str) -> type[VLMBackend]:
         from .onnxruntime_backend import OnnxRuntimeBackend as cls
     elif name == "tensorrt":
         from .tensorrt_backend import TensorRTBackend as cls
+    elif name == "openai":
+        from .openai_backend import OpenAIBackend as cls
     else:
         raise BackendUnavailableError(f"unknown backend {name!r}; expected one of {BACKENDS}")
     return cls
 
 
-def load_backend(spec: ModelSpec, name: str = "torch", options: BackendOptions | None = None) -> VLMBackend:
+def load_backend(spec: ModelSpec, name: str = "torch", options: BackendOptions | None = None) -> "VLMBackend":
     """A loaded backend; on BackendUnavailableError use options.fallback (once) if configured."""
     options = options or BackendOptions()
     try:
@@ -39,4 +49,12 @@ def load_backend(spec: ModelSpec, name: str = "torch", options: BackendOptions |
         return backend_class(options.fallback)(spec, fb).load()
 
 
-__all__ = ["BACKENDS", "BackendOptions", "Timings", "VLMBackend", "backend_class", "load_backend"]
+def __getattr__(name: str) -> Any:
+    if name == "VLMBackend":  # torch: only for the in-process backends
+        from .base import VLMBackend
+
+        return VLMBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["BACKENDS", "IN_PROCESS", "BackendOptions", "ServerOptions", "Timings", "VLMBackend", "backend_class", "load_backend"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -18,30 +17,9 @@ import torch
 from ..adapters import Adapter, make_adapter
 from ..prompting import Prompt
 from ..spec import ModelSpec
+from .options import BackendOptions, Timings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BackendOptions:
-    device: str | None = None  # None: cuda when available, else cpu
-    dtype: str | None = None  # None: the model.yaml dtype (float32 forced on CPU for half types)
-    compile_backend: str = "inductor"  # torch.compile backend for torch-compile / tensorrt LM
-    compile_mode: str | None = None  # None: reduce-overhead (CUDA graphs) on GPU, default on CPU
-    pad_to_multiple: int = 128  # prompt-length bucket so static-cache shapes repeat (compile)
-    fallback: str | None = None  # backend to use when this one is unavailable here (tensorrt)
-    on_engine_mismatch: str = "rebuild"  # "rebuild" | "refuse" a missing/incompatible engine
-    vision_batch: int | None = None  # images per vision-encoder run (onnxruntime); None: 1 on CPU, else the profile's max
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Timings:
-    """Wall times of the last batch, for the benchmark and the metrics endpoint."""
-
-    vision_s: float = 0.0
-    generate_s: float = 0.0
-    new_tokens: int = 0
 
 
 class VLMBackend:
