@@ -491,3 +491,12 @@ def test_hpa_fallback_without_keda():
     assert hpas == {"dn-dicom-node-worker-io", "dn-dicom-node-worker-gpu"}
     assert not [d for d in docs if d["kind"] == "ScaledObject"]
     assert "replicas" not in find(docs, "Deployment", "-worker-io")["spec"]  # the autoscaler owns it
+
+
+def test_helm_lint_strict_is_clean():
+    import helm_python
+
+    for values in (VALUE_SETS["defaults"], VALUE_SETS["model-server-trtllm"], VALUE_SETS["autoscaling-keda"]):
+        report = helm_python.lint(str(CHART), values, strict=True, kube_version="v1.29.0")
+        problems = [m for m in report["messages"] if m["severity"] >= 2] + report.get("errors", [])
+        assert not problems, problems
