@@ -500,3 +500,8 @@ def test_helm_lint_strict_is_clean():
         report = helm_python.lint(str(CHART), values, strict=True, kube_version="v1.29.0")
         problems = [m for m in report["messages"] if m["severity"] >= 2] + report.get("errors", [])
         assert not problems, problems
+
+
+def test_an_in_process_worker_without_gpu():
+    docs = render({"workers": {"gpu": {"gpus": 0}}})
+    assert _gpu_limit(container(docs, "-worker-gpu")) == 0

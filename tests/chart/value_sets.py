@@ -86,6 +86,8 @@ def value_sets() -> dict[str, dict]:
 # name -> (values, a phrase the refusal must contain)
 REFUSED = {
     "several replicas on SQLite": ({"node": {"replicas": 3}}, "needs PostgreSQL"),
+    "several replicas on one node's volume": ({"node": {"replicas": 2}, "database": {"existingSecret": "db"}},
+                                              "node.replicas > 1 needs placement multiNode"),
     "multiNode on ReadWriteOnce": (merged(POSTGRES_MULTI, {"persistence": {"accessMode": "ReadWriteOnce"}}),
                                    "cannot share a ReadWriteOnce volume"),
     "multiNode on SQLite": (merged(POSTGRES_MULTI, {"database": {"existingSecret": ""}, "node": {"replicas": 1}}),
