@@ -209,12 +209,23 @@ def priors(
         raise typer.Exit(3)
 
 
+def _deformable(choice: str | None) -> bool:
+    choice = choice or load_settings().analysis_registration
+    if choice not in ("affine", "bspline"):
+        typer.echo(f"--registration must be affine or bspline, not {choice!r}", err=True)
+        raise typer.Exit(2)
+    return choice == "bspline"
+
+
 @app.command()
 def compare(
     current: Annotated[Path, typer.Argument(help="DICOM file or folder (a volume's slices) of the current study")],
-    prior: Annotated[Path, typer.Argument(help="DICOM file or folder of the prior study")],
+    priors: Annotated[list[Path], typer.Argument(help="DICOM file or folder of each prior study, any order: the most "
+                                                       "recent usable one is compared with, every one is measured on")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
     overlay: Annotated[Optional[Path], typer.Option(help="write the change heat map as PNG")] = None,
+    registration: Annotated[Optional[str], typer.Option(
+        help="affine or bspline (radiographs; volumes are always rigid); default: the analysis_registration setting")] = None,
     vlm: Annotated[bool, typer.Option("--vlm", help="also run the configured model (vlm_model / vlm_backend, or a model server)")] = False,
 ) -> None:
     """Compare two images or volumes offline (no network, but a configured model server) with the analysis engine."""
@@ -225,8 +236,9 @@ def compare(
     from inference.serialize import result_to_dict
 
     try:
-        current_image, prior_image = load_path(current), load_path(prior)
-        result = inference.compare(current_image, [prior_image])
+        current_image, prior_images = load_path(current), [load_path(p) for p in priors]
+        result = inference.compare(current_image, prior_images, deformable=_deformable(registration))
+        prior_image = next((p for p in prior_images if p.source == result.prior_source), prior_images[0])
     except InputError as exc:
         typer.echo(f"cannot compare: {exc}", err=True)
         raise typer.Exit(2)

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     worker_heartbeat_max_age_seconds: float = 60.0  # no progress this long: the worker is not alive (above the 30 s reconnect backoff)
 
     # Comparison
+    # Radiographs: prior onto current by similarity + affine ("affine"), then a coarse B-spline for
+    # breathing and positioning ("bspline"); volumes are always rigid. See inference/registration.py.
+    analysis_registration: Literal["affine", "bspline"] = "affine"
     vlm_model: str = ""  # a folder under models_root; empty: the analysis engine alone
     models_root: Path = Path("models")
     vlm_backend: str = "torch"

@@ -31,6 +31,7 @@ Z_SEED_3D = 6.0  # a volume has many more voxels in which noise can reach Z_SEED
 VOLUME_PRESENT_RATIO = 0.2  # volumes: lesion contrast at the other time point / change
 PROFILE_RATIO = 1.0  # core/annulus change below which the lesion exists at both time points
 DENOISE_MM = 1.2
+LOSSY_DENOISE_MAX_MM = 8.0
 MIN_INRADIUS_MM = 1.5
 TOLERANCE_PX = 5  # +-2 analysis pixels (~1.7 mm at 512 px): residual misregistration at the film's corners
 THICKNESS_RATIO = 0.08  # inradius / bounding extent below which a region is an edge band
@@ -61,8 +62,17 @@ class RawRegion:
     confidence: float
 
 
+def lossy_denoise_mm(ratios: list[float | None]) -> float:
+    """Smoothing for a pair with lossy-compressed images: the compression removes detail at a scale that
+    grows with its ratio, and that missing detail must not read as change. An unrecorded ratio counts as 20:1."""
+    known = [r if r else 20.0 for r in ratios if r is not None]
+    if not known:
+        return DENOISE_MM
+    return float(min(LOSSY_DENOISE_MAX_MM, max(DENOISE_MM, DENOISE_MM * math.sqrt(max(known) / 10.0))))
+
+
 def change_map(current: np.ndarray, prior: np.ndarray, valid: np.ndarray,
-               spacing: tuple[float, ...]) -> ChangeMap:
+               spacing: tuple[float, ...], denoise_mm: float = DENOISE_MM) -> ChangeMap:
     from scipy import ndimage
 
     analysed = ndimage.binary_erosion(valid, iterations=3)  # resampling edge
@@ -71,7 +81,7 @@ def change_map(current: np.ndarray, prior: np.ndarray, valid: np.ndarray,
     if clipped.any():
         analysed &= ~ndimage.binary_dilation(clipped, iterations=3)
     p = _normalise(current, prior, analysed)
-    sigma = [max(0.6, DENOISE_MM / s) for s in spacing]
+    sigma = [max(0.6, denoise_mm / s) for s in spacing]
     if current.ndim == 3:
         sigma[0] = max(0.6, min(sigma[0], 1.0))  # slab: light smoothing across slices only
     c_s = ndimage.gaussian_filter(current, sigma)

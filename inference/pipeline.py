@@ -12,11 +12,13 @@ import time
 import numpy as np
 
 from .change import (
+    DENOISE_MM,
     RawRegion,
     change_map,
     contour_2d,
     find_regions,
     longest_diameter_mm,
+    lossy_denoise_mm,
 )
 from .imageops import block_mean, factor_for
 from .lesions import TimeImage, measure_finding
@@ -145,10 +147,11 @@ def _analyse_2d(cur: ImageInput, pri: ImageInput, older: list[ImageInput], resul
     result.registration = reg.quality
     if _refuse_on_registration(result):
         return
-    cm = change_map(ca, reg.warped, reg.valid, sp)
+    smooth = lossy_denoise_mm([cur.lossy_ratio, pri.lossy_ratio])
+    cm = change_map(ca, reg.warped, reg.valid, sp, smooth)
     lo, hi = np.percentile(ca[:: max(1, ca.shape[0] // 256)], [1, 99])
     raw = find_regions(cm, sp, float(hi - lo))
-    times = _older_times(older, raw, result, lambda p: registered(p), ca, sp)
+    times = _older_times(older, raw, result, lambda p: registered(p), ca, sp, smooth)
     times += [_time_image(pri, cm.prior, cm.analysed, own),
               _time_image(cur, cm.current, cm.analysed, lambda pts: np.asarray(pts, float) * fc + fc // 2)]
     if _is_chest(cur):
@@ -167,7 +170,7 @@ def _analyse_2d(cur: ImageInput, pri: ImageInput, older: list[ImageInput], resul
 
 
 def _older_times(older: list[ImageInput], raw: list[RawRegion], result: ComparisonResult, registered,
-                 ca: np.ndarray, sp: tuple[float, ...]) -> list[TimeImage]:
+                 ca: np.ndarray, sp: tuple[float, ...], smooth: float = DENOISE_MM) -> list[TimeImage]:
     """The older priors on the analysis grid (only when there is a finding to measure on them)."""
     result.priors_compared = [p.source for p in older] + [result.prior_source]
     if not raw:
@@ -181,7 +184,7 @@ def _older_times(older: list[ImageInput], raw: list[RawRegion], result: Comparis
                 f"(NCC {reg.quality.ncc_after:.2f})", False))
             result.priors_compared.remove(prior.source)
             continue
-        cm = change_map(ca, reg.warped, reg.valid, sp)
+        cm = change_map(ca, reg.warped, reg.valid, sp, smooth)
         times.append(_time_image(prior, cm.prior, cm.analysed, own))
     return times
 

@@ -239,6 +239,8 @@ def _spacing(ds: Dataset, source: str) -> tuple[float, float, bool]:
         row_mm, col_mm = (float(v) for v in value)
     except (TypeError, ValueError):
         raise InputError(source, attr, f"{value!r} is not two numbers") from None
+    if row_mm == 0 and col_mm == 0:
+        return 1.0, 1.0, False  # 0\0 is how some vendors write "not calibrated": sizes will be in pixels
     if not (math.isfinite(row_mm) and math.isfinite(col_mm)) or row_mm <= 0 or col_mm <= 0:
         raise InputError(source, attr, f"{row_mm}\\{col_mm} must be positive and finite")
     return row_mm, col_mm, True
@@ -281,6 +283,28 @@ def _dicom_date(ds: Dataset) -> date | None:
     return None
 
 
+# Transfer syntaxes that are lossy by definition: JPEG baseline/extended, JPEG-LS near-lossless,
+# MPEG-2/4 and HEVC video. (JPEG 2000 and HTJ2K may be lossless: there the header's flag decides.)
+_LOSSY_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
+                   *(f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109))}
+
+
+def _lossy_ratio(ds: Dataset) -> float | None:
+    """The compression ratio when the pixels went through lossy compression (0.0: ratio not recorded)."""
+    from pydicom.multival import MultiValue
+
+    flagged = str(ds.get("LossyImageCompression", "") or "").strip() == "01"
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if not flagged and syntax not in _LOSSY_SYNTAXES:
+        return None
+    raw = ds.get("LossyImageCompressionRatio", None)
+    try:
+        values = [float(v) for v in (raw if isinstance(raw, (list, MultiValue)) else [raw]) if v not in (None, "")]
+    except (TypeError, ValueError):
+        values = []
+    return float(np.prod(values)) if values else 0.0  # successive compressions multiply
+
+
 def _attributes(ds: Dataset) -> dict:
     orientation = ds.get("PatientOrientation", None)
     if orientation is None or orientation == "":
@@ -300,6 +324,7 @@ def _attributes(ds: Dataset) -> dict:
         sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
         study_instance_uid=str(ds.get("StudyInstanceUID", "") or ""),
         series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+        lossy_ratio=_lossy_ratio(ds),
     )
 
 

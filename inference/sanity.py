@@ -36,6 +36,7 @@ def check_pair(current: ImageInput, prior: ImageInput) -> list[SanityFlag]:
     for role, img in (("current", current), ("prior", prior)):
         flags += _spacing_flags(role, img)
         flags += _exposure_flags(role, img)
+        flags += _lossy_flags(role, img)
     if any(f.blocking for f in flags):
         return flags  # pixel comparisons below are meaningless on such a pair
     flags += _duplicate_flags(current, prior)
@@ -111,6 +112,19 @@ def _spacing_flags(role: str, img: ImageInput) -> list[SanityFlag]:
     return []
 
 
+def _lossy_flags(role: str, img: ImageInput) -> list[SanityFlag]:
+    if img.lossy_ratio is None:
+        return []
+    ratio = f" at {img.lossy_ratio:g}:1" if img.lossy_ratio else ""
+    return [SanityFlag("lossy_compressed", f"{role} image was lossy-compressed{ratio}; the change map is "
+                       "smoothed to the scale of its artefacts, so small changes may be missed", False)]
+
+
+# Modalities whose images have a black background by design (an ultrasound sector, photographs):
+# pixels at the minimum are background there, not an underexposed detector.
+_BLACK_BACKGROUND = {"US", "IVUS", "XC", "OP", "ES", "GM", "SM", "OPT"}
+
+
 def _exposure_flags(role: str, img: ImageInput) -> list[SanityFlag]:
     a = img.pixels
     step = max(1, a.size // 250_000)
@@ -122,7 +136,7 @@ def _exposure_flags(role: str, img: ImageInput) -> list[SanityFlag]:
     if p99 - p1 <= 1e-3 * (hi - lo):
         return [SanityFlag("blank_image", f"{role} image has no usable contrast", True)]
     at_hi = float(np.mean(v >= hi - 1e-3 * (hi - lo)))
-    at_lo = float(np.mean(v <= lo + 1e-3 * (hi - lo)))
+    at_lo = float(np.mean(v <= lo + 1e-3 * (hi - lo))) if img.modality.upper() not in _BLACK_BACKGROUND else 0.0
     if max(at_hi, at_lo) > 0.5:
         which = "maximum" if at_hi >= at_lo else "minimum"
         return [SanityFlag("saturated_image", f"{role} image: {max(at_hi, at_lo):.0%} of pixels at the "

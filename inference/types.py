@@ -39,6 +39,9 @@ class ImageInput:
     study_instance_uid: str = ""
     series_instance_uid: str = ""
     slice_sources: tuple[str, ...] = ()  # volumes: the file (or SOP Instance UID) of each slice, in pixel order
+    # Lossy compression in the image's history (LossyImageCompression 01 or a lossy transfer syntax):
+    # its ratio, 0.0 when the ratio is not recorded; None: not lossy-compressed.
+    lossy_ratio: float | None = None
 
     @property
     def is_volume(self) -> bool:

@@ -88,6 +88,8 @@ class Comparison:
     model_name: str = ""
     model_version: str = ""
     algorithm_parameters: dict[str, str] = field(default_factory=dict)
+    # DICOM JSON headers (no pixels) of the prior images compared, one per prior, for the SR's Image Library
+    prior_headers: list[dict] = field(default_factory=list)
 
 
 _REFS = TypeAdapter(list[StudyRef])
@@ -107,6 +109,7 @@ def write_comparison(path: Path, comparison: Comparison) -> None:
         "model_name": comparison.model_name,
         "model_version": comparison.model_version,
         "algorithm_parameters": comparison.algorithm_parameters,
+        "prior_headers": comparison.prior_headers,
     }
     write_atomic(path, json.dumps(data, indent=2).encode())
 
@@ -125,6 +128,7 @@ def read_comparison(path: Path) -> Comparison:
         model_name=data.get("model_name", ""),
         model_version=data.get("model_version", ""),
         algorithm_parameters=data.get("algorithm_parameters", {}),
+        prior_headers=data.get("prior_headers", []),
     )
 
 

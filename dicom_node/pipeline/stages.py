@@ -116,7 +116,8 @@ def run_compare(rt: Runtime, job: Job) -> StageOutput:
     audit.record_access(rt.index, audit.IMAGE_READ, job.study_uid, detail=f"{len(current_paths)} instances, job {job.job_key}")
     usable = [prior for prior in retrieval.chosen if prior.instance_paths]
     prior_images = [_load_prior(rt, job, prior, volume) for prior in usable]
-    result = inference.compare(current, prior_images)  # InputError: permanent (retry.py)
+    result = inference.compare(current, prior_images,  # InputError: permanent (retry.py)
+                               deformable=rt.settings.analysis_registration == "bspline")
     vlm = run_vlm(rt, current, prior_images, result, retrieval)
 
     folder = job_dir(rt, job)
@@ -128,8 +129,11 @@ def run_compare(rt: Runtime, job: Job) -> StageOutput:
     by_path = {r["path"]: r for r in current_rows}
     prior_refs = []
     for prior in usable:
-        paths = {str(p) for p in prior.instance_paths}
-        rows = [r for r in rt.index.study_instances(prior.study_uid) if r["path"] in paths]
+        # the images compared, then the prior report the model was given (evidence of what was used)
+        reports = {str(p) for p in prior.report_paths} if prior.report_text else set()
+        paths = {str(p) for p in prior.instance_paths} | reports
+        rows = sorted((r for r in rt.index.study_instances(prior.study_uid) if r["path"] in paths),
+                      key=lambda r: r["path"] in reports)
         prior_refs.append(StudyRef(prior.study_uid, prior.study_date, prior.accession_number, prior.study_description,
                                    [_ref(r) for r in rows]))
     settings = rt.settings
@@ -140,6 +144,7 @@ def run_compare(rt: Runtime, job: Job) -> StageOutput:
         # Volumes: regions sit on their key slice, so the SR must point at that slice's instance.
         slice_refs=[_ref(by_path[source]) for source in current.slice_sources if source in by_path],
         current_header=_header(current_rows[0]["path"]),
+        prior_headers=[_header(str(prior.instance_paths[0])) for prior in usable],
         result=result,
         vlm=vlm,
         overlay_png=str(overlay) if overlay else None,
@@ -240,6 +245,7 @@ def run_report(rt: Runtime, job: Job) -> StageOutput:
         instance_number=reading.revision,
         slice_refs=comparison.slice_refs,
         reading=reading,
+        prior_headers=[Dataset.from_json(h) for h in comparison.prior_headers],
     )
     queue = delivery_queue(rt)
     sr = build_sr(inp, rt.settings.report)

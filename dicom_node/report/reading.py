@@ -95,9 +95,13 @@ def _model_finding(f: Finding, region: ChangeRegion | None) -> ReadingFinding:
 
 
 def _measured(region: ChangeRegion) -> ReadingFinding:
+    """A finding the analysis measured without model words, named only as far as the pixels tell
+    (inference's lesion_type). Its tracking key does not depend on the direction of change, so a
+    lesion that turns from growing to shrinking keeps its Tracking UID."""
     direction = "increase" if region.kind != "decrease" else "decrease"
-    return ReadingFinding(label=f"measured {direction} in density", zone=region.zone, status=region.status,
-                          category=MEASURED, kind=f"measured-{region.kind or 'change'}", region=region)
+    label = region.lesion_type or f"measured {direction} in density"
+    return ReadingFinding(label=label, zone=region.zone, status=region.status, category=MEASURED,
+                          kind="measured", region=region)
 
 
 def _device(d: DeviceFinding) -> ReadingFinding:

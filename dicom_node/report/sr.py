@@ -41,13 +41,14 @@ from highdicom.sr import (
     SourceImageForMeasurement,
     SourceImageForRegion,
     TextContentItem,
+    TimePointContext,
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import generate_uid
 
-from inference.types import ChangeRegion, ComparisonResult
+from inference.types import ChangeRegion, ComparisonResult, Timepoint
 from inference.vlm.schema import VLMResult
 
 from .. import identity
@@ -76,6 +77,7 @@ class ReportInput:
     # The one merge of regions and model findings (the pipeline's report stage makes it once and sends
     # the same to the RIS); None: made here from comparison and vlm (offline use, tests).
     reading: Reading | None = None
+    prior_headers: list[Dataset] = field(default_factory=list)  # headers of the prior images compared (Image Library)
 
     def the_reading(self) -> Reading:
         return self.reading or build_reading(self.current.study_uid, self.comparison, self.vlm)
@@ -167,38 +169,82 @@ def _algorithm(inp: ReportInput) -> AlgorithmIdentification:
     return AlgorithmIdentification(name=inp.model_name, version=inp.model_version, parameters=params)
 
 
-def _polyline(region: ChangeRegion, max_points: int) -> np.ndarray:
+def _image_of(inp: ReportInput, sop_instance_uid: str) -> ImageRef | None:
+    for ref in [*inp.current.instances, *(r for p in inp.priors for r in p.instances)]:
+        if ref.sop_instance_uid == sop_instance_uid:
+            return ref
+    return None
+
+
+def _outline(points, bbox, max_points: int) -> np.ndarray:
     """Closed outline in (column, row) image coordinates: the contour when known, else the box."""
-    if len(region.contour) >= 3:
-        pts = np.asarray(region.contour, dtype=float)[:, ::-1] + 0.5  # pixel centres
+    if len(points) >= 3:
+        pts = np.asarray(points, dtype=float)[:, ::-1] + 0.5  # pixel centres
         if len(pts) > max_points - 1:
             pts = pts[np.linspace(0, len(pts) - 1, max_points - 1).astype(int)]
     else:
-        r0, c0, r1, c1 = region.bbox
+        r0, c0, r1, c1 = bbox
         pts = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1]], dtype=float)
     return np.vstack([pts, pts[:1]])
 
 
-def _group(inp: ReportInput, item: ReadingFinding, settings: ReportSettings):
-    current_img = _region_image(inp, item.region)
-    prior_img = _prior_image(inp)
-    sources = [SourceImageForMeasurement(current_img.sop_class_uid, current_img.sop_instance_uid)]
-    if prior_img is not None:
-        sources.append(SourceImageForMeasurement(prior_img.sop_class_uid, prior_img.sop_instance_uid))
+def _time_point(tp: Timepoint, order: int, count: int) -> TimePointContext:
+    """TID 1502: the study date, its place in the series, and whether it is the baseline (the oldest)."""
+    return TimePointContext(
+        time_point=tp.date.isoformat() if tp.date else f"time point {order}",
+        time_point_type=codes.BASELINE if order == 1 and count > 1 else None,
+        time_point_order=order,
+    )
+
+
+def _group(inp: ReportInput, item: ReadingFinding, settings: ReportSettings) -> list:
+    """One measurement group per time point of the finding (those where it is present, and always the
+    current one, which carries the change description), all under the finding's Tracking UID."""
+    region = item.region
+    timepoints = list(region.timepoints) if region is not None else []
+    if not timepoints:
+        return [_one_group(inp, item, settings, None, None, 1, 1)]
+    groups = []
+    for order, tp in enumerate(timepoints, 1):
+        is_current = order == len(timepoints)
+        if tp.present or is_current:
+            groups.append(_one_group(inp, item, settings, tp, is_current, order, len(timepoints)))
+    return groups
+
+
+def _one_group(inp: ReportInput, item: ReadingFinding, settings: ReportSettings, tp: Timepoint | None,
+               is_current: bool | None, order: int, count: int):
+    region = item.region
     algorithm = _algorithm(inp)
     site = codes.finding_site(item.zone)
+    if tp is None or is_current:
+        image = _region_image(inp, region)  # volumes: the key slice
+    else:
+        image = _image_of(inp, tp.sop_instance_uid) or _prior_image(inp)
     measurements: list[Measurement] = []
-    region = item.region
-    if region is not None:
-        values = [(codes.AREA, region.area_mm2, codes.MM2), (codes.LONG_AXIS, region.longest_diameter_mm, codes.MM)]
-        if region.volume_mm3 is not None:
-            values.append((codes.VOLUME, region.volume_mm3, codes.MM3))
-        values.append((codes.MEAN_INTENSITY_CHANGE, region.mean_change, codes.NO_UNITS))
-        for name, value, unit in values:
-            measurements.append(
-                Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm, referenced_images=sources)
-            )
-    evaluations = [QualitativeEvaluation(codes.DESCRIPTION_OF_CHANGE, _status_code(item))]
+    outline = None
+    if tp is not None and tp.present and image is not None:
+        sources = [SourceImageForMeasurement(image.sop_class_uid, image.sop_instance_uid)]
+        values = [(codes.LONG_AXIS, tp.long_axis_mm, codes.MM), (codes.SHORT_AXIS, tp.short_axis_mm, codes.MM),
+                  (codes.AREA, tp.area_mm2, codes.MM2), (codes.VOLUME, tp.volume_mm3, codes.MM3)]
+        measurements = [Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm,
+                                    referenced_images=sources) for name, value, unit in values if value is not None]
+        if tp.contour:
+            outline = _outline(tp.contour, region.bbox, settings.max_polygon_points)
+        elif is_current:
+            outline = _outline(region.contour, region.bbox, settings.max_polygon_points)
+    elif tp is None and region is not None:  # no time points (e.g. an older artifact): the region of change
+        image = _region_image(inp, region)
+        prior_img = _prior_image(inp)
+        sources = [SourceImageForMeasurement(image.sop_class_uid, image.sop_instance_uid)]
+        if prior_img is not None:
+            sources.append(SourceImageForMeasurement(prior_img.sop_class_uid, prior_img.sop_instance_uid))
+        values = [(codes.AREA, region.area_mm2, codes.MM2), (codes.LONG_AXIS, region.longest_diameter_mm, codes.MM),
+                  (codes.VOLUME, region.volume_mm3, codes.MM3)]
+        measurements = [Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm,
+                                    referenced_images=sources) for name, value, unit in values if value is not None]
+        outline = _outline(region.contour, region.bbox, settings.max_polygon_points)
+    evaluations = [QualitativeEvaluation(codes.DESCRIPTION_OF_CHANGE, _status_code(item))] if tp is None or is_current else None
     common = dict(
         tracking_identifier=TrackingIdentifier(uid=item.tracking_uid, identifier=item.tracking_id),
         finding_type=_finding_code(item),
@@ -206,17 +252,17 @@ def _group(inp: ReportInput, item: ReadingFinding, settings: ReportSettings):
         finding_sites=[site] if site is not None else None,
         measurements=measurements or None,
         qualitative_evaluations=evaluations,
+        time_point_context=_time_point(tp, order, count) if tp is not None else None,
     )
-    if region is not None:
-        image_region = ImageRegion(
-            graphic_type="POLYLINE",
-            graphic_data=_polyline(region, settings.max_polygon_points),
-            source_image=SourceImageForRegion(current_img.sop_class_uid, current_img.sop_instance_uid),
-        )
+    if outline is not None and image is not None:
+        image_region = ImageRegion(graphic_type="POLYLINE", graphic_data=outline,
+                                   source_image=SourceImageForRegion(image.sop_class_uid, image.sop_instance_uid))
         group = PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=image_region, **common)
     else:
         group = MeasurementsAndQualitativeEvaluations(**common)
-    texts = [(codes.FINDING, f"{item.label} ({item.zone}): {item.status}")]
+    if tp is not None and not is_current:
+        return group
+    texts = [(codes.FINDING, _finding_sentence(item))]
     if item.evidence:
         texts.append((codes.COMMENT, item.evidence))
     for name, value in texts:
@@ -224,6 +270,19 @@ def _group(inp: ReportInput, item: ReadingFinding, settings: ReportSettings):
             TextContentItem(name=name, value=_clip(value), relationship_type=RelationshipTypeValues.CONTAINS)
         )
     return group
+
+
+def _finding_sentence(item: ReadingFinding) -> str:
+    """'Focal opacity in the right upper zone, worsened: 16 x 14 mm (202 mm2) now; 9 x 8 mm on 2024-01-10.'"""
+    text = f"{item.label[:1].upper()}{item.label[1:]} in the {item.zone}, {item.status}"
+    region = item.region
+    if region is not None and region.timepoints:
+        from inference.pipeline import trajectory_text
+
+        text += f": {trajectory_text(region)}"
+        if region.trend and len(region.timepoints) > 2:
+            text += f"; trend since {region.timepoints[0].date or 'the oldest prior'}: {region.trend}"
+    return text + "."
 
 
 def _clip(text: str, limit: int = 4000) -> str:
@@ -294,6 +353,26 @@ def _evidence(inp: ReportInput) -> list[Dataset]:
     return evidence
 
 
+def _library_images(inp: ReportInput) -> list[Dataset]:
+    """TID 1600 Image Library: the current image and every prior image the report refers to, from their
+    headers (the compare stage keeps them), each with the attributes TID 1602 asks for."""
+    out, seen = [], set()
+    for header in [inp.current_dataset, *inp.prior_headers]:
+        uid = str(header.get("SOPInstanceUID", ""))
+        if uid and uid not in seen and "Rows" in header and "Columns" in header:
+            seen.add(uid)
+            out.append(header)
+    return out
+
+
+def _separate(items) -> None:
+    for item in items:
+        if getattr(item, "ValueType", "") == "CONTAINER":
+            item.ContinuityOfContent = "SEPARATE"
+        if "ContentSequence" in item:
+            _separate(item.ContentSequence)
+
+
 def build_sr(inp: ReportInput, settings: ReportSettings) -> Dataset:
     """The TID 1500 Comprehensive 3D SR for one analysis; same inputs, same SOP Instance UID."""
     ds = inp.current_dataset
@@ -306,13 +385,14 @@ def build_sr(inp: ReportInput, settings: ReportSettings) -> Dataset:
         model_name=identity.MANUFACTURER_MODEL_NAME,
     )
     context = ObservationContext(observer_device_context=ObserverContext(dcm_codes.DCM.Device, device))
-    groups = [_group(inp, item, settings) for item in inp.the_reading().findings]
+    groups = [g for item in inp.the_reading().findings for g in _group(inp, item, settings)]
     placeholder = not groups
     report = MeasurementReport(
         observation_context=context,
         procedure_reported=codes.procedure_code(str(ds.get("Modality", "")), str(ds.get("BodyPartExamined", ""))),
         imaging_measurements=groups or [MeasurementsAndQualitativeEvaluations(TrackingIdentifier(identifier="none"))],
         language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(codes.language_code(settings.language)),
+        referenced_images=_library_images(inp),
     )
     root = report[0]
     if placeholder:  # highdicom insists on a group; a report without findings has no Imaging Measurements
@@ -324,6 +404,7 @@ def build_sr(inp: ReportInput, settings: ReportSettings) -> Dataset:
         for name, value in _summary_texts(inp)
     ]
     root.ContentSequence.append(evaluations)
+    _separate(report)  # list-like containers: DCMTK's dsr2html then labels every value
 
     equipment = hd.ContributingEquipment(
         manufacturer=identity.MANUFACTURER,
@@ -351,4 +432,5 @@ def build_sr(inp: ReportInput, settings: ReportSettings) -> Dataset:
         manufacturer_model_name=identity.MANUFACTURER_MODEL_NAME,
         software_versions=identity.SOFTWARE_VERSION,
     )
+    sr.ContinuityOfContent = "SEPARATE"
     return sr

@@ -96,10 +96,27 @@ def test_pixel_data_shorter_than_rows_x_columns(tmp_path, pair):
     _expect(p, "PixelData", lambda: load_image(p))
 
 
-def test_zero_pixel_spacing(tmp_path, pair):
-    pair.current.PixelSpacing = [0, 0]
-    p = _save(pair.current, tmp_path / "zero.dcm")
-    _expect(p, "PixelSpacing", lambda: load_image(p))
+def test_zero_pixel_spacing_means_unknown_but_a_negative_or_half_zero_one_is_an_error(tmp_path, pair):
+    pair.current.PixelSpacing = [0, 0]  # how some vendors write "not calibrated"
+    del pair.current.ImagerPixelSpacing
+    img = load_image(_save(pair.current, tmp_path / "zero.dcm"))
+    assert not img.spacing_known and img.spacing_mm == (1.0, 1.0)
+    from inference.sanity import check_pair
+
+    flags = check_pair(img, load_image(_save(pair.prior, tmp_path / "prior.dcm")))
+    assert [(f.code, f.blocking) for f in flags if f.code == "spacing_unknown"] == [("spacing_unknown", False)]
+    for bad in ([0, 0.2], [-0.2, -0.2]):
+        pair.current.PixelSpacing = bad
+        p = _save(pair.current, tmp_path / "bad.dcm")
+        _expect(p, "PixelSpacing", lambda: load_image(p))
+
+
+def test_lossy_compression_is_read_from_the_header(tmp_path, pair):
+    from inference.phantoms import _lossy
+
+    assert load_image(_save(pair.prior, tmp_path / "plain.dcm")).lossy_ratio is None
+    _lossy(pair.prior, 40)
+    assert load_image(_save(pair.prior, tmp_path / "j2k.dcm")).lossy_ratio == 40.0
 
 
 def test_nan_float_pixels(tmp_path, pair):

@@ -74,3 +74,33 @@ def test_unknown_laterality_and_body_part_are_not_mismatches(valid):
     flags = check_pair(dataclasses.replace(cur, laterality="", body_part=""),
                        dataclasses.replace(pri, laterality="U", body_part="THORAX"))
     assert not codes(flags)
+
+
+def test_ultrasound_black_background_is_not_saturation(valid):
+    cur, pri = valid[0]
+    sector = np.zeros_like(cur.pixels)
+    sector[: cur.pixels.shape[0] // 3] = cur.pixels[: cur.pixels.shape[0] // 3]  # two thirds black, as a US sector
+    us = lambda img: dataclasses.replace(img, modality="US", body_part="", view="", pixels=sector)  # noqa: E731
+    assert "saturated_image" not in codes(check_pair(us(cur), dataclasses.replace(us(pri), pixels=sector[::-1].copy())))
+    dx = dataclasses.replace(cur, pixels=sector)  # the same on a radiograph: the detector saw nothing
+    assert "saturated_image" in codes(check_pair(dx, pri))
+
+
+def test_lossy_compressed_prior_is_flagged_and_its_artefacts_are_not_change(tmp_path):
+    """A 339:1 JPEG 2000 copy of a CT slice against the original: flagged, and no region of change."""
+    import copy
+
+    from pydicom.uid import generate_uid
+
+    from inference import compare
+    from inference.phantoms import _lossy, make_ct_pair
+    from inference.pixels import image_from_dataset
+
+    original = make_ct_pair(4, "stable", shape=(8, 512, 512), spacing_mm=(3.0, 0.7, 0.7)).current[4]
+    copy_ = copy.deepcopy(original)
+    copy_.SOPInstanceUID = generate_uid(entropy_srcs=["lossy copy"])
+    _lossy(copy_, 339)
+    res = compare(image_from_dataset(original, "original"), [image_from_dataset(copy_, "j2k")], with_overlay=False)
+    flags = {f.code: f for f in res.sanity_flags}
+    assert "lossy_compressed" in flags and not flags["lossy_compressed"].blocking and "339:1" in flags["lossy_compressed"].reason
+    assert not res.refused and res.regions == []

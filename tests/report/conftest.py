@@ -53,6 +53,7 @@ def make_input(current: Dataset, prior: Dataset | None, comparison: ComparisonRe
         algorithm_parameters={"z_threshold": "3.0", "registration": "affine"},
         input_key=f"{current.StudyInstanceUID}|{current.SOPInstanceUID}|{model_version}{key_suffix}",
         predecessor=predecessor,
+        prior_headers=[prior] if prior is not None else [],
     )
 
 

@@ -113,33 +113,56 @@ def test_change_report_content_and_validity(cases, change, tmp_path):
     assert any(n == "Impression" and v for n, v in tree)
 
     found = groups(sr)
-    measured = [g for g in found if values(g, "Image Region")]
+    lesions = [g for g in found if "49062001" not in values(g, "Finding")]
+    current_groups = [g for g in lesions if values(g, "Description of Change")]  # the change sits on the current one
     regions = case.inp.comparison.regions  # what the analysis measured (its accuracy is tested in tests/inference)
+    # TID 1600: every image the report refers to is in the Image Library
+    library = [item for _, n, _, item in walk(sr.ContentSequence) if n == "Image Library"]
+    assert library and {v for _, n, v, _ in walk(library[0].ContentSequence) if isinstance(v, str) and v.startswith("1.")} \
+        >= {case.current.SOPInstanceUID, case.prior.SOPInstanceUID}
     if not regions:
-        assert not measured  # nothing changed: no finding, and the report says so; the device is still listed
+        assert not lesions  # nothing changed: no finding, and the report says so; the device is still listed
         assert any(n == "Comment" and "No measurable change" in str(v) for n, v in tree)
     else:
-        assert len(measured) == len(regions)  # one group per measured region, in the analysis' order
-        g = measured[0]
-        assert values(g, "Description of Change") == [SNOMED_CHANGE[regions[0].status]]
+        assert len(current_groups) == len(regions)  # one finding per measured region, in the analysis' order
+        g = current_groups[0]
+        region = regions[0]
+        uid = values(g, "Tracking Unique Identifier")[0]
+        assert uid == tracking_uid(case.current.StudyInstanceUID, region.zone, "27925004")
+        same = [x for x in lesions if values(x, "Tracking Unique Identifier") == [uid]]
+        # one group per time point where the finding is present (and always the current one)
+        assert len(same) == sum(t.present for t in region.timepoints[:-1]) + 1
+        assert values(g, "Description of Change") == [SNOMED_CHANGE[region.status]]
         assert values(g, "Finding")[0] == "27925004"  # nodule
         assert values(g, "Finding Site")[0] in ("281392002", "281393007", "281394001")
         assert values(g, "Laterality")[0] in ("24028007", "7771000")
         assert values(g, "Algorithm Name") and values(g, "Algorithm Version")[0] == "1.0"
-        units = {name: unit for name, (value, unit) in ((n, v) for n, v in g if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], str))}
-        assert units["Area"] == "mm2" and units["Long axis"] == "mm" and units["Signal change"] == "1"
-        area = values(g, "Area")[0][0]
-        assert area == pytest.approx(regions[0].area_mm2, rel=1e-3)
-        # measurements cite both the current and the prior image
-        assert set(values(g, "Source of Measurement")) == {case.current.SOPInstanceUID, case.prior.SOPInstanceUID}
-        graphic_type, points = values(g, "Image Region")[0]
-        assert graphic_type == "POLYLINE" and points[:2] == points[-2:]  # closed outline
-        r0, c0, r1, c1 = case.inp.comparison.regions[0].bbox
-        xs, ys = np.array(points[0::2]), np.array(points[1::2])
-        assert c0 - 1 <= xs.min() and xs.max() <= c1 + 1 and r0 - 1 <= ys.min() and ys.max() <= r1 + 1
-        tracking = values(g, "Tracking Unique Identifier")[0]
-        assert tracking == tracking_uid(case.current.StudyInstanceUID, case.inp.comparison.regions[0].zone, "27925004")
+        assert values(g, "Time Point") == ["2024-06-01"] and not values(g, "Time Point Type")
         assert any("compared with the prior" in str(v) for v in values(g, "Comment"))
+        before, now = region.timepoints
+        checks = [(g, now, case.current.SOPInstanceUID)]
+        if before.present:
+            checks.append((same[0], before, case.prior.SOPInstanceUID))
+        for group, tp, image in checks:
+            if not tp.present:
+                assert not values(group, "Long axis") and not values(group, "Image Region")
+                continue
+            units = {n: v[1] for n, v in group if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], str)
+                     and n in ("Long axis", "Short axis", "Area")}
+            assert units == {"Long axis": "mm", "Short axis": "mm", "Area": "mm2"}  # no unitless "signal change"
+            assert values(group, "Long axis")[0][0] == pytest.approx(tp.long_axis_mm)
+            assert values(group, "Area")[0][0] == pytest.approx(tp.area_mm2)
+            assert set(values(group, "Source of Measurement")) == {image}  # measured on that time point's image
+            graphic_type, points = values(group, "Image Region")[0]
+            assert graphic_type == "POLYLINE" and points[:2] == points[-2:]  # closed outline
+        if before.present:
+            assert values(same[0], "Time Point") == ["2023-06-01"] and values(same[0], "Time Point Type") == ["C1442488"]
+        # the region of the current group is on the current image, near the region of change
+        if now.present:
+            _, points = values(g, "Image Region")[0]
+            r0, c0, r1, c1 = region.bbox
+            xs, ys = np.array(points[0::2]), np.array(points[1::2])
+            assert c0 - 2 <= xs.mean() <= c1 + 2 and r0 - 2 <= ys.mean() <= r1 + 2
     devices = [g for g in found if "49062001" in values(g, "Finding")]
     assert len(devices) == 1 and values(devices[0], "Description of Change") == ["260388006"]
 
@@ -183,8 +206,9 @@ def test_same_inputs_same_uids_and_stable_tracking_across_reanalysis(cases):
     assert newer.SeriesInstanceUID == first.SeriesInstanceUID
     pred = newer.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert pred.ReferencedSOPInstanceUID == first.SOPInstanceUID
-    track = lambda sr: sorted(v for g in groups(sr) for v in values(g, "Tracking Unique Identifier"))  # noqa: E731
-    assert track(newer) == track(first) and len(set(track(first))) == len(track(first))
+    track = lambda sr: sorted({v for g in groups(sr) for v in values(g, "Tracking Unique Identifier")})  # noqa: E731
+    findings = len(case.inp.comparison.regions) + 1  # and the device
+    assert track(newer) == track(first) and len(track(first)) == findings
     # a new model version is a new device
     dev = lambda sr: [e.DeviceUID for e in sr.ContributingEquipmentSequence if e.get("DeviceUID")]  # noqa: E731
     assert dev(newer) != dev(first)
