@@ -505,3 +505,21 @@ def test_helm_lint_strict_is_clean():
 def test_an_in_process_worker_without_gpu():
     docs = render({"workers": {"gpu": {"gpus": 0}}})
     assert _gpu_limit(container(docs, "-worker-gpu")) == 0
+
+
+def test_kubernetes_validate_cli_agrees(tmp_path):
+    # The command line itself, --strict, for both versions, on three value sets that hold every Kubernetes kind
+    # the chart makes (the CLI re-reads its schemas per manifest: all sets would take a minute).
+    import subprocess
+    import sys
+
+    files = []
+    for name in ("model-server-trtllm", "autoscaling-hpa", "postgres-multi-replica"):
+        values = VALUE_SETS[name]
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump_all([d for d in render(values) if d["kind"] not in CRD_KINDS]))
+        files.append(str(path))
+    cli = Path(sys.executable).parent / "kubernetes-validate"
+    for version in KUBE_VERSIONS:
+        result = subprocess.run([str(cli), "--strict", "--quiet", "-k", version, *files], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
