@@ -523,3 +523,14 @@ def test_kubernetes_validate_cli_agrees(tmp_path):
     for version in KUBE_VERSIONS:
         result = subprocess.run([str(cli), "--strict", "--quiet", "-k", version, *files], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_extra_env_cannot_override_what_the_chart_sets():
+    # A duplicate ConfigMap key would leave which value wins to the YAML reader.
+    managed = find(render(VALUE_SETS["site-in-process-gpu"]), "ConfigMap", "dicom-node")["data"]
+    assert len(managed) > 20
+    for name in managed:
+        with pytest.raises(RenderRefused, match=f"extraEnv {name}: (the chart sets this one itself|a credential)"):
+            render({**VALUE_SETS["site-in-process-gpu"], "extraEnv": {name: "x"}})
+    config = find(render({"extraEnv": {"DICOM_NODE_STUDY_IDLE_SECONDS": 60}}), "ConfigMap", "dicom-node")["data"]
+    assert config["DICOM_NODE_STUDY_IDLE_SECONDS"] == "60"
