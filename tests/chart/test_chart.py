@@ -534,3 +534,27 @@ def test_extra_env_cannot_override_what_the_chart_sets():
             render({**VALUE_SETS["site-in-process-gpu"], "extraEnv": {name: "x"}})
     config = find(render({"extraEnv": {"DICOM_NODE_STUDY_IDLE_SECONDS": 60}}), "ConfigMap", "dicom-node")["data"]
     assert config["DICOM_NODE_STUDY_IDLE_SECONDS"] == "60"
+
+
+ALLOWED_VOLUMES = {"configMap", "secret", "projected", "emptyDir", "persistentVolumeClaim", "downwardAPI"}
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_node_pods_meet_the_restricted_pod_security_standard(name):
+    # The namespace can enforce pod-security.kubernetes.io/enforce=restricted for the node's pods
+    # and Redis (the model server and its build Job run the engine image's own user).
+    docs = render(VALUE_SETS[name])
+    for pod_name, spec in pods(docs):
+        if "model-server" in pod_name or "-engine-" in pod_name:
+            continue
+        assert spec["securityContext"]["runAsNonRoot"] is True, pod_name
+        assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), pod_name
+        for volume in spec.get("volumes", []):
+            kinds = set(volume) - {"name"}
+            assert kinds <= ALLOWED_VOLUMES, (pod_name, volume)
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], pod_name
+            assert not sc.get("privileged") and "add" not in sc["capabilities"], pod_name
+            assert sc["readOnlyRootFilesystem"] is True, pod_name
+            assert not any(p.get("hostPort") for p in c.get("ports", [])), pod_name
