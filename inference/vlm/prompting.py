@@ -97,6 +97,15 @@ def _interval(current: ImageInput, prior: ImageInput) -> str:
 
 
 def _size(r: ChangeRegion) -> str:
+    """The finding's measured trajectory, oldest first with dates, when it was measured at every time point
+    (measurements come from the tools, not from the model's eye); else the size of the region of change."""
+    if r.timepoints:
+        steps = []
+        for t in r.timepoints:
+            when = t.date.isoformat() if t.date else "undated"
+            steps.append(f"{when}: {t.long_axis_mm:.1f} x {t.short_axis_mm:.1f} mm" if t.present else f"{when}: absent")
+        trend = f", trend {r.trend}" if r.trend else ""
+        return f"{r.lesion_type or 'finding'} measured " + " -> ".join(steps) + trend
     if r.volume_mm3 is not None:
         return f"volume {r.volume_mm3:.0f} mm3, longest diameter {r.longest_diameter_mm:.1f} mm"
     return f"area {r.area_mm2:.0f} mm2, longest diameter {r.longest_diameter_mm:.1f} mm"
