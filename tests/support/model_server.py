@@ -104,7 +104,7 @@ class RecordingProxy:
             def _forward(self, body: bytes | None) -> None:
                 chat = self.path.endswith("/chat/completions")
                 with proxy.lock:
-                    proxy.in_flight += 1
+                    proxy.in_flight += chat  # chat completions only: the comparisons in flight
                     proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
                     if chat and body:
                         proxy.requests.append(json.loads(body))
@@ -129,7 +129,7 @@ class RecordingProxy:
                     self._reply(status, data, {"server": headers.get("server", "")})
                 finally:
                     with proxy.lock:
-                        proxy.in_flight -= 1
+                        proxy.in_flight -= chat
 
             def _reply(self, status: int, data: bytes, headers: dict) -> None:
                 try:
@@ -183,6 +183,6 @@ class Served:
 def start_served(root: Path) -> Served:
     from inference.vlm.tiny import write_serving_files, write_tiny_model
 
-    folder = write_tiny_model(root, "gemma3", name="tiny-gemma-served", max_new_tokens=16)
+    folder = write_tiny_model(root, "gemma3", name="tiny-gemma-served", max_new_tokens=8)
     server = ModelServer(write_serving_files(folder), root / "server").start()
     return Served(server, RecordingProxy(server.port), folder)

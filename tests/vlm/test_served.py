@@ -22,7 +22,6 @@ from dicom_node.pipeline.vlm import _ModelChoice, _served, load_configured_model
 from inference.vlm import BackendOptions, ModelServerRejected, ModelServerUnavailable, ServerOptions, load_model
 from inference.vlm.backends.openai_backend import response_format
 from inference.vlm.schema import FLAG_REPAIRED, FLAG_UNUSABLE
-from tests.support.model_server import transformers_cli
 
 
 GOOD = json.dumps({
@@ -176,17 +175,18 @@ print(reading.served_model, sorted(m for m in ("torch", "transformers") if m in 
 
 
 def _compare_cli(tmp_path, env_extra: dict[str, str]):
-    import os
+    """`dicom-node compare CURRENT PRIOR --vlm --json`, in process (the command's own code, settings from the environment)."""
+    from typer.testing import CliRunner
 
+    from dicom_node.cli import app
     from inference.phantoms import make_chest_pair
 
     pair = make_chest_pair(3, "new_nodule", size=256)
     pair.current.save_as(tmp_path / "cur.dcm", enforce_file_format=True)
     pair.prior.save_as(tmp_path / "pri.dcm", enforce_file_format=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")} | env_extra
-    out = subprocess.run([sys.executable, "-m", "dicom_node", "compare", str(tmp_path / "cur.dcm"), str(tmp_path / "pri.dcm"),
-                          "--vlm", "--json"], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    out = CliRunner().invoke(app, ["compare", str(tmp_path / "cur.dcm"), str(tmp_path / "pri.dcm"), "--vlm", "--json"],
+                             env=env_extra)
+    assert out.exit_code == 0, out.output
     return json.loads(out.stdout)
 
 
@@ -206,10 +206,4 @@ def test_offline_compare_with_the_model(served, tmp_path):
     doc = _compare_cli(tmp_path, down)
     assert doc["vlm"]["status"] == "unavailable" and "cannot reach" in doc["vlm"]["error"]
     assert doc["regions"]  # the measured regions are kept whatever the model does
-
-
-def test_transformers_serve_is_installed():
-    """The test server itself (transformers[serving]) must be there: a missing one fails, never skips."""
-    out = subprocess.run([*transformers_cli(), "--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
 

@@ -109,6 +109,7 @@ class OpenAIBackend:
         self.server: ServerOptions = server
         self.served_model = server.served_model or spec.name
         self.server_version = ""
+        self._version_asked = False
         self.last = Timings()
         self._client: Any = None
         self._slots = threading.BoundedSemaphore(server.max_concurrency)
@@ -139,9 +140,13 @@ class OpenAIBackend:
         if models and self.served_model not in models:
             raise ModelServerRejected(f"model server at {self.server.base_url} serves {models}, not {self.served_model!r}; "
                                       "set vlm_served_model to one of them")
-        if not self.server_version:
-            self.server_version = self._version()
+        self._learn_version()
         return models
+
+    def _learn_version(self) -> None:
+        if not self._version_asked:
+            self._version_asked = True  # once per process: it is the same server
+            self.server_version = self._version()
 
     def _version(self) -> str:
         """The server's /version (vLLM, SGLang, trtllm-serve), when it has one."""
@@ -181,10 +186,14 @@ class OpenAIBackend:
             "response_format": response_format(),
         }
 
-    def complete(self, prompt: Prompt, max_new_tokens: int | None = None, stream: bool = False) -> Completion:
-        """One comparison, one request; at most max_concurrency of these run at once in this process."""
+    def complete(self, prompt: Prompt, max_new_tokens: int | None = None, stream: bool = False,
+                 extra_body: dict[str, Any] | None = None) -> Completion:
+        """One comparison, one request; at most max_concurrency of these run at once in this process.
+        extra_body: engine-specific fields (e.g. vLLM's ignore_eos for the benchmark)."""
         self.load()
         body = self.request(prompt, max_new_tokens)
+        if extra_body:
+            body["extra_body"] = extra_body
         with self._slots:
             t0 = time.perf_counter()
             try:
@@ -197,6 +206,7 @@ class OpenAIBackend:
             except Exception as exc:  # noqa: BLE001 - mapped onto our classes
                 raise self._map(exc) from None
             latency = time.perf_counter() - t0
+        self._learn_version()
         if not resp.choices:
             raise ValueError(f"model server at {self.server.base_url} answered with no choices")
         usage = resp.usage
@@ -219,6 +229,7 @@ class OpenAIBackend:
                     text.append(choice.delta.content)
                     chunks += 1
         latency = time.perf_counter() - t0
+        self._learn_version()
         version = fingerprint or self.server_version or self._header_version(raw.headers)
         return Completion("".join(text), model or self.served_model, version, latency, ttft,
                           usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else chunks)
