@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     check_called_ae: bool = True
     max_associations: int = 16
     max_connections_per_host: int = 8  # concurrent connections from one peer address, associated or not; 0: no limit
+    refusal_audit_limit: int = 20  # audit rows (and log lines) per peer address per window for refused connections; the rest counted; 0: no limit
+    refusal_audit_window_seconds: float = 60.0
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 120.0

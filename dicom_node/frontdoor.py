@@ -33,7 +33,11 @@ Upstream, this would be: timeouts on ``AssociationSocket.recv``, a maximum-PDU c
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import queue
+import select
 import socket
 import ssl
 import struct
@@ -98,6 +102,7 @@ class Limits:
     max_pdu_size: int  # 0: no limit announced (capped at UNLIMITED_PDU_CAP here)
     max_connections_per_host: int  # 0: no limit
     spool_dir: Path | None = None  # where received data sets are written; None: kept in memory
+    max_associations: int = 0  # associated connections at once (not those still connecting); 0: no limit
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,38 @@ def _spool_file(*args, **kwargs):
     return handle
 
 
+class SpoolOnly:
+    """Stands in for a front-door connection on an association this node requested (our C-GET):
+    the C-STORE data sets received on it go to files in `spool_dir`, nothing else changes."""
+
+    def __init__(self, spool_dir: Path) -> None:
+        self.limits = Limits(0.0, 0.0, 0, 0, spool_dir=Path(spool_dir))
+        self.spool_files: list = []
+
+    def remove_leftovers(self) -> None:
+        """Spool files of a transfer cut half-way (pynetdicom removes the others itself)."""
+        _remove_spool_files(self.spool_files)
+        self.spool_files = []
+
+
+def spool_received_datasets(assoc, spool_dir: Path) -> SpoolOnly:
+    """Stream what `assoc` (requested, established) receives by C-STORE to `spool_dir`;
+    handlers then get ``event.dataset_path``. Call before the request that brings them."""
+    install()
+    spool = SpoolOnly(spool_dir)
+    assoc.dul._front_door = spool  # read by _connection() in the association's DUL thread
+    return spool
+
+
+def _remove_spool_files(handles: list) -> None:
+    for handle in handles:
+        try:
+            handle.close()
+            Path(handle.name).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 _install_lock = threading.Lock()
 
 
@@ -186,6 +223,7 @@ class _Connection:
         self.host, self.port = host, port
         self.acse_deadline = time.monotonic() + self.limits.acse_timeout
         self.spool_files: list = []
+        self.holds_association = False  # counted against max_associations until it ends
         self.saw_data = False
         self.peer_closed = False
         self.reported = False
@@ -316,12 +354,10 @@ class _Connection:
             time.sleep(0.01)
         if dul.socket is not None and dul.socket.socket is not None:
             dul.socket.close()
-        for handle in self.spool_files:
-            try:
-                handle.close()
-                Path(handle.name).unlink(missing_ok=True)
-            except OSError:
-                pass
+        _remove_spool_files(self.spool_files)
+        if self.holds_association:
+            self.holds_association = False
+            self.door.release_association()
         if not (self.reported or self.saw_data or self.peer_closed) and assoc.requestor.primitive is None:
             self.report("aborted", f"no A-ASSOCIATE-RQ within acse_timeout ({self.limits.acse_timeout:g} s)")
 
@@ -339,6 +375,211 @@ def _settimeout(sock, seconds: float) -> None:
         pass
 
 
+# --- event-driven waits ------------------------------------------------------------------
+#
+# pynetdicom's two threads per association poll: the DUL thread loops over "anything to send?
+# anything on the socket? any event?" and sleeps between rounds; the association thread sleeps
+# 1 ms between looks at its message queue. On two cores that polling took about a third of the
+# node's CPU under load (py-spy), and each hop adds up to one sleep of latency. Here, on the
+# connections accepted through the front door, both threads sleep until there is work: the DUL
+# thread in poll() on its socket and a wake-up pipe (written when something is queued for it),
+# the association thread on an Event (set when a message or primitive is queued for it). The
+# loops below are pynetdicom 3.0.4's run_reactor/_run_reactor with the sleep replaced; a
+# timeout still bounds each wait so timers and kill flags are seen as before.
+
+DUL_WAIT = 0.05  # seconds: the longest a DUL thread sleeps without a wake-up (ARTIM timer, kill)
+ASSOCIATION_WAIT = 0.1  # the association thread's (network idle timer, kill from elsewhere)
+
+
+class _WakingQueue(queue.Queue):
+    """A ``queue.Queue`` that calls ``wake`` after each put (under the queue's own lock)."""
+
+    def __init__(self, wake: Callable[[], None], items=()) -> None:
+        super().__init__()
+        self._wake = wake
+        for item in items:
+            self.queue.append(item)
+
+    def _put(self, item) -> None:
+        super()._put(item)
+        self._wake()
+
+
+class _Wakeup:
+    """What the two threads of one association sleep on."""
+
+    def __init__(self) -> None:
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self.association = threading.Event()
+        self._lock = threading.Lock()  # never write to a closed (and maybe reused) descriptor
+        self._closed = False
+
+    def dul(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._write_fd, b"\0")
+            except BlockingIOError:
+                pass  # full pipe: a wake-up is pending anyway
+
+    def assoc(self) -> None:
+        self.association.set()
+
+    def drain(self) -> None:
+        try:
+            while os.read(self._read_fd, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def wait_dul(self, sock, timeout: float) -> None:
+        poller = select.poll()
+        poller.register(self._read_fd, select.POLLIN)
+        if sock is not None:
+            try:
+                poller.register(sock.fileno(), select.POLLIN)
+            except (OSError, ValueError):
+                return  # closed meanwhile: the loop notices
+        poller.poll(timeout * 1000)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._read_fd)
+                os.close(self._write_fd)
+
+
+def _make_event_driven(assoc, wake: _Wakeup) -> None:
+    """Swap the four queues for waking ones and both reactor loops for the waiting ones."""
+    dul, dimse = assoc.dul, assoc.dimse
+    dul.event_queue = _WakingQueue(wake.dul, dul.event_queue.queue)  # Evt5 is already queued
+    dul.to_provider_queue = _WakingQueue(wake.dul, dul.to_provider_queue.queue)
+    dul.to_user_queue = _WakingQueue(wake.assoc, dul.to_user_queue.queue)
+    dimse.msg_queue = _WakingQueue(wake.assoc, dimse.msg_queue.queue)
+    stop_dul, kill_dul = dul.stop_dul, dul.kill_dul
+
+    def stop() -> bool:
+        if dul.state_machine.current_state == "Sta1":
+            dul._kill_thread = True
+            wake.dul()
+        return stop_dul()
+
+    def kill() -> None:
+        kill_dul()
+        wake.dul()
+
+    dul.stop_dul, dul.kill_dul = stop, kill
+    dul.run_reactor = functools.partial(_run_dul, dul, wake)
+    assoc._run_reactor = functools.partial(_run_association, assoc, wake)
+
+
+def _dul_idle(dul) -> bool:
+    """Nothing for the DUL thread to do until a wake-up or data on the socket."""
+    if dul._kill_thread or dul.to_provider_queue.qsize() or dul.event_queue.qsize():
+        return False
+    if dul.state_machine.current_state == "Sta13":
+        return False  # it closes the socket on its next round
+    sock = dul.socket.socket if dul.socket is not None else None
+    return not (isinstance(sock, ssl.SSLSocket) and sock.pending())
+
+
+def _run_dul(dul, wake: _Wakeup) -> None:
+    """``DULServiceProvider.run_reactor`` (pynetdicom 3.0.4), sleeping until there is work."""
+    assoc = dul.assoc
+    dul._idle_timer.start()
+    try:
+        while True:
+            if not assoc._dul_ready.is_set():
+                assoc._dul_ready.set()
+            if dul._kill_thread:
+                break
+            if dul.artim_timer.expired:
+                dul.event_queue.put("Evt18")
+            try:
+                if dul._process_recv_primitive():
+                    pass
+                elif dul._is_transport_event():
+                    dul._idle_timer.restart()
+            except Exception as exc:
+                # As pynetdicom: bypass the state machine, send an A-ABORT and stop both threads.
+                log.error("frontdoor.dul_error", exc_info=exc)
+                abort = A_ABORT_RQ()
+                abort.source, abort.reason_diagnostic = 0x02, 0x00
+                try:
+                    if dul.socket is not None:
+                        dul.socket.send(abort.encode())
+                except Exception:
+                    pass
+                assoc.is_aborted = True
+                assoc.is_established = False
+                assoc._kill = True
+                dul._kill_thread = True
+                return
+            try:
+                event = dul.event_queue.get(block=False)
+            except queue.Empty:
+                wake.drain()  # then look again: a put after this writes to the pipe
+                if _dul_idle(dul):
+                    wake.wait_dul(dul.socket.socket if dul.socket is not None else None, DUL_WAIT)
+                continue
+            dul.state_machine.do_action(event)
+    finally:
+        wake.assoc()  # the association thread checks dul.is_alive()
+
+
+def _run_association(assoc, wake: _Wakeup) -> None:
+    """``Association._run_reactor`` (pynetdicom 3.0.4, acceptor), sleeping until there is work."""
+    assoc._is_paused = False
+    while not assoc._kill:
+        # Clear, then look: a message queued after the look sets the Event again.
+        wake.association.clear()
+        if not (assoc.dimse.msg_queue.qsize() or assoc.dul.to_user_queue.qsize() or not assoc.dul.is_alive()):
+            wake.association.wait(ASSOCIATION_WAIT)
+        assoc._is_paused = True
+        assoc._reactor_checkpoint.wait()
+        assoc._is_paused = False
+
+        context_id, msg = assoc.dimse.get_msg(block=False)
+        if msg:
+            assoc._serve_request(msg, context_id)
+
+        if assoc.is_established and assoc.acse.is_release_requested():
+            assoc.acse.send_release(is_response=True)
+            assoc.is_released = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_RELEASED, {})
+            assoc.kill()
+            return
+
+        if assoc.acse.is_aborted():
+            assoc.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires for subscribers
+            assoc.is_aborted = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_ABORTED, {})
+            assoc.kill()
+            return
+
+        if not assoc.dul.is_alive():
+            assoc.kill()
+            return
+
+        if assoc.dul.idle_timer_expired():
+            log.error("frontdoor.network_timeout")
+            if assoc.network_timeout_response == "A-RELEASE":
+                assoc._is_paused = True
+                assoc._reactor_checkpoint.wait()
+                assoc.release()
+                assoc._is_paused = False
+            else:
+                assoc.abort()
+            assoc.kill()
+            return
+
+
 # --- the server ----------------------------------------------------------------------------
 
 
@@ -353,6 +594,8 @@ class _GuardedRequestHandler(RequestHandler):
         conn = _Connection(door, assoc, host, port)
         assoc.dul._front_door = conn
         assoc.dul._read_pdu_data = conn.read_pdu
+        wake = _Wakeup()
+        _make_event_driven(assoc, wake)
         _settimeout(self.request, door.limits.network_timeout)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         try:
@@ -360,6 +603,7 @@ class _GuardedRequestHandler(RequestHandler):
             assoc.join()
         finally:
             conn.end()
+            wake.close()
 
 
 class GuardedAssociationServer(ThreadedAssociationServer):
@@ -419,6 +663,7 @@ class FrontDoor:
         self.limits = limits
         self._on_refusal = on_refusal
         self._per_host: dict[str, int] = {}
+        self._associations = 0
         self._lock = threading.Lock()
 
     def serve(self, ae, address, evt_handlers, ssl_context: ssl.SSLContext | None = None) -> GuardedAssociationServer:
@@ -451,6 +696,26 @@ class FrontDoor:
                 self._per_host[host] = count
             else:
                 self._per_host.pop(host, None)
+
+    def claim_association(self, assoc) -> bool:
+        """At its A-ASSOCIATE-RQ: may this connection become an association (``max_associations``)?
+        Only connections that asked are counted, so silent ones (bounded by the per-host limit
+        and the deadlines) cannot use up the slots; counted until the connection ends."""
+        conn = getattr(assoc.dul, "_front_door", None)
+        if not isinstance(conn, _Connection):
+            return True
+        with self._lock:
+            if conn.holds_association:
+                return True
+            if self.limits.max_associations and self._associations >= self.limits.max_associations:
+                return False
+            self._associations += 1
+            conn.holds_association = True
+            return True
+
+    def release_association(self) -> None:
+        with self._lock:
+            self._associations -= 1
 
     def connections(self) -> dict[str, int]:
         with self._lock:

@@ -42,6 +42,7 @@ from .ingest import MEDIA_STORAGE_DIRECTORY, Ingestor
 from .logs import log_event
 from .netutil import CONNECTION_HANDLER, server_tls_context
 from .storage import InstanceStore
+from .throttle import RefusalThrottle, suppressed_note
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ for _uid in RETIRED_STORAGE_CLASSES:
 # A-ASSOCIATE-RJ (result, source, diagnostic)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
+UNLIMITED_ASSOCIATIONS = 1 << 30
 
 
 @dataclass
@@ -118,13 +121,14 @@ class DicomNode:
         s = self.settings
         self.store = InstanceStore(s.storage_dir, s.min_free_disk_mb * 2**20, s.duplicate_policy)
         self.index = Index(s.database_url)
-        self.ingestor = Ingestor(self.store, self.index)
+        self.ingestor = Ingestor(self.store, self.index, group_commit=True)
         self._stats: dict[int, _AssociationStats] = {}
         self._stats_lock = threading.Lock()
         self._servers: list[ThreadedAssociationServer] = []
         self._assembler: Assembler | None = None
         self._status: StatusServer | None = None
         self._delivery_queue = None  # built on the first Storage Commitment report
+        self._refusal_throttle = RefusalThrottle(s.refusal_audit_limit, s.refusal_audit_window_seconds)
         self.ae = self._build_ae()
         self.front_door = FrontDoor(
             Limits(
@@ -133,6 +137,7 @@ class DicomNode:
                 max_pdu_size=s.max_pdu_size,
                 max_connections_per_host=s.max_connections_per_host,
                 spool_dir=self.store.incoming,  # C-STORE data sets are streamed to a file there
+                max_associations=s.max_associations,
             ),
             self._on_refusal,
         )
@@ -174,6 +179,7 @@ class DicomNode:
         for server in self._servers:
             server.shutdown()
         self._servers.clear()
+        self._flush_refusal_counts()
         if self._status:
             self._status.stop()
             self._status = None
@@ -184,7 +190,9 @@ class DicomNode:
     def _build_ae(self) -> AE:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
-        ae.maximum_associations = s.max_associations
+        # max_associations is the front door's (associated connections only): pynetdicom's own
+        # limit counts every connection's thread, silent ones included.
+        ae.maximum_associations = UNLIMITED_ASSOCIATIONS
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout
         ae.network_timeout = s.network_timeout
@@ -228,20 +236,28 @@ class DicomNode:
             self._reject(
                 assoc, REJECT_CALLED_AE, calling, called, host, port, f"called AE {called!r} is not this node ({self.settings.ae_title!r})"
             )
+        elif not self.front_door.claim_association(assoc):
+            self._reject(
+                assoc, REJECT_LOCAL_LIMIT, calling, called, host, port,
+                f"local limit exceeded (max_associations: {self.settings.max_associations} associations open)",
+            )
 
     def _reject(self, assoc, rsd: tuple[int, int, int], calling: str, called: str, host: str, port: int, reason: str) -> None:
         ASSOCIATIONS.labels("rejected").inc()
-        # Audit first: the peer may look at our status as soon as it has the rejection.
-        self.index.open_association(calling, called, host, port, "rejected", reason)
-        log_event(log, logging.WARNING, "association.rejected", calling_ae=calling, called_ae=called, peer=f"{host}:{port}", reason=reason)
+        write, carried, since = self._refusal_throttle.admit(host)
+        if write:  # else a flood from this host: counted into its next audit row
+            # Audit first: the peer may look at our status as soon as it has the rejection.
+            audited = reason + (f"; {suppressed_note(carried, since)}" if carried else "")
+            self.index.open_association(calling, called, host, port, "rejected", audited)
+            log_event(log, logging.WARNING, "association.rejected", calling_ae=calling, called_ae=called, peer=f"{host}:{port}", reason=reason)
         assoc.acse.send_reject(*rsd)
         assoc.kill()  # waits until the rejection is on the wire before the socket closes
 
     def _on_rejected(self, event: evt.Event) -> None:
-        # pynetdicom's own rejection (e.g. maximum associations); ours are audited in _reject.
+        # pynetdicom's own rejection in negotiation (e.g. protocol version); ours are audited in _reject.
         assoc = event.assoc
         primitive = assoc.requestor.primitive
-        reason = "local limit exceeded (maximum associations)"
+        reason = "rejected in association negotiation"
         self.index.open_association(
             primitive.calling_ae_title.strip(), primitive.called_ae_title.strip(), assoc.requestor.address, assoc.requestor.port, "rejected", reason
         )
@@ -299,6 +315,10 @@ class DicomNode:
             stats = self._stats.get(id(refusal.assoc)) if refusal.assoc is not None else None
             if stats is not None:
                 stats.abort_reason = refusal.reason  # written to its audit row when it closes
+        admitted = (True, 0, 0.0) if stats is not None else self._refusal_throttle.admit(refusal.host)
+        if not admitted[0]:
+            ASSOCIATIONS.labels(refusal.result).inc()
+            return  # a flood from this host: counted into its next audit row, neither logged nor audited
         log_event(
             log,
             logging.WARNING,
@@ -311,11 +331,18 @@ class DicomNode:
         if stats is not None:
             return
         ASSOCIATIONS.labels(refusal.result).inc()
-        audit_id = self.index.open_association(
-            refusal.calling_ae, refusal.called_ae, refusal.host, refusal.port, refusal.result, refusal.reason
-        )
-        if refusal.result != "rejected":  # a rejected row is closed when written
-            self.index.close_association(audit_id, refusal.result, 0, 0, refusal.reason)
+        _, carried, since = admitted
+        reason = refusal.reason + (f"; {suppressed_note(carried, since)}" if carried else "")
+        self._audit_refusal(refusal.result, reason, refusal.host, refusal.port, refusal.calling_ae, refusal.called_ae)
+
+    def _audit_refusal(self, result: str, reason: str, host: str, port: int, calling_ae: str = "", called_ae: str = "") -> None:
+        audit_id = self.index.open_association(calling_ae, called_ae, host, port, result, reason)
+        if result != "rejected":  # a rejected row is closed when written
+            self.index.close_association(audit_id, result, 0, 0, reason)
+
+    def _flush_refusal_counts(self) -> None:
+        for host, count, since in self._refusal_throttle.drain():
+            self._audit_refusal("rejected", suppressed_note(count, since), host, 0)
 
     # --- services ---------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
+from pathlib import Path
 from typing import TypeVar
 
 import requests
@@ -26,6 +27,7 @@ from pynetdicom.sop_class import (
 )
 
 from ..config import Settings
+from ..frontdoor import SpoolOnly, spool_received_datasets
 from ..index import Index
 from ..ingest import Ingestor
 from ..logs import log_event
@@ -291,7 +293,7 @@ class DimseArchive(Archive):
         self.calling_ae = config.calling_ae_title or settings.ae_title
         self.move_destination = config.move_destination or settings.ae_title
         self._assoc: Association | None = None
-        self._get_state: tuple[Association, set[str], Ingestor] | None = None
+        self._get_state: tuple[Association, set[str], Ingestor, SpoolOnly] | None = None
 
     def _tls(self):
         c = self.config
@@ -378,25 +380,29 @@ class DimseArchive(Archive):
         roles = [build_role(sop_class, scp_role=True) for sop_class in classes]
 
         def on_store(event: evt.Event) -> Dataset:
-            result = ingestor.ingest(
-                event.encoded_dataset(include_meta=True),
-                str(event.request.AffectedSOPClassUID or ""),
-                str(event.request.AffectedSOPInstanceUID or ""),
-            )
+            requested = str(event.request.AffectedSOPClassUID or ""), str(event.request.AffectedSOPInstanceUID or "")
+            spooled = getattr(event.request, "_dataset_path", None)  # set when streamed to a file
+            if isinstance(spooled, Path):
+                result = ingestor.ingest_file(spooled, *requested)  # the SCP's path: never read whole
+            else:
+                result = ingestor.ingest(event.encoded_dataset(include_meta=True), *requested)
             response = Dataset()
             response.Status = result.status
-            if result.message:
-                response.ErrorComment = result.message[:64]
+            if result.message or result.comment:
+                response.ErrorComment = result.error_comment  # LO: 64 characters, no UID cut in half
             return response
 
         assoc = associate(ae, self.peer, self._tls(), ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        self._get_state = (assoc, set(sop_classes), ingestor)
+        # Received instances go to a file in the store's .incoming as they arrive, as on the SCP.
+        spool = spool_received_datasets(assoc, ingestor.store.incoming)
+        self._get_state = (assoc, set(sop_classes), ingestor, spool)
         return assoc
 
     def _release_get(self) -> None:
         if self._get_state is not None:
             if self._get_state[0].is_established:
                 self._get_state[0].release()
+            self._get_state[3].remove_leftovers()
             self._get_state = None
 
     def _track(self, responses, what: str, assoc: Association | None = None) -> Transfer:

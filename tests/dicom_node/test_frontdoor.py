@@ -225,6 +225,53 @@ def test_too_many_connections_from_one_host(guarded):
     wait_until(lambda: HOSTILE not in guarded.front_door.connections(), timeout=ACSE + SLACK, what="slots released")
 
 
+def test_max_associations_counts_associated_connections_only(make_node):
+    node = make_node(acse_timeout=4.0, max_associations=1, max_connections_per_host=4)
+    silent = [connect(node, source) for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4")]
+    time.sleep(0.2)
+    # Three connections that never asked for an association do not take the one slot...
+    echo_works(node)
+    # ...an association does, and is refused with the reason DICOM has for it; then the slot is free again.
+    ae = _make_ae("HOLDER")
+    ae.add_requested_context(Verification)
+    held = associate(ae, Peer("127.0.0.1", node.settings.port, NODE_AE))
+    try:
+        refused = run_tool("echoscu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), check=False)
+        assert refused.returncode != 0
+        assert "Local Limit Exceeded" in refused.stdout + refused.stderr
+    finally:
+        held.release()
+    wait_until(lambda: node.front_door._associations == 0, timeout=5, what="the slot released")
+    run_tool("echoscu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port))
+    rows = [r for r in node.index.recent_associations(20) if "max_associations" in (r["reason"] or "")]
+    assert len(rows) == 1 and rows[0]["result"] == "rejected"
+    for sock in silent:
+        sock.close()
+
+
+def test_a_flood_of_refused_connections_is_audited_with_a_count_not_row_by_row(make_node):
+    window = 8.0
+    node = make_node(acse_timeout=ACSE, refusal_audit_limit=3, refusal_audit_window_seconds=window)
+    flood_started = time.monotonic()
+    for _ in range(12):
+        sock = connect(node)
+        sock.sendall(b"GARBAGE!" * 4)
+        wait_closed(sock, ACSE + SLACK)
+    rows = lambda: [r for r in node.index.recent_associations(100) if r["peer_host"] == HOSTILE]  # noqa: E731
+    wait_until(lambda: len(rows()) == 3, timeout=5, what="three audit rows")
+    time.sleep(0.5)
+    assert len(rows()) == 3  # the other nine were counted, not written
+    echo_works(node)  # other hosts are not throttled
+    assert time.monotonic() - flood_started < window, "the flood took longer than the window"
+    time.sleep(flood_started + window + 0.2 - time.monotonic())  # the window is over: the next row carries the count
+    sock = connect(node)
+    sock.sendall(b"GARBAGE!" * 4)
+    wait_closed(sock, ACSE + SLACK)
+    latest = wait_until(lambda: len(rows()) == 4 and rows()[0], timeout=5, what="a fourth row")
+    assert "9 more refusal(s) from this host not audited" in latest["reason"]
+    assert "unknown PDU type" in latest["reason"]
+
+
 def test_storescu_gets_through_while_hostile_sockets_are_open_and_after(make_node, tmp_path):
     node = make_node(acse_timeout=4.0, network_timeout=4.0, max_connections_per_host=8)
     hostile = []
