@@ -346,47 +346,57 @@ class Index:
 
     def record_instance(self, rec: InstanceRecord, now: float | None = None) -> bool:
         """Index one stored instance in a single transaction. Returns True if it was new."""
+        return self.record_instances([rec], now)[0]
+
+    def record_instances(self, recs: list[InstanceRecord], now: float | None = None) -> list[bool]:
+        """Index stored instances in one transaction (a commit group); for each, whether it was new."""
         try:
-            return self._record_instance(rec, now)
+            return self._record_instances(recs, now)
         except IntegrityError:
-            if rec.series_uid not in self._known_series:
+            if not any(rec.series_uid in self._known_series for rec in recs):
                 raise
             # Another process deleted this series' rows (prior cache eviction) since this one
             # wrote them: forget them and write the parent rows again.
-            self._known_series.discard(rec.series_uid)
-            return self._record_instance(rec, now)
+            for rec in recs:
+                self._known_series.discard(rec.series_uid)
+            return self._record_instances(recs, now)
 
-    def _record_instance(self, rec: InstanceRecord, now: float | None) -> bool:
+    def _record_instances(self, recs: list[InstanceRecord], now: float | None) -> list[bool]:
         now = time.time() if now is None else now
+        results = []
         with self._write() as conn:
-            if rec.series_uid not in self._known_series:
-                self._insert_parents(conn, rec, now)
-            inserted = conn.execute(
-                self._insert_instance,
-                dict(
-                    sop_instance_uid=rec.sop_instance_uid,
-                    series_uid=rec.series_uid,
-                    study_uid=rec.study_uid,
-                    sop_class_uid=rec.sop_class_uid,
-                    transfer_syntax_uid=rec.transfer_syntax_uid,
-                    instance_number=rec.instance_number,
-                    view_position=rec.view_position,
-                    laterality=rec.laterality,
-                    analysable=rec.analysable,
-                    path=rec.path,
-                    size=rec.size,
-                    received_at=now,
-                ),
-            ).rowcount
-            if inserted and rec.analysable:
-                conn.execute(
-                    _STUDY_RECEIVED,
-                    dict(b_study_uid=rec.study_uid, b_now=now, b_modality=rec.modality, b_urgent=rec.urgent),
-                )
+            written: set[str] = set()  # series whose parent rows this transaction wrote
+            for rec in recs:
+                if rec.series_uid not in self._known_series and rec.series_uid not in written:
+                    self._insert_parents(conn, rec, now)
+                    written.add(rec.series_uid)
+                inserted = conn.execute(
+                    self._insert_instance,
+                    dict(
+                        sop_instance_uid=rec.sop_instance_uid,
+                        series_uid=rec.series_uid,
+                        study_uid=rec.study_uid,
+                        sop_class_uid=rec.sop_class_uid,
+                        transfer_syntax_uid=rec.transfer_syntax_uid,
+                        instance_number=rec.instance_number,
+                        view_position=rec.view_position,
+                        laterality=rec.laterality,
+                        analysable=rec.analysable,
+                        path=rec.path,
+                        size=rec.size,
+                        received_at=now,
+                    ),
+                ).rowcount
+                if inserted and rec.analysable:
+                    conn.execute(
+                        _STUDY_RECEIVED,
+                        dict(b_study_uid=rec.study_uid, b_now=now, b_modality=rec.modality, b_urgent=rec.urgent),
+                    )
+                results.append(bool(inserted))
         if len(self._known_series) > KNOWN_SERIES_LIMIT:
             self._known_series.clear()  # bounded: memory stays flat however much arrives
-        self._known_series.add(rec.series_uid)
-        return bool(inserted)
+        self._known_series.update(rec.series_uid for rec in recs)
+        return results
 
     def _insert_parents(self, conn: Connection, rec: InstanceRecord, now: float) -> None:
         patient_key = self._upsert_patient(conn, rec)

@@ -28,6 +28,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from . import dimse_status as st
+from .commit_group import CommitGroup
 from .index import Index, InstanceRecord
 from .logs import log_event, phi_hash
 from .storage import DiskFull, InstanceStore, StoreOutcome
@@ -91,9 +92,12 @@ class Malformed(ValueError):
 
 
 class Ingestor:
-    def __init__(self, store: InstanceStore, index: Index) -> None:
+    def __init__(self, store: InstanceStore, index: Index, group_commit: bool = False) -> None:
+        """`group_commit`: instances arriving on several associations at once share their folder
+        fsyncs and index transaction (commit_group.py); the SCP's ingestor uses it."""
         self.store = store
         self.index = index
+        self.commits = CommitGroup(index) if group_commit else None
 
     def ingest(self, encoded: bytes, requested_sop_class: str = "", requested_sop_instance: str = "") -> IngestResult:
         """An instance in memory (preamble, file meta, dataset)."""
@@ -149,7 +153,8 @@ class Ingestor:
 
         try:
             if isinstance(source, Path):
-                stored = self.store.store_file(study_uid, series_uid, sop_uid, source)
+                # With a commit group, the new entry's folder is fsynced by the group, below.
+                stored = self.store.store_file(study_uid, series_uid, sop_uid, source, sync_dir=self.commits is None)
             else:
                 stored = self.store.store(study_uid, series_uid, sop_uid, source)
         except DiskFull as exc:
@@ -164,15 +169,21 @@ class Ingestor:
         if stored.outcome is StoreOutcome.DUPLICATE_IDENTICAL and self.index.instance_exists(sop_uid):
             return IngestResult(st.SUCCESS, "identical duplicate, already stored", sop_uid, study_uid)
         # A duplicate whose index row is missing (crash between fsync and commit) is indexed now.
-        self.index.record_instance(record)
+        if self.commits is not None:
+            pending_dir = stored.path.parent if stored.outcome is StoreOutcome.STORED and isinstance(source, Path) else None
+            self.commits.commit(record, pending_dir)
+        else:
+            self.index.record_instance(record)
 
-        fields = dict(
-            sop_instance_uid=sop_uid,
-            study_uid=study_uid,
-            patient=phi_hash(record.patient_id),
-            modality=record.modality,
-            analysable=record.analysable,
-        )
+        def fields() -> dict:
+            return dict(
+                sop_instance_uid=sop_uid,
+                study_uid=study_uid,
+                patient=phi_hash(record.patient_id),
+                modality=record.modality,
+                analysable=record.analysable,
+            )
+
         if stored.outcome in (StoreOutcome.CONFLICT_KEPT_FIRST, StoreOutcome.CONFLICT_REPLACED):
             log_event(
                 log,
@@ -180,7 +191,7 @@ class Ingestor:
                 "ingest.duplicate_conflict",
                 policy=self.store.duplicate_policy,
                 conflict_copy=str(stored.conflict_copy),
-                **fields,
+                **fields(),
             )
             return IngestResult(
                 st.WARNING_DUPLICATE_CONFLICT,
@@ -188,7 +199,8 @@ class Ingestor:
                 sop_uid,
                 study_uid,
             )
-        log_event(log, logging.DEBUG, "ingest.stored", **fields)
+        if log.isEnabledFor(logging.DEBUG):  # the keyed patient hash costs more than the rest
+            log_event(log, logging.DEBUG, "ingest.stored", **fields())
         return IngestResult(st.SUCCESS, "", sop_uid, study_uid)
 
 

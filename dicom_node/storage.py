@@ -53,6 +53,7 @@ class InstanceStore:
         self.conflicts = self.root / CONFLICTS
         self.incoming.mkdir(parents=True, exist_ok=True)
         self.conflicts.mkdir(parents=True, exist_ok=True)
+        self._incoming_resolved = self.incoming.resolve()
 
     def remove_partial_writes(self) -> int:
         """Delete files a crash left in .incoming; none of them was ever acknowledged."""
@@ -83,16 +84,20 @@ class InstanceStore:
             try:
                 os.link(temp, final)  # atomic, and never overwrites
             except FileExistsError:
-                return self._resolve_duplicate(final, temp, data)
+                if _same_content(final, temp):
+                    return StoreResult(StoreOutcome.DUPLICATE_IDENTICAL, final)
+                return self._resolve_conflict(final, temp)
             _fsync_dir(final.parent)
             return StoreResult(StoreOutcome.STORED, final)
         finally:
             temp.unlink(missing_ok=True)
 
-    def store_file(self, study_uid: str, series_uid: str, sop_uid: str, source: Path) -> StoreResult:
+    def store_file(self, study_uid: str, series_uid: str, sop_uid: str, source: Path, sync_dir: bool = True) -> StoreResult:
         """store() for an instance already in a file (a C-STORE the SCP streamed to .incoming):
         fsynced and hard-linked into place without being read into memory (copied first only
-        from another folder). `source` itself is left for its owner to remove."""
+        from another folder). `source` itself is left for its owner to remove. With
+        `sync_dir` False the new entry's folder is not fsynced here: the caller does it (a
+        commit group fsyncs each folder once for several instances) before it answers."""
         source = Path(source)
         if self.free_bytes() < self.min_free_bytes:  # its bytes are on this disk already
             raise DiskFull(
@@ -107,15 +112,16 @@ class InstanceStore:
             except FileExistsError:
                 if _same_content(final, temp):
                     return StoreResult(StoreOutcome.DUPLICATE_IDENTICAL, final)
-                return self._resolve_duplicate(final, temp, temp.read_bytes())  # a conflict: rare
-            _fsync_dir(final.parent)
+                return self._resolve_conflict(final, temp)  # compared and kept from disk, never read whole
+            if sync_dir:
+                _fsync_dir(final.parent)
             return StoreResult(StoreOutcome.STORED, final)
         finally:
             temp.unlink(missing_ok=True)
 
     def _adopt_synced(self, source: Path) -> Path:
         temp = self.incoming / f"{uuid.uuid4().hex}.part"
-        if source.parent.resolve() == self.incoming.resolve():
+        if source.parent.resolve() == self._incoming_resolved:
             os.link(source, temp)
         else:
             with open(source, "rb") as src, open(temp, "xb") as dst:
@@ -132,9 +138,8 @@ class InstanceStore:
             raise
         return temp
 
-    def _resolve_duplicate(self, final: Path, temp: Path, data: bytes) -> StoreResult:
-        if final.stat().st_size == len(data) and final.read_bytes() == data:
-            return StoreResult(StoreOutcome.DUPLICATE_IDENTICAL, final)
+    def _resolve_conflict(self, final: Path, temp: Path) -> StoreResult:
+        """`temp` (fsynced) has the SOP Instance UID of `final` and different content."""
         if self.duplicate_policy == "reject":
             return StoreResult(StoreOutcome.CONFLICT_REJECTED, final)
         if self.duplicate_policy == "replace":
@@ -201,12 +206,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a folder's entries (a file linked into it) survive a crash."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_fsync_dir = fsync_dir
 
 
 def _same_content(a: Path, b: Path, chunk: int = 1 << 20) -> bool:

@@ -1,0 +1,88 @@
+"""Group commit: instances arriving together share one transaction; a bad row fails only its own."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from dicom_node.commit_group import CommitGroup
+from dicom_node.index import Index, InstanceRecord
+
+
+def record(n: int, series: str = "1.2.3.1") -> InstanceRecord:
+    return InstanceRecord(
+        patient_id="P1", issuer_of_patient_id="", patient_name="A^B", birth_date="", study_uid="1.2.3",
+        study_date="20260101", study_time="", accession_number="", study_description="", series_uid=series,
+        modality="CT", body_part="", series_number="1", series_description="", sop_instance_uid=f"1.2.3.1.{n}",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1", instance_number=str(n),
+        view_position="", laterality="", analysable=True, path=f"/store/{n}.dcm", size=1,
+    )
+
+
+@pytest.fixture
+def index(tmp_path):
+    index = Index(f"sqlite:///{tmp_path / 'index.db'}")
+    yield index
+    index.dispose()
+
+
+def test_concurrent_instances_share_transactions_and_all_are_indexed(index, tmp_path):
+    group = CommitGroup(index)
+    start = threading.Barrier(8)
+    results: dict[int, bool] = {}
+
+    def send(thread: int) -> None:
+        start.wait()
+        for k in range(10):
+            n = thread * 10 + k
+            results[n] = group.commit(record(n), tmp_path)
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {n: True for n in range(80)}
+    assert len(index.study_instances("1.2.3")) == 80
+    assert group.instances == 80
+    assert group.groups < 80  # eight senders at once: some groups held several instances
+    # The same instance again is indexed once, and reported as not new.
+    assert group.commit(record(5), None) is False
+
+
+def test_a_bad_row_fails_only_its_own_instance(index, tmp_path):
+    group = CommitGroup(index)
+    bad = replace(record(99, series="1.2.3.9"), patient_id=None)  # NOT NULL: the transaction fails
+    gate = threading.Event()
+    outcomes: dict[str, object] = {}
+    # Hold the leader inside its write so the others queue up into one group with the bad row.
+    original = index.record_instances
+
+    def slow_first(recs, now=None):
+        if not gate.is_set():
+            gate.set()
+            threading.Event().wait(0.3)
+        return original(recs, now)
+
+    index.record_instances = slow_first  # type: ignore[method-assign]
+
+    def send(name: str, rec: InstanceRecord) -> None:
+        try:
+            outcomes[name] = group.commit(rec, tmp_path)
+        except Exception as exc:  # noqa: BLE001
+            outcomes[name] = exc
+
+    first = threading.Thread(target=send, args=("first", record(1)))
+    first.start()
+    gate.wait(5)
+    others = [threading.Thread(target=send, args=(name, rec)) for name, rec in (("good", record(2)), ("bad", bad), ("good2", record(3)))]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join()
+    assert outcomes["first"] is True and outcomes["good"] is True and outcomes["good2"] is True
+    assert isinstance(outcomes["bad"], IntegrityError)
+    assert {r["sop_instance_uid"] for r in index.study_instances("1.2.3")} == {"1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.3"}
