@@ -32,7 +32,8 @@ IMAGE_READ = "image_read"  # pixels read for a comparison
 REPORT_SENT = "report_sent"  # SR accepted by a PACS
 WORKLIST_SENT = "worklist_sent"  # HL7 result accepted by the RIS
 OPERATOR_VIEW = "operator_view"  # patient data shown by the CLI
-ACTIONS = (ARCHIVE_QUERY, ARCHIVE_RETRIEVE, IMAGE_READ, REPORT_SENT, WORKLIST_SENT, OPERATOR_VIEW)
+REFERENCE_USED = "reference_used"  # a normal reference (another person, de-identified) compared with the patient's image
+ACTIONS = (ARCHIVE_QUERY, ARCHIVE_RETRIEVE, IMAGE_READ, REPORT_SENT, WORKLIST_SENT, OPERATOR_VIEW, REFERENCE_USED)
 
 _role = "dicom-node"
 

@@ -18,6 +18,25 @@ from .logs import configure_logging
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="PACS-integrated DICOM inference node.")
 
 
+from .references.cli import app as _references_app  # noqa: E402
+
+app.add_typer(_references_app, name="references")
+
+
+def _compare_references(current: Path, library: Path, as_json: bool) -> None:
+    from inference.errors import InputError
+
+    from .references.cli import compare_against_library, print_reference_result
+    from .references.library import ReferenceRefused
+
+    try:
+        result, _ = compare_against_library(current, library)
+    except (InputError, ReferenceRefused) as exc:
+        typer.echo(f"cannot compare: {exc}", err=True)
+        raise typer.Exit(2)
+    print_reference_result(result, as_json)
+
+
 @app.callback()
 def _every_command(ctx: typer.Context) -> None:
     audit.set_role(f"dicom-node {ctx.invoked_subcommand}")  # the actor in PHI access audit rows
@@ -220,15 +239,23 @@ def _deformable(choice: str | None) -> bool:
 @app.command()
 def compare(
     current: Annotated[Path, typer.Argument(help="DICOM file or folder (a volume's slices) of the current study")],
-    priors: Annotated[list[Path], typer.Argument(help="DICOM file or folder of each prior study, any order: the most "
-                                                       "recent usable one is compared with, every one is measured on")],
+    priors: Annotated[Optional[list[Path]], typer.Argument(help="DICOM file or folder of each prior study, any order: the most "
+                                                       "recent usable one is compared with, every one is measured on")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     overlay: Annotated[Optional[Path], typer.Option(help="write the change heat map as PNG")] = None,
     registration: Annotated[Optional[str], typer.Option(
         help="affine or bspline (radiographs; volumes are always rigid); default: the analysis_registration setting")] = None,
     vlm: Annotated[bool, typer.Option("--vlm", help="also run the configured model (vlm_model / vlm_backend, or a model server)")] = False,
+    references: Annotated[Optional[Path], typer.Option(
+        help="no prior: compare against the normal reference library in this folder (see dicom-node references)")] = None,
 ) -> None:
     """Compare two images or volumes offline (no network, but a configured model server) with the analysis engine."""
+    if not priors:
+        if references is None:
+            typer.echo("give a PRIOR, or --references DIR to compare against normal references", err=True)
+            raise typer.Exit(2)
+        _compare_references(current, references, as_json)
+        return
     import inference
     from inference.errors import InputError
     from inference.overlay import save_overlay_png

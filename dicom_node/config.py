@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from .priors.settings import PriorSettings
+from .references.settings import ReferenceSettings
 from .validators import check_ae_title
 from .report.settings import ReportSettings
 
@@ -127,6 +128,7 @@ class Settings(BaseSettings):
     # Prior retrieval and reporting: their own sections (see their settings modules)
     priors: PriorSettings = Field(default_factory=PriorSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
+    references: ReferenceSettings = Field(default_factory=ReferenceSettings)  # normal reference library (no prior)
 
     # Logging
     log_level: str = "INFO"
