@@ -213,6 +213,22 @@ def _predecessor(rt: Runtime, job: Job):
     return Reading.from_json(Path(reported[-1].artifacts["report"]).read_bytes())
 
 
+def _earlier_findings(rt: Runtime, job: Job) -> list:
+    """Findings of earlier reports on the prior studies compared, to follow lesions by (report/tracking.py):
+    this node's own reading of each prior study, and any TID 1500 SR among its retrieved reports."""
+    from ..report import tracking
+    from ..report.reading import Reading
+
+    retrieval = artifacts.read_priors(_artifact(job, "priors"))
+    found = []
+    for prior in retrieval.chosen:
+        reported = [j for j in rt.jobs.for_study(prior.study_uid) if j.artifacts.get("report")]
+        if reported and Path(reported[-1].artifacts["report"]).is_file():
+            found += tracking.from_reading(Reading.from_json(Path(reported[-1].artifacts["report"]).read_bytes()))
+        found += tracking.from_files(prior.report_paths)
+    return found
+
+
 def run_report(rt: Runtime, job: Job) -> StageOutput:
     from pydicom.dataset import Dataset
     from pydicom.uid import Comprehensive3DSRStorage
@@ -224,7 +240,7 @@ def run_report(rt: Runtime, job: Job) -> StageOutput:
 
     comparison = artifacts.read_comparison(_artifact(job, "compare"))
     predecessor = _predecessor(rt, job)
-    reading = build_reading(job.study_uid, comparison.result, comparison.vlm, predecessor)
+    reading = build_reading(job.study_uid, comparison.result, comparison.vlm, predecessor, _earlier_findings(rt, job))
     if predecessor is not None:
         reading.predecessor_sr = ImageRef(Comprehensive3DSRStorage, predecessor.sr_sop_instance_uid,
                                           predecessor.sr_series_uid, job.study_uid)

@@ -115,9 +115,12 @@ def _tracking_uid(study_uid: str, zone: str, kind: str, ordinal: int) -> str:
     return generate_uid(prefix=identity.UID_ROOT, entropy_srcs=["tracking", study_uid, zone.strip().lower(), kind, str(ordinal)])
 
 
-def _assign_tracking(study_uid: str, findings: list[ReadingFinding], predecessor: Reading | None) -> None:
+def _assign_tracking(study_uid: str, findings: list[ReadingFinding], predecessor: Reading | None,
+                     tracked: list | None = None) -> None:
     """Same lesion (zone and kind, in order), same Tracking UID: taken from the predecessor when it
-    reported it, else derived from where and what (never from the run)."""
+    reported it; else from an earlier report of a prior study that outlined it at the same registered
+    place (report/tracking.py); else derived from where and what (never from the run)."""
+    from .tracking import match
     earlier: dict[tuple[str, str, int], ReadingFinding] = {}
     if predecessor is not None:
         seen: Counter = Counter()
@@ -131,12 +134,17 @@ def _assign_tracking(study_uid: str, findings: list[ReadingFinding], predecessor
         ordinal = seen[key]
         seen[key] += 1
         before = earlier.get((*key, ordinal))
+        followed = match(f.region, tracked) if before is None and tracked and f.region is not None else None
+        if followed is not None:
+            tracked = [t for t in tracked if t.tracking_uid != followed.tracking_uid]  # one lesion, one finding
+            f.tracking_uid, f.tracking_id = followed.tracking_uid, followed.tracking_id[:64] or f"{f.label} / {f.zone}"
+            continue
         f.tracking_uid = before.tracking_uid if before else _tracking_uid(study_uid, f.zone, f.kind, ordinal)
         f.tracking_id = (f"{f.label} / {f.zone}" + (f" #{ordinal + 1}" if ordinal else ""))[:64]
 
 
 def build_reading(study_uid: str, comparison: ComparisonResult, vlm: VLMResult | None,
-                  predecessor: Reading | None = None) -> Reading:
+                  predecessor: Reading | None = None, tracked: list | None = None) -> Reading:
     """Model findings first, each with the measured region in its zone; then the measured regions the
     model did not describe (or all of them without usable model output); then devices."""
     regions = list(comparison.regions) if not comparison.refused else []
@@ -147,7 +155,7 @@ def build_reading(study_uid: str, comparison: ComparisonResult, vlm: VLMResult |
     findings.extend(_measured(region) for region in regions)
     if model is not None:
         findings.extend(_device(d) for d in model.devices)
-    _assign_tracking(study_uid, findings, predecessor)
+    _assign_tracking(study_uid, findings, predecessor, tracked)
     impression = model.impression if model is not None and model.impression else comparison.summary
     return Reading(study_uid=study_uid, findings=findings, impression=impression,
                    revision=(predecessor.revision + 1) if predecessor else 1)
