@@ -104,6 +104,7 @@ REFUSED = {
     "a typo": ({"node": {"replica": 3}}, "additional properties 'replica' not allowed"),
     "a typo at the top": ({"persistance": {"size": "1Ti"}}, "additional properties 'persistance' not allowed"),
     "extraEnv outside DICOM_NODE_": ({"extraEnv": {"STUDY_IDLE_SECONDS": "60"}}, "STUDY_IDLE_SECONDS"),
+    "DICOM open to peers, any AE accepted": ({"networkPolicy": {"dicomPeers": PEERS}}, "node.allowedCallers is empty"),
     "a credential in extraEnv": ({"extraEnv": {"DICOM_NODE_DATABASE_URL": "postgresql+psycopg://u:pw@db/dn"}},
                                  "a credential, which would land in a ConfigMap"),
     "a LoadBalancer open to the world": ({"service": {"dicom": {"type": "LoadBalancer"}}}, "loadBalancerSourceRanges"),
