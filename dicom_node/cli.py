@@ -47,15 +47,24 @@ def serve(
     dispatch: Annotated[bool, typer.Option(help="coordinate the pipeline: create jobs, republish stalled ones (Redis)")] = True,
 ) -> None:
     """Run the DICOM SCP (C-ECHO, C-STORE), the study assembler and the pipeline coordinator until SIGTERM/SIGINT."""
+    from .http_api import StatusServer
     from .scp import DicomNode
+    from .startup import prepare, warn_about_configuration
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
-    node = DicomNode(settings)
+    prepare(settings)
+    warn_about_configuration(settings)
+    # The HTTP service is started here with the full settings (token, readiness checks), not by DicomNode.
+    node = DicomNode(settings.model_copy(update={"http_port": 0}))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     node.start()
+    web = None
+    if settings.http_port:
+        web = StatusServer(node.index, settings.http_host, settings.http_port, settings)
+        web.start()
     coordinator = None
     if dispatch:
         from .pipeline.reconciler import Coordinator
@@ -65,6 +74,8 @@ def serve(
     stop.wait()
     if coordinator:
         coordinator.stop()
+    if web:
+        web.stop()
     node.stop()
 
 
@@ -84,6 +95,10 @@ def worker(
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
+    from .startup import prepare, warn_about_configuration
+
+    prepare(settings)
+    warn_about_configuration(settings)
     served = "gpu" in queues.split(",") and settings.vlm_backend == "openai"
     # A model server batches what is in flight: the gpu worker keeps vlm_max_concurrency requests going (threads).
     pool = pool or ("threads" if served else "prefork")
@@ -202,6 +217,29 @@ def audit_log(
         peer = f" -> {row['peer']}" if row["peer"] else ""
         typer.echo(f"{_utc(row['at'])}  {row['action']:16} {row['study_uid']}  patient {row['patient'] or '-'}{peer}\n"
                    f"    by {row['actor']}: {row['detail']}")
+
+
+@app.command()
+def pseudonym(
+    patient_id: str,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The pseudonym of PATIENT_ID in logs and audit rows, under every key in pseudonym_key_file
+    (current key first), to find a patient's rows from before and after a key rotation."""
+    from . import pseudonyms
+
+    settings = load_settings()
+    try:
+        keys = pseudonyms.load(settings.pseudonym_key_file, settings.storage_dir)
+    except pseudonyms.PseudonymKeyError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2)
+    values = keys.all_pseudonyms(patient_id)
+    if as_json:
+        typer.echo(json.dumps(values, indent=2))
+        return
+    for key_id, value in values.items():
+        typer.echo(f"{value}{'  (current key)' if key_id == keys.current.key_id else ''}")
 
 
 def _utc(epoch: float) -> str:

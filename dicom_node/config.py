@@ -20,7 +20,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from .identity import DEFAULT_UID_ROOT
 from .priors.settings import PriorSettings
+from .uids import check_uid_root
 from .references.settings import ReferenceSettings
 from .validators import check_ae_title
 from .report.settings import ReportSettings
@@ -44,9 +46,23 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 11112
 
-    # HTTP status API (/status, /metrics, /healthz); port 0 disables it
+    # HTTP operations UI and API (/, /jobs, /status; /metrics, /healthz, /readyz); port 0 disables it
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    # File holding the bearer token (a mounted Secret); re-read when it changes. None: no token,
+    # and the service binds loopback only whatever http_host says.
+    http_token_file: Path | None = None
+    readiness_timeout_seconds: float = Field(5.0, gt=0)  # longest a /readyz check may take
+    readiness_echo_cache_seconds: float = Field(15.0, ge=0)  # an archive's C-ECHO result is reused this long
+
+    # Pseudonyms of patient identifiers in logs and the PHI audit: HMAC-SHA256 under a site key.
+    # The file: one KEY_ID:SECRET per line, current key first (README: key rotation).
+    # None: a random key generated into <storage_dir>/.pseudonym-key on first use.
+    pseudonym_key_file: Path | None = None
+
+    # Root of the UIDs the node derives (SR, overlay SC, tracking UIDs): the site's registered
+    # organisation root; at most 40 characters, so derived UIDs keep 24 digits of hash.
+    uid_root: str = DEFAULT_UID_ROOT
 
     # Storage and index
     storage_dir: Path = Path("var/store")
@@ -139,6 +155,11 @@ class Settings(BaseSettings):
     def _valid_ae_title(cls, value: str) -> str:
         return check_ae_title(value)
 
+    @field_validator("uid_root")
+    @classmethod
+    def _valid_uid_root(cls, value: str) -> str:
+        return check_uid_root(value)
+
     @field_validator("allowed_callers", mode="before")
     @classmethod
     def _split_callers(cls, value: object) -> object:
@@ -172,3 +193,43 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: object) -> Settings:
     return Settings(**overrides)  # type: ignore[arg-type]
+
+
+ENV_PREFIX = "DICOM_NODE_"
+NESTED_DELIMITER = "__"
+
+
+def _env_names(model: type[BaseModel], prefix: str) -> tuple[set[str], set[str]]:
+    """Every variable name the model reads, and the prefixes under which any name is read (dict fields)."""
+    names, open_prefixes = set(), set()
+    for name, info in model.model_fields.items():
+        env = prefix + name.upper()
+        names.add(env)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            inner, inner_open = _env_names(annotation, env + NESTED_DELIMITER)
+            names |= inner
+            open_prefixes |= inner_open
+        elif getattr(annotation, "__origin__", None) is dict:
+            open_prefixes.add(env + NESTED_DELIMITER)
+    return names, open_prefixes
+
+
+def unknown_env_variables(environ: dict[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """DICOM_NODE_* variables no setting reads (settings ignore them), each with the closest real
+    name (None when nothing is close), so a typo is reported instead of silently dropped."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    names, open_prefixes = _env_names(Settings, ENV_PREFIX)
+    names.add(CONFIG_FILE_ENV)
+    unknown = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in names or upper.startswith(tuple(open_prefixes)):
+            continue
+        # Compared without the prefix, which every name shares.
+        suffixes = {name[len(ENV_PREFIX):]: name for name in names if name.startswith(ENV_PREFIX)}
+        close = difflib.get_close_matches(upper[len(ENV_PREFIX):], sorted(suffixes), n=1, cutoff=0.6)
+        unknown.append((variable, suffixes[close[0]] if close else None))
+    return unknown

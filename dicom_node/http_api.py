@@ -1,15 +1,15 @@
-"""HTTP status API beside the SCP: /healthz, /status (JSON) and /metrics (Prometheus)."""
+"""The node's HTTP service: the operations UI and JSON API (web/app.py), served by uvicorn in a
+thread of the SCP process. This module keeps the process-wide counters and /status's document."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter
 
+from .config import Settings
 from .index import Index
 from .logs import log_event
 
@@ -18,24 +18,6 @@ log = logging.getLogger(__name__)
 REGISTRY = CollectorRegistry()
 INSTANCES = Counter("dicom_node_instances_total", "C-STORE requests answered, by outcome", ["outcome"], registry=REGISTRY)
 ASSOCIATIONS = Counter("dicom_node_associations_total", "Associations, by result", ["result"], registry=REGISTRY)
-
-
-class _IndexCollector:
-    """Gauges read from the index at scrape time, so every process sees the same numbers."""
-
-    def __init__(self, index: Index) -> None:
-        self.index = index
-
-    def collect(self):
-        counts = self.index.counts()
-        gauge = GaugeMetricFamily("dicom_node_index", "Rows in the node's index", labels=["kind"])
-        for kind, value in counts.items():
-            gauge.add_metric([kind], value)
-        yield gauge
-        jobs = GaugeMetricFamily("dicom_node_jobs", "Pipeline jobs by state", labels=["state"])
-        for state, value in job_counts(self.index).items():
-            jobs.add_metric([state], value)
-        yield jobs
 
 
 def job_counts(index: Index) -> dict[str, int]:
@@ -59,47 +41,41 @@ def status_document(index: Index, limit: int = 20) -> dict:
 
 
 class StatusServer:
-    def __init__(self, index: Index, host: str, port: int) -> None:
-        # Process-wide counters live in REGISTRY; the index gauges belong to this server's index.
-        gauges = CollectorRegistry()
-        gauges.register(_IndexCollector(index))
-        self.httpd = ThreadingHTTPServer((host, port), _handler(index, gauges))
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="status-http", daemon=True)
+    """uvicorn serving the web app until stop(). `settings` None: the defaults (no token, so
+    loopback only), for callers that only pass an address."""
 
-    def start(self) -> None:
+    def __init__(self, index: Index, host: str, port: int, settings: Settings | None = None) -> None:
+        import uvicorn
+
+        from .web.app import create_app
+        from .web.auth import TokenSource, bind_host
+
+        settings = settings or Settings(http_host=host, http_port=port)
+        self.tokens = TokenSource(settings.http_token_file)
+        self.host, warning = bind_host(host, self.tokens.configured)
+        self.port = port
+        self.warning = warning
+        self.app = create_app(settings, index, self.tokens, REGISTRY)
+        config = uvicorn.Config(self.app, host=self.host, port=port, log_level="warning", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="status-http", daemon=True)
+
+    def start(self, timeout: float = 15.0) -> None:
+        if self.warning:
+            log_event(log, logging.WARNING, "http.loopback_only", reason=self.warning)
+        elif not self.tokens.configured:
+            log_event(log, logging.INFO, "http.no_token", reason="no http_token_file configured: loopback only, no token asked")
         self.thread.start()
-        host, port = self.httpd.server_address[:2]
-        log_event(log, logging.INFO, "http.listening", url=f"http://{host}:{port}/status")
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP service did not start on {self.host}:{self.port} (port in use?)")
+            time.sleep(0.02)
+        log_event(log, logging.INFO, "http.listening", url=f"http://{self.host}:{self.port}/",
+                  token_required=self.tokens.configured)
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def _handler(index: Index, gauges: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-            try:
-                if self.path == "/healthz":
-                    self._send(200, "application/json", b'{"ok": true}')
-                elif self.path == "/status":
-                    self._send(200, "application/json", json.dumps(status_document(index), default=str, indent=2).encode())
-                elif self.path == "/metrics":
-                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY) + generate_latest(gauges))
-                else:
-                    self._send(404, "application/json", b'{"error": "not found: try /status, /metrics, /healthz"}')
-            except Exception as exc:  # the status page must never take the node down
-                log.exception("http.error")
-                self._send(500, "application/json", json.dumps({"error": str(exc)}).encode())
-
-        def _send(self, code: int, content_type: str, body: bytes) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:  # access logs would repeat every scrape
-            pass
-
-    return Handler
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.app.state.readiness.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -13,10 +12,11 @@ _EVENT_FIELDS = "event_fields"
 
 
 def phi_hash(value: str | None) -> str:
-    """A short stable pseudonym for a patient identifier, so logs can be correlated without PHI."""
-    if not value:
-        return ""
-    return hashlib.sha256(value.encode("utf-8")).hexdigest()[:12]
+    """The keyed pseudonym of a patient identifier (`KEY_ID:hex`, see pseudonyms.py), so logs and
+    audit rows can be correlated without PHI and without being reversible by trying every ID."""
+    from .pseudonyms import active
+
+    return active().pseudonym(value)
 
 
 def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:

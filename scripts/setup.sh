@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Install what the node needs on a fresh Debian machine: Debian packages (Redis, Orthanc,
-# DCMTK, dicom3tools, PostgreSQL for the tests) and a virtual environment in .venv with the
+# DCMTK, dicom3tools, PostgreSQL and Chromium with its driver for the tests) and a virtual environment in .venv with the
 # project installed.
 # Safe to re-run: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server orthanc orthanc-dicomweb dcmtk dicom3tools openssl iproute2 util-linux postgresql)
+APT_PACKAGES=(redis-server orthanc orthanc-dicomweb dcmtk dicom3tools openssl iproute2 util-linux postgresql chromium chromium-driver)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -30,6 +30,9 @@ class Runtime:
 
     @classmethod
     def build(cls, settings: Settings) -> "Runtime":
+        from ..startup import prepare
+
+        prepare(settings)  # UID root and pseudonym keys of this process
         store = InstanceStore(settings.storage_dir, settings.min_free_disk_mb * 2**20, settings.duplicate_policy)
         index = Index(settings.database_url)
         return cls(settings, index, Ingestor(store, index), JobStore(index))

@@ -142,7 +142,12 @@ TASKS = {
 
 def retry_job(rt: Runtime, key: str) -> Job | None:
     """`dicom-node retry JOB`: start a failed job again from the beginning."""
-    job = rt.jobs.reset(key)
+    return reset_job(rt.jobs, key)
+
+
+def reset_job(jobs: JobStore, key: str) -> Job | None:
+    """Reset the job to its first stage and publish its wake-up (the CLI's retry and the web UI's)."""
+    job = jobs.reset(key)
     if job is not None:
-        publish_job(rt.jobs, key, job.state, job.priority)
+        publish_job(jobs, key, job.state, job.priority)
     return job

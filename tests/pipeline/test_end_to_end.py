@@ -13,7 +13,6 @@ import pytest
 
 from dicom_node.local_stack.scenario import acquire, report_findings, seed_pacs, wait_for_report, write_history
 from dicom_node.local_stack.stack import LocalStack, Ports
-from dicom_node.logs import phi_hash
 from dicom_node.report.codes import CHANGE_CODES
 from tests.support.validation import assert_valid_dicom
 from tests.support.waiting import wait_until
@@ -101,8 +100,13 @@ def assert_phi_accesses_audited(stack, scenario, sr) -> None:
     assert "image_read" in cur and "image_read" in pri
     assert cur["report_sent"]["peer"] == "orthanc" and sr.SOPInstanceUID in cur["report_sent"]["detail"]
     assert "dicom-node priors" in cur["operator_view"]["actor"]  # the explanation above was audited too
-    # Patients appear hashed only: the rows link to the index by study UID.
-    assert {r["patient"] for r in current + prior} == {phi_hash(str(sr.PatientID))}
+    # Patients appear only as the node's keyed pseudonym (its generated key, id "local"): the rows link
+    # to the index by study UID.
+    out = subprocess.run([sys.executable, "-m", "dicom_node", "pseudonym", "--json", str(sr.PatientID)],
+                         env=stack.node_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pseudonym = json.loads(out.stdout)["local"]
+    assert {r["patient"] for r in current + prior} == {pseudonym}
     assert str(sr.PatientID) not in json.dumps(current + prior)
 
 

@@ -7,17 +7,14 @@ checks that every study still gets exactly one report in the PACS.
 from __future__ import annotations
 
 import time
-from datetime import date
-from pathlib import Path
 
 import pytest
 
 from dicom_node.identity import RESULT_SERIES_DESCRIPTION
 from dicom_node.index import Index
 from dicom_node.local_stack.scenario import acquire, seed_pacs, wait_for_report, write_history
-from dicom_node.local_stack.stack import MODALITY_AE, NODE_AE, LocalStack, Ports
-from dicom_node.scu import Peer, send
-from tests.support.pipeline import jobs_of
+from dicom_node.local_stack.stack import LocalStack, Ports
+from tests.support.pipeline import jobs_of, new_patient_study, poison_study, send_to_node
 from tests.support.waiting import wait_until
 
 
@@ -41,23 +38,6 @@ def reports_in_pacs(stack: LocalStack, study_uid: str) -> list[str]:
         if stack.orthanc.get(f"/instances/{instance['ID']}/simplified-tags").get("SeriesDescription") == RESULT_SERIES_DESCRIPTION:
             uids.append(instance["MainDicomTags"]["SOPInstanceUID"])
     return uids
-
-
-def new_patient_study(folder: Path, number: int, change: str = "new_nodule") -> tuple[str, Path]:
-    """A current chest radiograph of a patient the archive knows nothing about."""
-    from inference.phantoms import PatientInfo, make_chest_pair
-
-    patient = PatientInfo(patient_id=f"FAULT-{number:03d}", current_date=date(2026, 11, 1), current_accession=f"F{number:05d}")
-    pair = make_chest_pair(100 + number, change, size=256, patient=patient)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"study{number}.dcm"
-    pair.current.save_as(path, enforce_file_format=True)
-    return str(pair.current.StudyInstanceUID), path
-
-
-def send_to_node(stack: LocalStack, *paths: Path) -> None:
-    report = send(Peer("127.0.0.1", stack.ports.node, NODE_AE), list(paths), MODALITY_AE)
-    assert report.sent == len(paths) and not report.failed, report.failed
 
 
 def assert_exactly_one_report(stack: LocalStack, study_uid: str) -> None:
@@ -134,12 +114,7 @@ def test_every_process_restarted_mid_flight(make_stack, tmp_path):
 
 def test_poison_study_fails_with_reason_and_does_not_block(make_stack, tmp_path):
     stack = make_stack(DICOM_NODE_TASK_MAX_RETRIES="1")
-    poison_uid, poison = new_patient_study(tmp_path / "in", 7)
-    from pydicom import dcmread
-
-    ds = dcmread(poison)
-    ds.PixelSpacing = [0, 0]  # decodes, but no measurement is possible: the analysis refuses it
-    ds.save_as(poison)
+    poison_uid, poison = poison_study(tmp_path / "in", 7)  # decodes, but cannot be measured
     good_uid, good = new_patient_study(tmp_path / "in", 8)
     send_to_node(stack, poison)
     send_to_node(stack, good)
