@@ -30,7 +30,9 @@ GENERATED_KEY_ID = "local"
 DEFAULT_KEY_ID = "k1"
 DIGEST_HEX = 16  # 64 bits: enough to correlate, nothing to reverse without the key
 MIN_SECRET_LENGTH = 16
-_KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+# KEY_ID ":" 16 hex digits fits the audit table's 32-character patient column.
+MAX_KEY_ID = 12
+_KEY_ID = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_KEY_ID}}}$")
 
 
 class PseudonymKeyError(ValueError):
@@ -76,7 +78,7 @@ def parse_keys(text: str, source: str) -> tuple[Key, ...]:
         key_id, sep, secret = line.partition(":")
         if not sep or not _KEY_ID.match(key_id):
             raise PseudonymKeyError(f"pseudonym key file {source} line {number}: expected KEY_ID:SECRET, "
-                                    "KEY_ID of letters, digits, '-' or '_' (at most 16)")
+                                    f"KEY_ID of letters, digits, '-' or '_' (at most {MAX_KEY_ID})")
         if len(secret) < MIN_SECRET_LENGTH:
             raise PseudonymKeyError(f"pseudonym key file {source} line {number}: key {key_id!r} is shorter than "
                                     f"{MIN_SECRET_LENGTH} characters (use e.g. `openssl rand -base64 32`)")

@@ -38,6 +38,9 @@ def test_pseudonym_is_hmac_sha256_under_the_site_key_with_its_id(tmp_path):
     assert keys.pseudonym("MRN-000123") == keys.pseudonym(" MRN-000123 ")  # DICOM padding does not matter
     assert hashlib.sha256(b"MRN-000123").hexdigest()[:12] not in keys.pseudonym("MRN-000123")
     assert keys.pseudonym("") == "" and keys.pseudonym(None) == ""
+    longest = tmp_path / "longest"
+    longest.write_text(f"twelve-chars:{OLD}\n")
+    assert len(pseudonyms.load(longest, tmp_path).pseudonym("MRN-000123")) == 29 <= 32  # phi_access.patient is String(32)
     other = tmp_path / "other"
     other.write_text(f"k1:{NEW}\n")
     assert pseudonyms.load(other, tmp_path).pseudonym("MRN-000123") != keys.pseudonym("MRN-000123")
@@ -58,6 +61,7 @@ def test_rotation_new_rows_carry_the_new_id_and_old_rows_stay_findable(tmp_path)
     ("", "holds no key"),
     ("k1:short\n", "shorter than 16"),
     (f"bad id!:{OLD}\n", "line 1: expected KEY_ID:SECRET"),
+    (f"k1:{OLD}\nthirteen-char:{NEW}\n", "line 2: .*at most 12"),  # the pseudonym must fit the audit column
     (f"k1:{OLD}\nk1:{NEW}\n", "line 2: key id 'k1' listed twice"),
 ])
 def test_a_malformed_key_file_is_refused_naming_the_line(tmp_path, text, message):
@@ -105,3 +109,16 @@ def test_cli_prints_the_pseudonym_under_every_key(tmp_path):
     key_file.write_text("k1:short\n")
     bad = CliRunner().invoke(app, ["pseudonym", "MRN-9"], env=env)
     assert bad.exit_code == 2 and "shorter than 16" in bad.output
+
+
+def test_the_longest_pseudonym_fits_the_audit_table_on_postgresql(tmp_path, postgres_url, restore_keys):
+    key_file = tmp_path / "key"
+    key_file.write_text(f"twelve-chars:{NEW}\n")
+    keys = pseudonyms.configure(key_file, tmp_path)
+    index = Index(postgres_url)
+    try:
+        audit.record_access(index, audit.OPERATOR_VIEW, "1.2.3.5", patient_id="MRN-556")
+        rows = index.phi_accesses("1.2.3.5")
+    finally:
+        index.dispose()
+    assert [row["patient"] for row in rows] == [keys.pseudonym("MRN-556")]  # VARCHAR(32) took it
