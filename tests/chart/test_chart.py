@@ -163,6 +163,9 @@ def test_served_vlm_puts_the_gpu_queue_worker_on_cpu_nodes(name):
         assert not _tolerates_gpu(pod_spec(docs, suffix)), suffix
     config = find(docs, "ConfigMap", "dicom-node")["data"]
     assert config["DICOM_NODE_VLM_BACKEND"] == "openai"
+    # No --concurrency: the worker then keeps vlm_max_concurrency requests in flight (threads).
+    assert c["args"] == ["worker", "--queues", "gpu"]
+    assert config["DICOM_NODE_VLM_MAX_CONCURRENCY"] == str(VALUE_SETS[name].get("vlm", {}).get("maxConcurrency", 8))
     if name == "external-model-endpoint":
         assert config["DICOM_NODE_VLM_BASE_URL"] == "https://vlm.hospital.example/v1"
         assert not [d for d in docs if d["metadata"]["name"].endswith("-model-server")]
