@@ -99,6 +99,12 @@ def test_operator_sees_jobs_priors_overlay_failures_and_retries(stack, browser, 
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay) > 0
     changes = texts(browser, "#finding-rows td.change")
     assert scenario.expected_status in changes, changes
+    # The trend: the finding at each time point, the prior's date (absent then) and the current one's size.
+    row = [r for r in browser.find_elements(By.CSS_SELECTOR, "#finding-rows tr.finding")
+           if r.find_element(By.CSS_SELECTOR, "td.change").text == scenario.expected_status][0]
+    points = row.find_element(By.CSS_SELECTOR, "td.timepoints").text.splitlines()
+    assert points[0] == "2025-11-18: absent" and points[-1].startswith("2026-11-20: ") and points[-1].endswith(" mm"), points
+    assert row.find_element(By.CSS_SELECTOR, "td.trend").text not in ("", "-")
     assert sr.SOPInstanceUID in browser.find_element(By.ID, "findings").text
     assert "accepted" in texts(browser, "#delivery td.delivery-status") or "committed" in texts(browser, "#delivery td.delivery-status")
     audit = browser.find_element(By.ID, "audit").text
