@@ -109,3 +109,39 @@ def test_the_worker_probe_says_alive_with_the_chart_environment(chart_stack):
         time.sleep(2)
     assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "worker-io.log").read_text()[-3000:]
     assert list((tmp_path / "podtmp" / "heartbeats").iterdir()), "the heartbeat is on the pod's /tmp"
+
+
+def test_the_served_gpu_queue_worker_keeps_max_concurrency_requests_in_flight(tmp_path):
+    # With an external endpoint the chart runs the gpu-queue worker as a thin thread-pool worker;
+    # the args it renders must leave it vlm_max_concurrency threads (what lets the server batch).
+    from .value_sets import merged, value_sets
+
+    docs = render(merged(value_sets()["external-model-endpoint"], {"vlm": {"maxConcurrency": 6}}))
+    secret = {k: base64.b64decode(v).decode() for k, v in find(docs, "Secret", "-credentials")["data"].items()}
+    for path in _pod_paths(tmp_path).values():
+        Path(path).mkdir(parents=True)
+    (tmp_path / "secrets" / "http-token").write_text(secret["http-token"])
+    (tmp_path / "secrets" / "pseudonym-key").write_text(secret["pseudonym-key"])
+    (tmp_path / "secrets" / "vlm-api-key").write_text("sk-test-0123456789")
+    ports = {"redis": free_port(), "dicom": free_port(), "http": free_port()}
+    redis = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(ports["redis"]), "--save", "",
+                              "--dir", str(tmp_path), "--requirepass", secret["redis-password"]],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    c = find(docs, "Deployment", "-worker-gpu")["spec"]["template"]["spec"]["containers"][0]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
+    env = {**clean, **_localised(container_env(docs, c), tmp_path, ports)}
+    log_path = tmp_path / "worker-gpu.log"
+    worker = None
+    try:
+        wait_for_port(ports["redis"], proc=redis)
+        worker = subprocess.Popen([DICOM_NODE, *c["args"]], env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+                                  cwd=tmp_path)
+        deadline = time.monotonic() + 60
+        while "concurrency:" not in log_path.read_text() and time.monotonic() < deadline and worker.poll() is None:
+            time.sleep(1)
+        log = log_path.read_text()
+        assert "concurrency: 6 (thread)" in log, log[-3000:]
+    finally:
+        if worker is not None:
+            stop(worker)
+        stop(redis)
