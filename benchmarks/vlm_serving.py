@@ -18,9 +18,12 @@ concurrency figures show the client's concurrency, not an engine's batching: the
 (served c=16 >= 4x in-process eager comparisons/s; >= 50 % of the bandwidth limit at batch 1)
 are for a real engine.
 
-On a host with torch and transformers but nothing else of this project, the extra wheels are:
-    pip install openai pillow pyyaml numpy "transformers[serving]"   # = fastapi uvicorn pydantic starlette accelerate rich openai
-(the script prints what is missing before it starts, and imports nothing from dicom_node).
+On a host with torch and transformers (e.g. torch 2.11, transformers 5.17) but nothing else of this
+project, the extra wheels are those of transformers' `serving` extra plus Pillow, named one by one
+so that pip leaves the installed torch and transformers alone:
+    pip install openai pillow fastapi uvicorn pydantic starlette accelerate rich
+(numpy, pyyaml and tokenizers come with transformers; with --engine-cmd only openai and pillow are
+needed here). The script says what is missing before it starts and imports nothing from dicom_node.
 """
 
 from __future__ import annotations
