@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.types import ChangeRegion, ImageInput  # noqa: E402
-from inference.vlm import BACKENDS, BackendOptions, CompareRequest, VLM, VLMError, resolve_model  # noqa: E402
+from inference.vlm import BackendOptions, CompareRequest, VLM, VLMError, resolve_model  # noqa: E402
 from inference.vlm.adapters import make_adapter  # noqa: E402
-from inference.vlm.backends import backend_class  # noqa: E402
+from inference.vlm.backends import IN_PROCESS, backend_class  # noqa: E402
 from inference.vlm.tiny import GEMMA_SPECIALS, train_tokenizer, write_tiny_model  # noqa: E402
 
 # google/gemma-3-4b-it architecture (random weights; special-token ids remapped to the small tokenizer).
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", choices=sorted(CONFIGS), default="gemma3-4b")
     ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (smoke run)")
     ap.add_argument("--layers", type=int, default=None, help="cut both towers to this many layers (dry run)")
-    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--backends", default=",".join(IN_PROCESS))  # served: benchmarks/vlm_serving.py
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--image-side", type=int, default=2048, help="synthetic radiograph size in pixels")
