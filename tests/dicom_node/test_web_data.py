@@ -82,3 +82,23 @@ def test_latencies_and_the_stage_histogram_come_from_the_job_rows(tmp_path, monk
     assert 'dicom_node_stage_seconds_sum{stage="priors"} 46.0' in text
     assert 'dicom_node_stage_seconds_count{stage="compare"} 0.0' in text
     assert 'dicom_node_jobs{state="compare"} 4.0' in text
+
+
+def test_text_from_dicom_and_errors_is_escaped_in_the_pages(tmp_path):
+    """A header value or error message holding markup (a hostile or broken modality) is shown as text."""
+    settings = node_settings(tmp_path)
+    index = Index(settings.database_url)
+    store = JobStore(index)
+    job, _ = store.create("1.2.3.9", 9, "set9", "v1")
+    job = store.claim(job.job_key, "priors", "test-worker", 60)
+    store.fail(job, "test-worker", 'priors: InputError: StudyDescription "<script>alert(1)</script>"', "permanent", None)
+    server = StatusServer(index, settings.http_host, settings.http_port, settings)
+    server.start()
+    try:
+        for path in ("/", "/jobs", f"/jobs/{job.job_key}"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{settings.http_port}{path}", timeout=10) as response:
+                html = response.read().decode()
+            assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html, path
+    finally:
+        server.stop()
+        index.dispose()
