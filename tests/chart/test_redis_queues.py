@@ -93,3 +93,21 @@ def test_keda_triggers_count_every_priority_list_of_the_queue(redis_with_passwor
     # Every list Celery made for this queue is one the triggers read.
     made = {key.decode() for key in client.keys(f"{queue}*")}
     assert made <= set(lists) and len(made) > 1
+
+
+def test_the_redis_probes_authenticate(redis_with_password):
+    # The probe runs redis-cli with REDISCLI_AUTH from the Secret, as the chart's container does.
+    import os
+
+    port, password, docs = redis_with_password
+    c = find(docs, "Deployment", "-redis")["spec"]["template"]["spec"]["containers"][0]
+    assert {e["name"] for e in c["env"]} == {"REDIS_PASSWORD", "REDISCLI_AUTH"}
+    for probe in (c["livenessProbe"], c["readinessProbe"]):
+        chart = probe["exec"]["command"]
+        assert chart == ["redis-cli", "ping"]  # in the pod: 127.0.0.1:6379; here: the test's port
+        command = [chart[0], "-p", str(port), *chart[1:]]
+        ok = subprocess.run(command, env={**os.environ, "REDISCLI_AUTH": password}, capture_output=True, text=True, timeout=10)
+        assert ok.stdout.strip() == "PONG"
+        refused = subprocess.run(command, env={k: v for k, v in os.environ.items() if k != "REDISCLI_AUTH"},
+                                 capture_output=True, text=True, timeout=10)
+        assert "NOAUTH" in refused.stdout + refused.stderr
