@@ -75,6 +75,7 @@ class Behaviour:
     status: int | None = None  # answer this status instead of forwarding
     message: str = "overloaded"
     answer: str | None = None  # replace the model's text with this (stands in for a trained model)
+    version: str | None = None  # answer GET /version like vLLM / SGLang / trtllm-serve (transformers serve has none)
 
 
 class RecordingProxy:
@@ -113,6 +114,8 @@ class RecordingProxy:
                     b = proxy.behaviour
                     if chat and b.delay_s:
                         time.sleep(b.delay_s)
+                    if self.path == "/version" and b.version:
+                        return self._reply(200, json.dumps({"version": b.version}).encode(), {})
                     if chat and b.status is not None:
                         return self._reply(b.status, json.dumps({"detail": b.message}).encode(), {})
                     req = urllib.request.Request(f"http://127.0.0.1:{proxy.upstream}{self.path}", data=body,

@@ -83,6 +83,11 @@ def test_a_well_formed_answer_is_parsed_and_a_truncated_one_repaired(served, pai
     assert FLAG_REPAIRED in cut.flags and cut.usable and cut.findings[0].finding == "consolidation"
 
 
+def test_a_servers_own_version_is_recorded(served, pair):
+    served.proxy.reset(version="0.11.0")  # a server with a /version endpoint, as vLLM has
+    assert served_vlm(served).compare(*reversed(pair)).server_version == "0.11.0"
+
+
 def test_a_server_that_is_down_is_transient(served, pair):
     from dicom_node.local_stack.procs import free_port
 
@@ -155,6 +160,13 @@ def test_the_served_path_imports_neither_torch_nor_transformers(served, tmp_path
     """What a thin gpu worker runs for one comparison: the analysis engine, then the model server."""
     code = f"""
 import sys
+
+class NotInstalled:  # as on the node's CPU image: torch and transformers cannot be imported at all
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(name + " is not installed here")
+
+sys.meta_path.insert(0, NotInstalled())
 import inference
 from dicom_node.config import Settings
 from dicom_node.pipeline import stages, tasks  # what the worker imports
