@@ -131,19 +131,6 @@ def vlm_compare(settings: Settings, current, prior_images: list, result, prior_r
     return _batcher(choice).submit(request).result()
 
 
-def vlm_ready(settings: Settings) -> tuple[bool, str]:
-    """Readiness of the model: for a model server, it answers /v1/models and serves our model."""
-    if not vlm_enabled(settings) or settings.vlm_backend != SERVED:
-        return True, "in process" if vlm_enabled(settings) else "no model configured"
-    from inference.vlm import VLMError
-
-    try:
-        served = _served(_ModelChoice.of(settings), api_key(settings)).backend.probe()
-    except VLMError as exc:
-        return False, str(exc)
-    return True, f"{settings.vlm_base_url} serves {', '.join(served) or 'an unlisted model'}"
-
-
 @dataclass
 class OfflineReading:
     """`dicom-node compare --vlm`: the model's reading beside the measured regions (never instead of them)."""
