@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -167,13 +168,15 @@ def _normal_model(query: np.ndarray, normals: np.ndarray, valids: np.ndarray, to
     stack = np.where(valids, normals, np.nan)
     count = valids.sum(0)
     analysed = count >= max(1, (len(normals) + 1) // 2)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: outside every reference
         median = np.nanmedian(stack, axis=0)
     median = np.where(analysed, median, query).astype(np.float32)
     resid = (query - median)[analysed]
     floor = SPREAD_FLOOR * 1.4826 * float(np.median(np.abs(resid - np.median(resid)))) if resid.size else 1.0
     if len(normals) >= MIN_MODEL_REFERENCES:
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             mad = 1.4826 * np.nanmedian(np.abs(stack - median), axis=0)
         mad = ndimage.gaussian_filter(np.nan_to_num(mad, nan=floor).astype(np.float32), SPREAD_SMOOTH_PX)
         spread = np.maximum(mad, floor)

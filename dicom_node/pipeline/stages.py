@@ -118,6 +118,9 @@ def run_compare(rt: Runtime, job: Job) -> StageOutput:
     prior_images = [_load_prior(rt, job, prior, volume) for prior in usable]
     result = inference.compare(current, prior_images,  # InputError: permanent (retry.py)
                                deformable=rt.settings.analysis_registration == "bspline")
+    from ..references.stage import with_references
+
+    result = with_references(rt, job, current, result, current_rows[0]["path"])  # no usable prior: normal references
     vlm = run_vlm(rt, current, prior_images, result, retrieval)
 
     folder = job_dir(rt, job)
@@ -190,9 +193,10 @@ def run_vlm(rt: Runtime, current, prior_images, result, retrieval):
     """The VLM's reading when a model is configured; None (analysis engine alone) otherwise."""
     if not vlm_enabled(rt.settings):
         return None
+    from ..references.stage import reference_images
     from .vlm import vlm_compare
 
-    return vlm_compare(rt.settings, current, prior_images, result, _prior_report(retrieval))
+    return vlm_compare(rt.settings, current, prior_images, result, _prior_report(retrieval), reference_images(rt, result))
 
 
 # --- report ----------------------------------------------------------------------------

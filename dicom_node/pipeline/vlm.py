@@ -117,14 +117,16 @@ def _batcher(choice: _ModelChoice):
     return Batcher(model.compare_many, max_batch_size=choice.max_batch_size, max_wait_s=choice.max_wait_ms / 1000)
 
 
-def vlm_compare(settings: Settings, current, prior_images: list, result, prior_report: str | None):
+def vlm_compare(settings: Settings, current, prior_images: list, result, prior_report: str | None,
+                references: list | tuple = ()):
     """Model reading grounded on the measured regions; garbage output comes back flagged, never raised.
     A model server that is down or refuses the request raises (ModelServerUnavailable: retried by
     time; ModelServerRejected: the job fails with the server's message)."""
     from inference.vlm import CompareRequest
 
     prior = prior_images[0] if prior_images and not result.refused else None
-    request = CompareRequest(current, prior, tuple(result.regions), prior_report=prior_report)
+    request = CompareRequest(current, prior, tuple(result.regions), prior_report=prior_report,
+                             references=tuple(references) if prior is None else ())  # normals: (image, why matched)
     choice = _ModelChoice.of(settings)
     if choice.backend == SERVED:
         return _served(choice, api_key(settings)).compare_many([request])[0]

@@ -39,6 +39,7 @@ CHANGE_CODES: dict[str, Code] = {
     "improved": DECREASED,
     "stable": NO_STATUS_CHANGE,
     "indeterminate": UNDETERMINED,
+    "present": PRESENT,  # against normal references of other people: atypical now, no claim about time
 }
 DEVICE_CODES: dict[str, Code] = {
     "placed": PRESENT,

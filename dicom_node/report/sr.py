@@ -298,6 +298,13 @@ def _summary_texts(inp: ReportInput) -> list[tuple[object, str]]:
     if cmp.refused:
         reasons = "; ".join(f"{f.code}: {f.reason}" for f in cmp.sanity_flags if f.blocking) or "no reason given"
         out.append((codes.COMMENT, f"Comparison not performed: the sanity gate refused the image pair ({reasons})."))
+    elif cmp.mode == "reference":  # issue 17: no usable prior, compared with normal references instead
+        used = [u for u in cmp.references if u.registered]
+        out.append((codes.COMMENT, f"No usable prior study of this patient: the current study was compared against "
+                                   f"{len(used)} normal reference image(s) of other people (de-identified), not against "
+                                   "the patient's prior. Findings are present, atypical for normals; no change over "
+                                   "time is claimed."))
+        out += [(codes.COMMENT, f"Normal reference {u.sop_instance_uid}: {u.why}") for u in used]
     elif not inp.priors or cmp.no_prior:
         out.append((codes.COMMENT, "No prior study available for comparison; the current study was not compared."))
     else:
@@ -346,7 +353,10 @@ def _interval_text(inp: ReportInput, prior: StudyRef) -> str:
 def _evidence(inp: ReportInput) -> list[Dataset]:
     seen = {str(inp.current_dataset.SOPInstanceUID)}
     evidence = [inp.current_dataset]
-    for ref in [*inp.current.instances, *(r for p in inp.priors for r in p.instances)]:
+    # normal references (other people, de-identified UIDs) are Pertinent Other Evidence, like priors
+    references = [ImageRef(u.sop_class_uid, u.sop_instance_uid, u.series_instance_uid, u.study_instance_uid)
+                  for u in inp.comparison.references if u.registered and u.sop_instance_uid]
+    for ref in [*inp.current.instances, *(r for p in inp.priors for r in p.instances), *references]:
         if ref.sop_instance_uid not in seen:
             seen.add(ref.sop_instance_uid)
             evidence.append(_ref_dataset(ref))

@@ -27,6 +27,7 @@ class CompareRequest:
     regions: tuple[ChangeRegion, ...] = ()
     prior_report: str | None = None
     indication: str | None = None
+    references: tuple[tuple[ImageInput, str], ...] = ()  # no prior: normal images of other people, and why matched
 
 
 class VLM:
@@ -41,7 +42,7 @@ class VLM:
 
     def prompt(self, req: CompareRequest) -> Prompt:
         return build_prompt(self.prompt_set, req.current, req.prior, req.regions, req.prior_report,
-                            req.indication, self.spec.max_regions)
+                            req.indication, self.spec.max_regions, req.references)
 
     def compare(self, current: ImageInput, prior: ImageInput | None, regions: Sequence[ChangeRegion] = (),
                 prior_report: str | None = None, indication: str | None = None) -> VLMResult:

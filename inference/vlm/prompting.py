@@ -27,6 +27,24 @@ _TEMPLATE_KEYS = (
 )
 
 
+# No usable prior: the query next to matched normals of other people (issue 17). A prompt set may
+# override these; the defaults keep older prompt sets valid.
+REFERENCE_TEMPLATES = {
+    "system_reference": (
+        "You are a radiologist reading a patient's {modality} {body_part} study. No prior study of this patient "
+        "is usable; normal reference images of other, healthy people are shown for comparison. They are not "
+        "the patient."),
+    "image_reference": "Image {index}: NORMAL REFERENCE, another person, matched by {why}",
+    "reference_mode": (
+        "Compare image 1 with the normal reference image(s) and report what in image 1 the normals do not show. "
+        "Differences of anatomy, positioning and exposure between people are not findings. No change over time "
+        "can be assessed: use change \"indeterminate\"."),
+    "regions_header_reference": (
+        "Regions where image 1 deviates beyond the variation of the normal references (measured by the analysis "
+        "engine after registering the references onto image 1):"),
+}
+
+
 @dataclass(frozen=True)
 class PromptSet:
     name: str
@@ -119,8 +137,13 @@ def build_prompt(
     prior_report: str | None = None,
     indication: str | None = None,
     max_regions: int = 4,
+    references: Sequence[tuple[ImageInput, str]] = (),
 ) -> Prompt:
+    """`references`: with no prior, normal images of other people (image, why it was matched), shown after
+    the current one with their role stated."""
     t = ps.templates
+    if prior is None and references:
+        return _reference_prompt(ps, current, regions, indication, max_regions, references)
     parts: list[Part] = [
         t["system"].format(modality=current.modality or "radiograph", body_part=current.body_part or "").replace("  ", " ")
     ]
@@ -157,3 +180,28 @@ def build_prompt(
         )
     )
     return Prompt(tuple(parts), prior is None, f"{ps.name}@{ps.version}")
+
+
+def _reference_prompt(ps: PromptSet, current: ImageInput, regions: Sequence[ChangeRegion], indication: str | None,
+                      max_regions: int, references: Sequence[tuple[ImageInput, str]]) -> Prompt:
+    t = {**REFERENCE_TEMPLATES, **ps.templates}
+    parts: list[Part] = [
+        t["system_reference"].format(modality=current.modality or "radiograph", body_part=current.body_part or "").replace("  ", " "),
+        t["image_single"].format(date=_date(current), view=_view(current)), ImageSlot(to_display(current.pixels), "current"),
+    ]
+    for index, (image, why) in enumerate(references, 2):
+        parts += [t["image_reference"].format(index=index, why=why), ImageSlot(to_display(image.pixels), "reference")]
+    parts.append(t["reference_mode"])
+    if indication:
+        parts.append(t["indication"].format(indication=indication.strip()))
+    ranked = rank_regions(regions, max_regions)
+    if ranked:
+        parts.append(t["regions_header_reference"])
+        parts += [t["region"].format(index=i, zone=r.zone, size=_size(r), mean_change=r.mean_change, status=r.status)
+                  for i, r in enumerate(ranked, 1)]
+    parts.append(t["questions_header"])
+    parts += [t["question"].format(region=a) for a in ps.anatomy_for(current.body_part)]
+    parts.append(t["output"].format(schema=json.dumps(OUTPUT_SCHEMA, separators=(",", ":")),
+                                    changes=", ".join(f'"{c}"' for c in CHANGE_STATUSES),
+                                    device_statuses=", ".join(f'"{d}"' for d in DEVICE_STATUSES)))
+    return Prompt(tuple(parts), True, f"{ps.name}@{ps.version}")
