@@ -90,9 +90,13 @@ def compare_status(before: Timepoint, now: Timepoint, pixel_mm: float) -> str:
 
 
 def measure_finding(mask: np.ndarray, offset: tuple[int, ...], times: list[TimeImage], recent: int,
-                    present_now: bool, present_recent: bool, spacing: tuple[float, ...]) -> Measured:
-    """`times` oldest first, the current last; `recent` is the index of the most recent prior (the one
-    the region was found against). `mask`/`offset`: the region of change on the analysis grid."""
+                    present_now: bool | None, present_recent: bool, spacing: tuple[float, ...],
+                    found_against: int | None = None) -> Measured:
+    """`times` oldest first, the current last; `recent` is the index of the most recent prior;
+    `found_against` the prior the region of change was found against (default: the most recent), whose
+    presence (`present_recent`) and the current's came from the change profile.
+    `mask`/`offset`: the region of change on the analysis grid."""
+    known = recent if found_against is None else found_against
     from scipy import ndimage
 
     ndim = mask.ndim
@@ -114,7 +118,7 @@ def measure_finding(mask: np.ndarray, offset: tuple[int, ...], times: list[TimeI
     valid = np.logical_and.reduce([t.valid[roi] for t in times])
 
     present: list[bool | None] = [None] * len(times)
-    present[-1], present[recent] = present_now, present_recent
+    present[-1], present[known] = present_now, present_recent
     absent = [i for i, p in enumerate(present) if p is False]
     background = stack[absent[-1]] if absent else _inpaint(np.minimum.reduce(stack), region, valid)
     ring = valid & ~ndimage.binary_dilation(region, iterations=1) & ndimage.binary_dilation(region, iterations=widen + 3)

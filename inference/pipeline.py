@@ -151,16 +151,24 @@ def _analyse_2d(cur: ImageInput, pri: ImageInput, older: list[ImageInput], resul
     cm = change_map(ca, reg.warped, reg.valid, sp, smooth)
     lo, hi = np.percentile(ca[:: max(1, ca.shape[0] // 256)], [1, 99])
     raw = find_regions(cm, sp, float(hi - lo))
-    times = _older_times(older, raw, result, lambda p: registered(p), ca, sp, smooth)
+    times, older_maps = _older_times(older, result, lambda p: registered(p), ca, sp, smooth)
     times += [_time_image(pri, cm.prior, cm.analysed, own),
               _time_image(cur, cm.current, cm.analysed, lambda pts: np.asarray(pts, float) * fc + fc // 2)]
+    found = [(r, len(times) - 2) for r in raw]
+    # A change too small to see since the last visit may be clear against an older one (a lesion
+    # shrinking slowly): regions found only against an older prior join, measured the same way.
+    for k in range(len(older_maps) - 1, -1, -1):
+        for r in find_regions(older_maps[k], sp, float(hi - lo)):
+            if not any(_overlap(r, other) for other, _ in found):
+                found.append((r, k))
+    raw = [r for r, _ in found]
     if _is_chest(cur):
         warped_filled = np.where(reg.valid, reg.warped, np.median(reg.warped[reg.valid]))
         geo = chest_geometry([ca, warped_filled])
         zone_of = lambda r, c: chest_zone(geo, r, c, cur.view)  # noqa: E731
     else:
         zone_of = lambda r, c: image_region(ca.shape, r, c)  # noqa: E731
-    regions = [_region_2d(r, fc, sp, cur.pixels.shape, zone_of, times) for r in raw]
+    regions = [_region_2d(r, fc, sp, cur.pixels.shape, zone_of, times, k) for r, k in found]
     regions.sort(key=lambda r: (r.confidence * r.area_mm2), reverse=True)
     result.regions = regions
     result.findings = [_finding(r) for r in regions]
@@ -169,13 +177,11 @@ def _analyse_2d(cur: ImageInput, pri: ImageInput, older: list[ImageInput], resul
         result.overlay = make_overlay(ca, cm.z, cm.analysed, [_scaled_bbox(r.bbox, fc) for r in regions])
 
 
-def _older_times(older: list[ImageInput], raw: list[RawRegion], result: ComparisonResult, registered,
-                 ca: np.ndarray, sp: tuple[float, ...], smooth: float = DENOISE_MM) -> list[TimeImage]:
-    """The older priors on the analysis grid (only when there is a finding to measure on them)."""
+def _older_times(older: list[ImageInput], result: ComparisonResult, registered, ca: np.ndarray,
+                 sp: tuple[float, ...], smooth: float = DENOISE_MM) -> tuple[list[TimeImage], list]:
+    """The older priors on the analysis grid, oldest first, with their change maps against the current."""
     result.priors_compared = [p.source for p in older] + [result.prior_source]
-    if not raw:
-        return []
-    times = []
+    times, maps = [], []
     for prior in older:
         reg, own = registered(prior)
         if not reg.quality.succeeded:
@@ -186,14 +192,27 @@ def _older_times(older: list[ImageInput], raw: list[RawRegion], result: Comparis
             continue
         cm = change_map(ca, reg.warped, reg.valid, sp, smooth)
         times.append(_time_image(prior, cm.prior, cm.analysed, own))
-    return times
+        maps.append(cm)
+    return times, maps
+
+
+def _overlap(a: RawRegion, b: RawRegion) -> bool:
+    """Masks on the same analysis grid share a pixel."""
+    lo = [max(x, y) for x, y in zip(a.offset, b.offset)]
+    hi = [min(x + n, y + m) for x, y, n, m in zip(a.offset, b.offset, a.mask.shape, b.mask.shape)]
+    if any(h <= l for l, h in zip(lo, hi)):
+        return False
+    sa = tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, a.offset))
+    sb = tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, b.offset))
+    return bool((a.mask[sa] & b.mask[sb]).any())
 
 
 def _scaled_bbox(bbox, f: int) -> tuple[int, ...]:
     return tuple(int(v // f) for v in bbox)
 
 
-def _region_2d(r: RawRegion, f: int, sp: tuple[float, ...], full_shape, zone_of, times: list[TimeImage]) -> ChangeRegion:
+def _region_2d(r: RawRegion, f: int, sp: tuple[float, ...], full_shape, zone_of, times: list[TimeImage],
+               found_against: int | None = None) -> ChangeRegion:
     rr, cc = np.nonzero(r.mask)
     r0, c0 = r.offset
     contour = [(p[0] + r0, p[1] + c0) for p in contour_2d(r.mask)]
@@ -201,7 +220,7 @@ def _region_2d(r: RawRegion, f: int, sp: tuple[float, ...], full_shape, zone_of,
     zone = zone_of(rr.mean() + r0, cc.mean() + c0)
     bbox = (min(full_shape[0], (rr.min() + r0) * f), min(full_shape[1], (cc.min() + c0) * f),
             min(full_shape[0], (rr.max() + r0 + 1) * f), min(full_shape[1], (cc.max() + c0 + 1) * f))
-    measured = _measure(r, times, sp)
+    measured = _measure(r, times, sp, found_against)
     status = measured.status if measured else r.status
     return ChangeRegion(
         zone=zone, bbox=tuple(int(v) for v in bbox), area_mm2=round(float(r.mask.sum() * sp[0] * sp[1]), 1),
@@ -212,14 +231,16 @@ def _region_2d(r: RawRegion, f: int, sp: tuple[float, ...], full_shape, zone_of,
         lesion_type=_lesion_type(measured, zone))
 
 
-def _measure(r: RawRegion, times: list[TimeImage], sp: tuple[float, ...]):
+def _measure(r: RawRegion, times: list[TimeImage], sp: tuple[float, ...], found_against: int | None = None):
     """The finding at every time point (inference.lesions); presence now and at the compared prior from
     the change profile (new: absent before; resolved: absent now)."""
     present_now = r.status not in ("resolved",)
     present_recent = r.status not in ("new",)
     if r.status == "indeterminate":
         present_now = present_recent = True
-    return measure_finding(r.mask, r.offset, times, len(times) - 2, present_now, present_recent, sp)
+    if found_against is not None and found_against != len(times) - 2:
+        present_now = None  # found against an older prior: whether it is still there is measured, like the rest
+    return measure_finding(r.mask, r.offset, times, len(times) - 2, present_now, present_recent, sp, found_against)
 
 
 def _lesion_type(measured, zone: str) -> str:
@@ -259,7 +280,10 @@ def _analyse_volume(cur: ImageInput, pri: ImageInput, older: list[ImageInput], r
     cm = change_map(ca, reg.warped, reg.valid, sp)
     lo, hi = np.percentile(ca[:, ::4, ::4], [1, 99])
     raw = find_regions(cm, sp, float(hi - lo))
-    times = _older_times(older, raw, result, registered, ca, sp)
+    if raw:  # volumes: older priors only to measure what changed since the most recent one
+        times, _ = _older_times(older, result, registered, ca, sp)
+    else:
+        times, result.priors_compared = [], [p.source for p in older] + [result.prior_source]
     times += [_time_image(pri, cm.prior, cm.analysed), _time_image(cur, cm.current, cm.analysed)]
     body = ca > (lo + hi) / 2 if hi > lo else np.ones_like(ca, bool)
     body_col = float(np.nonzero(body)[2].mean()) if body.any() else ca.shape[2] / 2
