@@ -60,11 +60,11 @@ def serve(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    node.start()
     web = None
-    if settings.http_port:
+    if settings.http_port:  # first: a port in use stops serve before the SCP accepts anything
         web = StatusServer(node.index, settings.http_host, settings.http_port, settings)
         web.start()
+    node.start()
     coordinator = None
     if dispatch:
         from .pipeline.reconciler import Coordinator

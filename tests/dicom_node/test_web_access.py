@@ -140,3 +140,26 @@ def test_a_short_or_missing_token_file_stops_the_service_at_start(serve, tmp_pat
         serve(http_token_file=short)
     with pytest.raises(TokenError, match="missing-token"):
         serve(http_token_file=tmp_path / "missing-token")
+
+
+def test_serve_stops_at_once_when_the_http_port_is_taken(tmp_path):
+    """The HTTP service starts first: a port in use stops `dicom-node serve` before the SCP listens."""
+    import os
+    import subprocess
+    import sys
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    dicom_port = free_port()
+    env = dict(os.environ, DICOM_NODE_HTTP_PORT=str(taken.getsockname()[1]), DICOM_NODE_PORT=str(dicom_port),
+               DICOM_NODE_HOST="127.0.0.1", DICOM_NODE_STORAGE_DIR=str(tmp_path / "store"),
+               DICOM_NODE_DATABASE_URL=f"sqlite:///{tmp_path / 'index.db'}", DICOM_NODE_LOG_FORMAT="text")
+    try:
+        result = subprocess.run([sys.executable, "-m", "dicom_node", "serve", "--no-dispatch"], env=env,
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    assert result.returncode != 0
+    assert f"did not start on 127.0.0.1:{env['DICOM_NODE_HTTP_PORT']}" in result.stderr
+    assert "scp.listening" not in result.stderr
