@@ -230,7 +230,7 @@ def pseudonym(
 
     settings = load_settings()
     try:
-        keys = pseudonyms.load(settings.pseudonym_key_file, settings.storage_dir)
+        keys = pseudonyms.load(settings.pseudonym_key_file, settings.storage_dir, create=False)
     except pseudonyms.PseudonymKeyError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)

@@ -160,6 +160,12 @@ class Settings(BaseSettings):
     def _valid_uid_root(cls, value: str) -> str:
         return check_uid_root(value)
 
+    @field_validator("http_token_file", "pseudonym_key_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        # A chart or compose file rendering an unset value as "" means "not configured", not the cwd.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("allowed_callers", mode="before")
     @classmethod
     def _split_callers(cls, value: object) -> object:

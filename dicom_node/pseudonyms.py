@@ -88,8 +88,9 @@ def parse_keys(text: str, source: str) -> tuple[Key, ...]:
     return tuple(keys)
 
 
-def load(key_file: Path | None, storage_dir: Path) -> Pseudonymizer:
-    """The configured keys, or this install's generated key (created on first use)."""
+def load(key_file: Path | None, storage_dir: Path, create: bool = True) -> Pseudonymizer:
+    """The configured keys, or this install's generated key (created on first use unless `create`
+    is False: a look-up must not invent a key that matches nothing)."""
     if key_file is not None:
         try:
             text = Path(key_file).read_text(encoding="utf-8")
@@ -98,6 +99,9 @@ def load(key_file: Path | None, storage_dir: Path) -> Pseudonymizer:
         return Pseudonymizer(parse_keys(text, str(key_file)), str(key_file))
     path = Path(storage_dir) / GENERATED_KEY_FILE
     if not path.exists():
+        if not create:
+            raise PseudonymKeyError(f"no pseudonym key: {path} does not exist (the node generates it when it first "
+                                    "starts); check storage_dir, or set pseudonym_key_file")
         _generate(path)
     return Pseudonymizer(parse_keys(path.read_text(encoding="utf-8"), str(path)), str(path))
 

@@ -109,6 +109,11 @@ def test_cli_prints_the_pseudonym_under_every_key(tmp_path):
     key_file.write_text("k1:short\n")
     bad = CliRunner().invoke(app, ["pseudonym", "MRN-9"], env=env)
     assert bad.exit_code == 2 and "shorter than 16" in bad.output
+    # No key file and no generated key yet: said so, and no key is invented for the look-up.
+    empty = tmp_path / "empty-store"
+    none = CliRunner().invoke(app, ["pseudonym", "MRN-9"], env={"DICOM_NODE_PSEUDONYM_KEY_FILE": "",
+                                                                "DICOM_NODE_STORAGE_DIR": str(empty)})
+    assert none.exit_code == 2 and "does not exist" in none.output and not empty.exists()
 
 
 def test_the_longest_pseudonym_fits_the_audit_table_on_postgresql(tmp_path, postgres_url, restore_keys):

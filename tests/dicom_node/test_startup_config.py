@@ -124,3 +124,10 @@ def test_the_worker_logs_the_warning_when_it_starts(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_empty_file_setting_means_not_configured(monkeypatch):
+    monkeypatch.setenv("DICOM_NODE_HTTP_TOKEN_FILE", "")
+    monkeypatch.setenv("DICOM_NODE_PSEUDONYM_KEY_FILE", " ")
+    settings = Settings()
+    assert settings.http_token_file is None and settings.pseudonym_key_file is None
