@@ -1,18 +1,18 @@
-"""Ingest speed and memory: the node's SCP against DCMTK storescp, in one run.
+"""Ingest speed and memory: the node's SCP against Orthanc and DCMTK storescp, in one run.
 
-    python benchmarks/ingest.py [--instances 1000] [--size 128] [--memory-instances 10000]
+    python benchmarks/ingest.py [--repeats 3] [--instances N] [--scp-processes 2] [--ceiling] [--memory-instances 10000]
     python benchmarks/ingest.py --big-instance-mb 1024 [--concurrent 16]   (RSS while receiving big instances)
 
-DCMTK storescu (TCP_NODELAY=1) sends the same small CT instances over one association and
-over four parallel associations into (a) the node (fsync + index commit before each
-success) and (b) DCMTK storescp (no fsync), both writing under the same directory.
-Prints images/s for each, the ratio node/storescp, and the node's resident memory
-before and after (and, with --memory-instances, its RSS curve over that many instances).
+DCMTK storescu (TCP_NODELAY=1) sends the same CT instances (400 x 128x128, 33 KB; 200 x
+512x512, 513 KB) over one association and over four parallel ones into (a) the node (file,
+directory entry and index row fsynced before each success), (b) Orthanc in its default
+configuration (SyncStorageArea: each file fsynced) and (c) DCMTK storescp (no fsync), each
+started on an empty folder on the same disk for every measurement. Prints images/s, the
+ratio node/Orthanc and the node's resident memory (all its processes) after each run. Runs
+itself inside a private network namespace (Orthanc binds 0.0.0.0).
 
-It also times the node's ingest alone (parse, fsynced store, index commit; no network) on
-the same disk: storescu waits for each answer, so on one association the node can never
-beat that rate, whatever the network layer costs. The "ceiling" ratio printed beside it is
-that rate against storescp's.
+--ceiling also times the node's ingest alone (parse, fsynced store, index commit; no
+network): storescu waits for each answer, so one association can never beat that rate.
 """
 
 from __future__ import annotations
@@ -159,11 +159,107 @@ def big_instances(megabytes: int, concurrent: int, workdir: Path | None) -> None
             shutil.rmtree(work, ignore_errors=True)
 
 
+RECEIVERS = ("node", "orthanc", "storescp")
+# (rows = columns, instances): the issue's cells, a 33 KB and a 513 KB CT slice
+CELLS = ((128, 400), (512, 200))
+
+
+def process_tree_rss_mb(pid: int) -> float:
+    """RSS of a process and its descendants (several SCP processes), from /proc."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += memory_mb(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                todo += [int(child) for child in f.read().split()]
+        except OSError:
+            pass
+    return total
+
+
+class Receiver:
+    """One receiver started on an empty folder for each measurement."""
+
+    def __init__(self, name: str, root: Path, node_env: dict[str, str]) -> None:
+        self.name, self.root, self.node_env = name, root, node_env
+        self.port = free_port()
+        self.proc = None
+        self.orthanc = None
+
+    @property
+    def ae(self) -> str:
+        return {"node": "DICOM_NODE", "orthanc": "ORTHANC", "storescp": "STORESCP"}[self.name]
+
+    def start(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        if self.name == "node":
+            self.proc = start_node(self.root, self.port, extra_env=self.node_env)
+            wait_for_port(self.port, proc=self.proc)
+        elif self.name == "storescp":
+            self.proc = start_storescp(self.root, self.port)
+            wait_for_port(self.port, proc=self.proc)
+        else:
+            from dicom_node.local_stack.orthanc import Orthanc
+
+            # Orthanc's default configuration (SyncStorageArea: each file fsynced), its own ports.
+            self.orthanc = Orthanc(self.root, dicom_port=self.port).start()
+        time.sleep(0.5)
+
+    def rss_mb(self) -> float:
+        return process_tree_rss_mb(self.proc.pid) if self.name == "node" and self.proc else 0.0
+
+    def stop(self) -> None:
+        if self.orthanc is not None:
+            self.orthanc.stop()
+            self.orthanc = None
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+            self.proc = None
+
+
+def speed_table(args, work: Path) -> None:
+    node_env = {"DICOM_NODE_STUDY_IDLE_SECONDS": "3600", "DICOM_NODE_SCP_PROCESSES": str(args.scp_processes)}
+    rows = []
+    for size, count in CELLS:
+        count = args.instances or count
+        _, paths = write_ct_study(work / f"input{size}", count, rows=size, cols=size)
+        size_kb = paths[0].stat().st_size / 1024
+        for parts in (1, 4):
+            folders = [work / f"input{size}"] if parts == 1 else split(paths, work / f"split{size}", 4)
+            rates: dict[str, list[float]] = {name: [] for name in RECEIVERS}
+            rss = []
+            for _ in range(args.repeats):
+                for name in RECEIVERS:
+                    receiver = Receiver(name, work / name, node_env)
+                    receiver.start()
+                    try:
+                        rates[name].append(count / storescu(receiver.port, receiver.ae, folders))
+                        if name == "node":
+                            rss.append(receiver.rss_mb())
+                    finally:
+                        receiver.stop()
+            median = {name: statistics.median(values) for name, values in rates.items()}
+            rows.append((f"{count} x {size_kb:.0f} KB CT", parts, median, max(rss)))
+            print(f"  {rows[-1][0]}, {parts} assoc: " + ", ".join(f"{n} {median[n]:.0f}" for n in RECEIVERS),
+                  flush=True)
+    print(f"\nimages/s, storescu with TCP_NODELAY=1, median of {args.repeats}; node with scp_processes={args.scp_processes}, "
+          "RSS after each run (all its processes)")
+    print(f"| instances | associations | node | Orthanc | storescp (no fsync) | node / Orthanc | node RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for label, parts, median, rss in rows:
+        n, o, r = median["node"], median["orthanc"], median["storescp"]
+        print(f"| {label} | {parts} | {n:.0f} | {o:.0f} | {r:.0f} | {n / o:.2f} | {rss:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--instances", type=int, default=1000)
-    parser.add_argument("--size", type=int, default=128, help="rows = columns of each CT slice")
+    parser.add_argument("--instances", type=int, default=0, help="per cell; default: 400 small, 200 large")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per cell and receiver (the median is printed)")
+    parser.add_argument("--scp-processes", type=int, default=1, help="the node's scp_processes")
     parser.add_argument("--memory-instances", type=int, default=0, help="also send this many and sample the node's RSS")
+    parser.add_argument("--ceiling", action="store_true", help="also time the node's ingest alone (no network)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder under ./var")
     parser.add_argument("--big-instance-mb", type=int, default=0,
                         help="only measure the node's RSS while it receives big multi-frame instances of this size")
@@ -172,67 +268,43 @@ def main() -> None:
     if args.big_instance_mb:
         big_instances(args.big_instance_mb, args.concurrent, args.workdir)
         return
+    from dicom_node.local_stack.orthanc import run_in_private_network
+
+    run_in_private_network()  # Orthanc binds 0.0.0.0
 
     Path("var").mkdir(exist_ok=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-ingest-", dir="var"))
-    _, paths = write_ct_study(work / "input", args.instances, rows=args.size, cols=args.size)
-    single = [work / "input"]
-    four = split(paths, work / "split", 4)
-    size_kb = paths[0].stat().st_size / 1024
-
-    results: dict[str, dict[str, float]] = {"node": {}, "storescp": {}}
-    node_port, ref_port = free_port(), free_port()
-    node = start_node(work / "node", node_port, extra_env={"DICOM_NODE_STUDY_IDLE_SECONDS": "3600"})
-    ref = start_storescp(work / "storescp", ref_port)
     try:
-        wait_for_port(node_port)
-        wait_for_port(ref_port)
-        rss_before = memory_mb(node.pid)
-        for label, folders in (("1 association", single), ("4 associations", four)):
-            for name, port, ae in (("node", node_port, "DICOM_NODE"), ("storescp", ref_port, "STORESCP")):
-                elapsed = storescu(port, ae, folders)
-                results[name][label] = args.instances / elapsed
-            # The second pass sends the same instances again: clear both stores so every
-            # pass writes new files (the node would otherwise acknowledge duplicates).
-            node.terminate()
-            node.wait()
-            shutil.rmtree(work / "node")
-            shutil.rmtree(work / "storescp")
-            (work / "storescp").mkdir()
-            node = start_node(work / "node", node_port, extra_env={"DICOM_NODE_STUDY_IDLE_SECONDS": "3600"})
-            wait_for_port(node_port)
-
-        print(f"\n{args.instances} CT instances of {args.size}x{args.size} ({size_kb:.0f} KiB each), storescu with TCP_NODELAY=1")
-        print(f"{'':16} {'node img/s':>11} {'storescp img/s':>15} {'ratio':>7} {'target':>7}")
-        for label, target in (("1 association", 0.75), ("4 associations", 1.0)):
-            n, r = results["node"][label], results["storescp"][label]
-            print(f"{label:16} {n:11.0f} {r:15.0f} {n / r:7.2f} {target:7.2f}")
-        sample = paths[:300]
-        alone = ingest_alone(work / "alone", sample)
-        ceiling = alone / results["storescp"]["1 association"]
-        print(f"node ingest alone (no network, median of {len(sample)}): {alone:.0f} img/s; "
-              f"one-association ceiling ratio {ceiling:.2f}")
-        print(f"node RSS: {rss_before:.0f} MiB at start")
-
+        speed_table(args, work)
+        if args.ceiling:
+            paths = sorted((work / "input128").glob("*.dcm"))[:300]
+            alone = ingest_alone(work / "alone", paths)
+            print(f"node ingest alone (no network, 128x128, median of {len(paths)}): {alone:.0f} img/s")
         if args.memory_instances:
-            _, mem_paths = write_ct_study(work / "memory", args.memory_instances, rows=args.size, cols=args.size)
-            batches = 10
-            print(f"\nnode RSS while receiving {args.memory_instances} instances (one association per batch):")
-            for batch in range(batches):
-                folder = work / f"mem{batch}"
-                folder.mkdir()
-                for path in mem_paths[batch::batches]:
-                    os.link(path, folder / path.name)
-                storescu(node_port, "DICOM_NODE", [folder])
-                print(f"  after {(batch + 1) * len(mem_paths) // batches:6d}: RSS {memory_mb(node.pid):6.1f} MiB")
-            print(f"  peak RSS (VmHWM) {memory_mb(node.pid, 'VmHWM'):.1f} MiB")
+            memory_curve(args, work)
     finally:
-        node.terminate()
-        ref.terminate()
-        node.wait()
-        ref.wait()
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def memory_curve(args, work: Path) -> None:
+    port = free_port()
+    node = start_node(work / "memnode", port, extra_env={"DICOM_NODE_STUDY_IDLE_SECONDS": "3600"})
+    try:
+        wait_for_port(port, proc=node)
+        _, mem_paths = write_ct_study(work / "memory", args.memory_instances, rows=128, cols=128)
+        batches = 10
+        print(f"\nnode RSS while receiving {args.memory_instances} instances (one association per batch):")
+        for batch in range(batches):
+            folder = work / f"mem{batch}"
+            folder.mkdir()
+            for path in mem_paths[batch::batches]:
+                os.link(path, folder / path.name)
+            storescu(port, "DICOM_NODE", [folder])
+            print(f"  after {(batch + 1) * len(mem_paths) // batches:6d}: RSS {process_tree_rss_mb(node.pid):6.1f} MiB")
+    finally:
+        node.terminate()
+        node.wait()
 
 
 if __name__ == "__main__":

@@ -65,6 +65,9 @@ def serve(
         web = StatusServer(node.index, settings.http_host, settings.http_port, settings)
         web.start()
     node.start()
+    from .scp_processes import start_listeners, stop_listeners
+
+    listeners = start_listeners(settings)  # scp_processes - 1 more SCP processes on the same port
     coordinator = None
     if dispatch:
         from .pipeline.reconciler import Coordinator
@@ -76,7 +79,18 @@ def serve(
         coordinator.stop()
     if web:
         web.stop()
+    stop_listeners(listeners)
     node.stop()
+
+
+@app.command("scp-listener", hidden=True)
+def scp_listener() -> None:
+    """One of the extra SCP processes `serve` starts when scp_processes > 1 (not for direct use)."""
+    from .scp_processes import run_listener
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    run_listener(settings)
 
 
 @app.command()

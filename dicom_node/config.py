@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     check_called_ae: bool = True
     max_associations: int = 16
     max_connections_per_host: int = 8  # concurrent connections from one peer address, associated or not; 0: no limit
+    scp_processes: int = Field(1, ge=1)  # SCP processes sharing the DICOM port (SO_REUSEPORT); limits apply per process
     refusal_audit_limit: int = 20  # audit rows (and log lines) per peer address per window for refused connections; the rest counted; 0: no limit
     refusal_audit_window_seconds: float = 60.0
     acse_timeout: float = 30.0

@@ -21,6 +21,10 @@ our own C-GET requests). This module puts the checks in front of it, in one plac
 - **Received data sets go to a file as they arrive** (``Event.dataset_path``), in the store's
   ``.incoming`` folder, for this node's associations only; a connection's leftover spool files
   (an association aborted mid-transfer) are removed when it ends.
+- **Associations counted, not connections** (``max_associations``): a connection takes a slot
+  when its A-ASSOCIATE-RQ is admitted (``FrontDoor.claim_association``) and frees it when it
+  ends; pynetdicom's own limit, which counts every connection's thread, is not used.
+- **Event-driven waits** instead of pynetdicom's polling loops (see below).
 
 Each refusal is handed to ``on_refusal`` (the SCP logs and audits it) with the peer address
 and the reason. The reader is installed per connection (``DULServiceProvider._read_pdu_data``),
@@ -654,6 +658,16 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             return None
 
 
+class SharedPortServer(GuardedAssociationServer):
+    """Binds with SO_REUSEPORT: several SCP processes listen on one port and the kernel spreads
+    the incoming connections over them (scp_processes)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class FrontDoor:
     """One per node: its limits, the per-host counts shared by its listeners, the refusal sink."""
 
@@ -666,13 +680,15 @@ class FrontDoor:
         self._associations = 0
         self._lock = threading.Lock()
 
-    def serve(self, ae, address, evt_handlers, ssl_context: ssl.SSLContext | None = None) -> GuardedAssociationServer:
-        """``ae.start_server(address, block=False, ...)``, through the front door."""
+    def serve(self, ae, address, evt_handlers, ssl_context: ssl.SSLContext | None = None,
+              shared_port: bool = False) -> GuardedAssociationServer:
+        """``ae.start_server(address, block=False, ...)``, through the front door; `shared_port`:
+        with SO_REUSEPORT, so that other processes may listen on the same port."""
         server = ae.make_server(
             address,
             ssl_context=ssl_context,
             evt_handlers=evt_handlers,
-            server_class=GuardedAssociationServer,
+            server_class=SharedPortServer if shared_port else GuardedAssociationServer,
             request_handler=_GuardedRequestHandler,
         )
         server.front_door = self

@@ -6,7 +6,9 @@ Times are UTC epoch seconds.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -311,8 +313,12 @@ class Index:
         self._is_sqlite = self.engine.dialect.name == "sqlite"
         if self._is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        # SQLite has one writer at a time; serialising in-process avoids busy-wait retries.
+        # SQLite has one writer at a time; serialising in-process avoids busy-wait retries, and a
+        # lock file next to the database does the same between processes (several SCP
+        # processes, workers): a writer waiting on it is woken when it is free, where SQLite's
+        # busy handler sleeps 1, 2, 5, 10... ms between tries.
         self._write_lock = threading.Lock() if self._is_sqlite else None
+        self._lock_path = _lock_path(url) if self._is_sqlite else None
         # The schema comes from dicom_node/migrations (Alembic): a new revision there for every
         # change to the tables above; tests/dicom_node/test_migrations.py checks they agree.
         migrations.upgrade(self.engine)
@@ -333,7 +339,7 @@ class Index:
             with self.engine.begin() as conn:
                 yield conn
             return
-        with self._write_lock, self.engine.begin() as conn:
+        with self._write_lock, _FileLock(self._lock_path), self.engine.begin() as conn:
             yield conn
 
     # --- ingest -------------------------------------------------------------------------
@@ -727,6 +733,36 @@ class Index:
 
 def instance_set_hash(sop_uids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()
+
+
+def _lock_path(url: str) -> str | None:
+    path = url.removeprefix("sqlite:///")
+    if not url.startswith("sqlite:///") or not path or path == ":memory:":
+        return None
+    return path + ".write-lock"
+
+
+class _FileLock:
+    """An exclusive flock(2) on a file for the duration of a write transaction (None: no-op)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> "_FileLock":
+        if self.path is not None:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(self.fd)
+                raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # releases the lock
+            self.fd = -1
 
 
 def _connect_args(url: str) -> dict:

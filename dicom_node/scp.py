@@ -110,9 +110,14 @@ def caller_allowed(allowed: list[str], calling_ae: str, host: str) -> bool:
 
 @dataclass
 class DicomNode:
-    """The SCP process: listeners, ingest, and the study assembler."""
+    """The SCP process: listeners, ingest, and the study assembler.
+
+    `listener_only`: one of the extra SCP processes of `scp_processes` (scp_processes.py): its own
+    listeners on the shared port, ingest and index connection; no assembler, status page or
+    start-up clean-up (those belong to the first process)."""
 
     settings: Settings
+    listener_only: bool = False
     index: Index = field(init=False)
     store: InstanceStore = field(init=False)
     ingestor: Ingestor = field(init=False)
@@ -146,14 +151,19 @@ class DicomNode:
 
     def start(self) -> None:
         s = self.settings
-        self.store.remove_partial_writes()
+        if not self.listener_only:
+            self.store.remove_partial_writes()  # before any process of this node listens
         handlers = self._handlers()
-        self._servers.append(self.front_door.serve(self.ae, (s.host, s.port), handlers))
+        shared = s.scp_processes > 1  # SO_REUSEPORT: the kernel spreads connections over the processes
+        self._servers.append(self.front_door.serve(self.ae, (s.host, s.port), handlers, shared_port=shared))
         if s.tls_enabled:
             if not (s.tls_cert and s.tls_key):
                 raise ValueError("tls_enabled needs tls_cert and tls_key")
             context = server_tls_context(s.tls_cert, s.tls_key, s.tls_ca, s.tls_require_client_cert)
-            self._servers.append(self.front_door.serve(self.ae, (s.host, s.tls_port), handlers, ssl_context=context))
+            self._servers.append(self.front_door.serve(self.ae, (s.host, s.tls_port), handlers, ssl_context=context, shared_port=shared))
+        if self.listener_only:
+            log_event(log, logging.INFO, "scp.listening", host=s.host, port=s.port, role="extra SCP process")
+            return
         self._assembler = Assembler(self.index, s)
         self._assembler.start()
         if s.http_port:

@@ -13,6 +13,7 @@ from dicom_node.priors import ArchiveUnavailable, RetrieveRefused, retrieve_prio
 from tests.support.orthanc import Orthanc
 from tests.support.pki import make_pki
 from tests.support.procs import free_port
+from tests.support.waiting import wait_until
 
 from .conftest import Archive, ingest_current, make_history, prior_settings
 from .history import write
@@ -99,8 +100,13 @@ def test_cmove_over_tls_to_the_nodes_tls_listener(tls_archive, pki, make_node, w
     result = retrieve_priors(settings, worker.index, worker.ingestor, current)
 
     assert_recent_prior_retrieved(result, tls_archive)
-    incoming = [a for a in node.index.recent_associations(20) if a["calling_ae"] == tls_archive.orthanc.aet]
-    assert incoming and all(a["result"] == "released" for a in incoming)
+    # The node answers Orthanc's A-RELEASE-RQ before it writes the audit row, and Orthanc sends
+    # its final C-MOVE response right after: the row may land a moment after retrieve_priors returns.
+    def released():
+        incoming = [a for a in node.index.recent_associations(20) if a["calling_ae"] == tls_archive.orthanc.aet]
+        return incoming if incoming and all(a["result"] == "released" for a in incoming) else None
+
+    incoming = wait_until(released, timeout=5, what="the call-back associations audited as released")
     assert sum(a["instances_received"] for a in incoming) >= 4
 
 

@@ -1,0 +1,59 @@
+"""Several SCP processes on one port (`scp_processes`): C-STORE work spread over CPU cores.
+
+pynetdicom is pure Python and one process runs one thread at a time, so the associations of one
+SCP process share one core. With `scp_processes` N > 1, `dicom-node serve` (the first process:
+listeners, study assembler, pipeline coordinator, HTTP service) starts N - 1 more processes
+(`dicom-node scp-listener`), each with its own application entity, front door and index
+connection, all bound to the same port with SO_REUSEPORT; the kernel hands each new connection
+to one of them. They die with the first process (PR_SET_PDEATHSIG), so a kill -9 of `serve`
+leaves nothing listening. The front door's limits (max_associations, max_connections_per_host)
+count per process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import sys
+import threading
+
+from .config import Settings
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def start_listeners(settings: Settings) -> list[subprocess.Popen]:
+    """The extra SCP processes; same environment, so the same settings."""
+    return [
+        subprocess.Popen([sys.executable, "-m", "dicom_node", "scp-listener"], preexec_fn=_die_with_parent)
+        for _ in range(settings.scp_processes - 1)
+    ]
+
+
+def stop_listeners(processes: list[subprocess.Popen], timeout: float = 10.0) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_listener(settings: Settings) -> None:
+    """One extra SCP process, until SIGTERM."""
+    from .scp import DicomNode
+
+    node = DicomNode(settings, listener_only=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    node.start()
+    stop.wait()
+    node.stop()

@@ -1,0 +1,73 @@
+"""scp_processes: several SCP processes on one port (SO_REUSEPORT), dying with the first."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+
+from dicom_node.index import Index
+from dicom_node.synthetic import write_ct_study
+from tests.support.dicom import stored_files
+from tests.support.procs import free_port, start_node, stop, wait_for_port
+from tests.support.waiting import wait_until
+
+from .conftest import NODE_AE, require_tool
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_two_scp_processes_share_the_port_and_die_with_the_first(tmp_path):
+    require_tool("storescu")
+    _, paths = write_ct_study(tmp_path / "input", 40, rows=64, cols=64)
+    folders = []
+    for part in range(4):
+        folder = tmp_path / f"part{part}"
+        folder.mkdir()
+        for path in paths[part::4]:
+            os.link(path, folder / path.name)
+        folders.append(folder)
+    root, port = tmp_path / "node", free_port()
+    node = start_node(root, port, extra_env={"DICOM_NODE_SCP_PROCESSES": "2"})
+    try:
+        wait_for_port(port, proc=node)
+        extra = wait_until(lambda: children(node.pid), timeout=20, what="the second SCP process")
+        assert len(extra) == 1
+        wait_until(lambda: "extra SCP process" in (root / "serve.log").read_text(), timeout=20,
+                   what="the second SCP process listening")
+
+        # Four associations at once; the kernel hands each to one of the two processes.
+        senders = [
+            subprocess.Popen(["storescu", "-aec", NODE_AE, "+sd", "127.0.0.1", str(port), str(folder)],
+                             env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for folder in folders
+        ]
+        for sender in senders:
+            _, err = sender.communicate(timeout=120)
+            assert sender.returncode == 0, err.decode()
+        assert len(stored_files(root / "store")) == 40
+        index = Index(f"sqlite:///{root / 'index.db'}")
+        try:
+            assert index.counts()["instances"] == 40
+        finally:
+            index.dispose()
+
+        node.send_signal(signal.SIGKILL)
+        node.wait()
+        wait_until(lambda: not alive(extra[0]), timeout=10, what="the second SCP process to die with the first")
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, "something still listens on the port"
+    finally:
+        stop(node)  # SIGTERM: the first process stops the others
