@@ -145,3 +145,74 @@ def test_the_served_gpu_queue_worker_keeps_max_concurrency_requests_in_flight(tm
         if worker is not None:
             stop(worker)
         stop(redis)
+
+
+def test_several_scp_replicas_with_the_chart_postgresql_environment(tmp_path, postgres_server):
+    # placement multiNode, node.replicas 3, the index URL from an existing Secret: SCP replicas
+    # started at once on one real PostgreSQL and one shared volume all become ready, and exactly
+    # one of them coordinates the pipeline. Two of the three run here (2 cores).
+    import urllib.error
+    import urllib.request
+
+    import sqlalchemy
+
+    from .value_sets import merged, value_sets
+
+    # Without the site's PACS (unreachable here: /readyz would rightly say not ready).
+    docs = render(merged(value_sets()["postgres-existing-secret"], {"priors": {"archives": []}}))
+    deployment = find(docs, "Deployment", "-node")
+    assert deployment["spec"]["replicas"] == 3
+    database = postgres_server.create_database()
+    url = postgres_server.url(database)
+    secret = {k: base64.b64decode(v).decode() for k, v in find(docs, "Secret", "-credentials")["data"].items()}
+    for path in _pod_paths(tmp_path).values():
+        Path(path).mkdir(parents=True)
+    (tmp_path / "secrets" / "http-token").write_text(secret["http-token"])
+    (tmp_path / "secrets" / "pseudonym-key").write_text(secret["pseudonym-key"])
+    redis_port = free_port()
+    procs = [subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
+                               "--dir", str(tmp_path), "--requirepass", secret["redis-password"]],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    c = deployment["spec"]["template"]["spec"]["containers"][0]
+    rendered = container_env(docs, c)
+    assert rendered["DICOM_NODE_DATABASE_URL"].startswith("postgresql+psycopg://")  # from the Secret
+    http_ports = []
+    try:
+        wait_for_port(redis_port, proc=procs[0])
+        for replica in range(2):
+            ports = {"redis": redis_port, "dicom": free_port(), "http": free_port()}
+            http_ports.append(ports["http"])
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")},
+                   **_localised(rendered, tmp_path, ports), "DICOM_NODE_DATABASE_URL": url}
+            procs.append(subprocess.Popen([DICOM_NODE, *c["args"]], env=env, cwd=tmp_path,
+                                          stdout=open(tmp_path / f"node-{replica}.log", "wb"), stderr=subprocess.STDOUT))
+        for port, proc in zip(http_ports, procs[1:]):
+            wait_for_port(port, timeout=90, proc=proc)
+        deadline = time.monotonic() + 60
+        ready, last = set(), {}
+        while len(ready) < 2 and time.monotonic() < deadline:
+            for port in http_ports:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as answer:
+                        ready.add(port)
+                except urllib.error.HTTPError as exc:
+                    last[port] = exc.read().decode()[:1000]
+                except OSError as exc:
+                    last[port] = str(exc)
+            time.sleep(1)
+        assert len(ready) == 2, last
+        engine = sqlalchemy.create_engine(url)
+        deadline = time.monotonic() + 30
+        while True:
+            with engine.connect() as conn:
+                owners = conn.execute(sqlalchemy.text("SELECT owner FROM leases WHERE name = 'pipeline-coordinator' "
+                                                      "AND until > extract(epoch from now())")).scalars().all()
+            if owners or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        engine.dispose()
+        assert len(owners) == 1
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        postgres_server.drop_database(database)
