@@ -164,8 +164,8 @@ class ReadinessChecker:
             if archive.method == "dicomweb":
                 continue  # no DIMSE peer to echo; QIDO failures show on the jobs
             checks.append((f"archive {archive.name}", self._cached_echo(archive, timeout), archive.required))
-        base_url = getattr(s, "vlm_base_url", "")  # the model-server settings (issue 12), when present
-        if s.vlm_backend == "openai" and s.vlm_model and base_url:
+        if s.vlm_backend == "openai" and s.vlm_base_url:  # a model server does the comparisons
+            base_url = s.vlm_base_url
             checks.append(("model server", lambda: check_model_server(base_url, timeout), True))
         return checks
 

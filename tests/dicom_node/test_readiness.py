@@ -110,15 +110,18 @@ def test_an_unresponsive_archive_is_bounded_by_the_timeout(check):
 
 
 def test_model_server_checked_only_with_the_openai_backend(check):
-    from dicom_node.config import Settings
-
-    if "vlm_base_url" not in Settings.model_fields:
-        pytest.skip("the model-server settings (vlm_base_url) are not in this tree yet")
     port = free_port()
-    result = check(vlm_backend="openai", vlm_model="served", vlm_base_url=f"http://127.0.0.1:{port}/v1").run()
+    result = check(vlm_backend="openai", vlm_base_url=f"http://127.0.0.1:{port}/v1").run()
     model = by_name(result)["model server"]
     assert not result.ready and not model.ok and f"127.0.0.1:{port}/v1/models" in model.detail
     assert "model server" not in by_name(check(vlm_base_url=f"http://127.0.0.1:{port}/v1").run())
+
+
+def test_a_model_server_that_answers_is_ready(check, model_server):
+    """The real OpenAI-compatible server of the suite (`transformers serve`, tiny model, CPU)."""
+    result = check(vlm_backend="openai", vlm_base_url=model_server.server.base_url).run()
+    model = by_name(result)["model server"]
+    assert result.ready and model.ok and model.detail.endswith("/v1/models answered 200")
 
 
 def test_an_index_refusing_writes_is_not_ready(tmp_path, redis_url, postgres_url):
