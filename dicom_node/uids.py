@@ -49,4 +49,7 @@ def check_uid_root(value: str) -> str:
     if len(root) > MAX_UID_ROOT_LENGTH:
         raise ValueError(f"uid_root {value!r} is {len(root)} characters long; at most {MAX_UID_ROOT_LENGTH} "
                          "(with its final dot) leaves derived UIDs enough digits to stay unique")
+    from pydicom.uid import generate_uid
+
+    generate_uid(prefix=root, entropy_srcs=["uid_root check"])  # pydicom's own prefix rules agree (ValueError if not)
     return root
