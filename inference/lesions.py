@@ -25,7 +25,9 @@ Status from the sizes (documented significance rule): present now and absent on 
 prior is `new`, the reverse `resolved`; present on both, the long axes are compared: the change
 counts when it exceeds the combined uncertainty of the two measurements, each
 max(2 analysis pixels, 10 % of the diameter), i.e. |d_now - d_before| > sqrt(u_now^2 + u_before^2);
-then `worsened` (larger) or `improved` (smaller), otherwise `stable`. The trend compares the
+then `worsened` (larger) or `improved` (smaller). Within that uncertainty, the region of change
+itself decides when it was found between those two time points (it passed the subtraction's own
+significance test, change.py): denser now `worsened`, less dense `improved`; otherwise `stable`. The trend compares the
 oldest time point with the current one by the same rule (absent -> present `new`, present ->
 absent `resolved`).
 """
@@ -78,20 +80,23 @@ def significant(d_before: float, d_now: float, pixel_mm: float) -> int:
     return 0 if abs(delta) <= math.hypot(u0, u1) else (1 if delta > 0 else -1)
 
 
-def compare_status(before: Timepoint, now: Timepoint, pixel_mm: float) -> str:
+def compare_status(before: Timepoint, now: Timepoint, pixel_mm: float, change_sign: int = 0) -> str:
+    """`change_sign`: the direction of a significant region of change found between these two time points
+    (+1 denser now, -1 less dense, 0 none): it decides when the sizes alone do not (a lesion denser but
+    no wider, or a size change within the sizes' uncertainty that the subtraction shows clearly)."""
     if now.present and not before.present:
         return "new"
     if before.present and not now.present:
         return "resolved"
     if not now.present:
         return "resolved"  # seen only in between: gone again
-    sign = significant(before.long_axis_mm or 0.0, now.long_axis_mm or 0.0, pixel_mm)
+    sign = significant(before.long_axis_mm or 0.0, now.long_axis_mm or 0.0, pixel_mm) or change_sign
     return {1: "worsened", -1: "improved", 0: "stable"}[sign]
 
 
 def measure_finding(mask: np.ndarray, offset: tuple[int, ...], times: list[TimeImage], recent: int,
                     present_now: bool | None, present_recent: bool, spacing: tuple[float, ...],
-                    found_against: int | None = None) -> Measured:
+                    found_against: int | None = None, change_sign: int = 0) -> Measured:
     """`times` oldest first, the current last; `recent` is the index of the most recent prior;
     `found_against` the prior the region of change was found against (default: the most recent), whose
     presence (`present_recent`) and the current's came from the change profile.
@@ -157,8 +162,9 @@ def measure_finding(mask: np.ndarray, offset: tuple[int, ...], times: list[TimeI
         if not lesion.any():
             lesion = footprint & (signals[i] > 0) if (footprint & (signals[i] > 0)).any() else footprint
         timepoints.append(_sizes(lesion, lo, spacing, t))
-    status = compare_status(timepoints[recent], timepoints[-1], pixel_mm)
-    trend = compare_status(timepoints[0], timepoints[-1], pixel_mm)
+    # the region of change is significant between the current and the prior it was found against
+    status = compare_status(timepoints[recent], timepoints[-1], pixel_mm, change_sign if known == recent else 0)
+    trend = compare_status(timepoints[0], timepoints[-1], pixel_mm, change_sign if known in (0, recent) else 0)
     return Measured(timepoints, status, trend)
 
 

@@ -240,7 +240,8 @@ def _measure(r: RawRegion, times: list[TimeImage], sp: tuple[float, ...], found_
         present_now = present_recent = True
     if found_against is not None and found_against != len(times) - 2:
         present_now = None  # found against an older prior: whether it is still there is measured, like the rest
-    return measure_finding(r.mask, r.offset, times, len(times) - 2, present_now, present_recent, sp, found_against)
+    return measure_finding(r.mask, r.offset, times, len(times) - 2, present_now, present_recent, sp, found_against,
+                           r.sign)
 
 
 def _lesion_type(measured, zone: str) -> str:
