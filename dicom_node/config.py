@@ -22,8 +22,8 @@ from pydantic_settings import (
 
 from .identity import DEFAULT_UID_ROOT
 from .priors.settings import PriorSettings
-from .uids import check_uid_root
 from .references.settings import ReferenceSettings
+from .uids import check_uid_root
 from .validators import check_ae_title
 from .report.settings import ReportSettings
 
@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     http_token_file: Path | None = None
     readiness_timeout_seconds: float = Field(5.0, gt=0)  # longest a /readyz check may take
     readiness_echo_cache_seconds: float = Field(15.0, ge=0)  # an archive's C-ECHO result is reused this long
+    # False: only index and storage decide /readyz; broker, archives and model server show as degraded
+    # (ingest goes on without them). True: they count too (a router that fails over to another node).
+    readiness_includes_downstream: bool = False
 
     # Pseudonyms of patient identifiers in logs and the PHI audit: HMAC-SHA256 under a site key.
     # The file: one KEY_ID:SECRET per line, current key first (README: key rotation).

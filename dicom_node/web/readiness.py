@@ -5,8 +5,14 @@
 - broker: Redis answers PING
 - archive <name>: each DIMSE archive answers C-ECHO (the result is cached for
   readiness_echo_cache_seconds, so probes do not open an association every few seconds);
-  archives with required: false are shown but do not make the node unready
+  archives with required: false are shown but never make the node unready
 - model server: with vlm_backend "openai", GET {vlm_base_url}/models answers 200
+
+Only index and storage decide readiness by default. The broker, the archives and the model
+server are downstream: while one is away the node still accepts and durably holds every image
+(the pipeline waits and retries by time), and a not-ready SCP would be taken out of its Service,
+so the modalities could not send at all. Their failures show as `degraded`. A site whose router
+fails over to another node sets readiness_includes_downstream, and they then count too.
 
 /healthz is liveness only (the process answers); it never looks at any of this.
 """
@@ -42,8 +48,13 @@ class Readiness:
     ready: bool
     checks: list[Check]
 
+    @property
+    def degraded(self) -> list[str]:
+        """Failing checks that do not decide readiness."""
+        return [check.name for check in self.checks if not check.ok and not check.required]
+
     def to_dict(self) -> dict:
-        return {"ready": self.ready, "checks": [asdict(check) for check in self.checks]}
+        return {"ready": self.ready, "degraded": self.degraded, "checks": [asdict(check) for check in self.checks]}
 
 
 class CheckFailed(Exception):
@@ -155,18 +166,20 @@ class ReadinessChecker:
     def _checks(self) -> list[tuple[str, Callable[[], str], bool]]:
         s = self.settings
         timeout = s.readiness_timeout_seconds
+        downstream = s.readiness_includes_downstream
         checks: list[tuple[str, Callable[[], str], bool]] = [
             ("index", lambda: check_index(self.index), True),
             ("storage", lambda: check_storage(Path(s.storage_dir), s.min_free_disk_mb), True),
-            ("broker", lambda: check_broker(s.broker_url, timeout), True),
+            ("broker", lambda: check_broker(s.broker_url, timeout), downstream),
         ]
         for archive in s.priors.archives if s.priors.enabled else []:
             if archive.method == "dicomweb":
                 continue  # no DIMSE peer to echo; QIDO failures show on the jobs
-            checks.append((f"archive {archive.name}", self._cached_echo(archive, timeout), archive.required))
+            checks.append((f"archive {archive.name}", self._cached_echo(archive, timeout),
+                           downstream and archive.required))
         if s.vlm_backend == "openai" and s.vlm_base_url:  # a model server does the comparisons
             base_url = s.vlm_base_url
-            checks.append(("model server", lambda: check_model_server(base_url, timeout), True))
+            checks.append(("model server", lambda: check_model_server(base_url, timeout), downstream))
         return checks
 
     def _cached_echo(self, archive, timeout: float) -> Callable[[], str]:

@@ -60,13 +60,18 @@ def test_ready_when_index_storage_broker_and_archive_answer(check, node):
     assert "C-ECHO" in checks["archive pacs"].detail and "PING" in checks["broker"].detail
 
 
-def test_broker_down_is_not_ready_and_says_which_broker(check):
+def test_broker_down_is_degraded_not_unready_and_says_which_broker(check):
+    """Ingest goes on without Redis (the index drives the pipeline): taking the SCP out of its
+    Service for it would stop the modalities instead."""
     port = free_port()
-    result = check(broker_url=f"redis://:hunter2-password@127.0.0.1:{port}/0").run()
+    url = f"redis://:hunter2-password@127.0.0.1:{port}/0"
+    result = check(broker_url=url).run()
     broker = by_name(result)["broker"]
-    assert not result.ready and not broker.ok
+    assert result.ready and not broker.ok and result.to_dict()["degraded"] == ["broker"]
     assert f"127.0.0.1:{port}" in broker.detail and "hunter2" not in broker.detail  # no password on the page
     assert all(c.ok for c in result.checks if c.name != "broker")
+    strict = check(broker_url=url, readiness_includes_downstream=True).run()
+    assert not strict.ready and strict.degraded == []
 
 
 def test_disk_below_the_guard_is_not_ready(check):
@@ -76,18 +81,20 @@ def test_disk_below_the_guard_is_not_ready(check):
     assert "below min_free_disk_mb" in storage.detail and "refused" in storage.detail
 
 
-def test_archive_down_is_not_ready_and_the_answer_is_cached_briefly(check):
+def test_archive_down_is_degraded_and_the_answer_is_cached_briefly(check):
     port = free_port()
     checker = check(priors=archive("pacs", port), readiness_echo_cache_seconds=60)
     first = checker.run()
     pacs = by_name(first)["archive pacs"]
-    assert not first.ready and not pacs.ok and f"127.0.0.1:{port}" in pacs.detail
+    assert first.ready and first.degraded == ["archive pacs"]
+    assert not pacs.ok and f"127.0.0.1:{port}" in pacs.detail
     again = by_name(checker.run())["archive pacs"]
     assert not again.ok and again.detail.endswith("(cached)")
+    assert not check(priors=archive("pacs", port), readiness_includes_downstream=True).run().ready
 
 
 def test_an_optional_archive_down_is_shown_but_the_node_stays_ready(check):
-    result = check(priors=archive("vna", free_port(), required=False)).run()
+    result = check(priors=archive("vna", free_port(), required=False), readiness_includes_downstream=True).run()
     vna = by_name(result)["archive vna"]
     assert result.ready and not vna.ok and not vna.required
 
@@ -100,7 +107,8 @@ def test_an_unresponsive_archive_is_bounded_by_the_timeout(check):
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
     try:
-        checker = check(priors=archive("slow", silent.getsockname()[1]), readiness_timeout_seconds=1.0)
+        checker = check(priors=archive("slow", silent.getsockname()[1]), readiness_timeout_seconds=1.0,
+                        readiness_includes_downstream=True)
         started = time.monotonic()
         result = checker.run()
         assert time.monotonic() - started < 5
@@ -111,7 +119,8 @@ def test_an_unresponsive_archive_is_bounded_by_the_timeout(check):
 
 def test_model_server_checked_only_with_the_openai_backend(check):
     port = free_port()
-    result = check(vlm_backend="openai", vlm_base_url=f"http://127.0.0.1:{port}/v1").run()
+    result = check(vlm_backend="openai", vlm_base_url=f"http://127.0.0.1:{port}/v1",
+                   readiness_includes_downstream=True).run()
     model = by_name(result)["model server"]
     assert not result.ready and not model.ok and f"127.0.0.1:{port}/v1/models" in model.detail
     assert "model server" not in by_name(check(vlm_base_url=f"http://127.0.0.1:{port}/v1").run())
@@ -140,10 +149,10 @@ def test_an_index_refusing_writes_is_not_ready(tmp_path, redis_url, postgres_url
     assert not result.ready and not index_check.ok and "read-only" in index_check.detail
 
 
-def test_readyz_answers_503_with_the_reasons_over_http(tmp_path):
+def test_readyz_over_http_503_for_a_full_disk_200_degraded_for_a_broker_down(tmp_path):
     from dicom_node.http_api import StatusServer
 
-    settings = node_settings(tmp_path, broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    settings = node_settings(tmp_path, broker_url=f"redis://127.0.0.1:{free_port()}/0", min_free_disk_mb=10**9)
     index = Index(settings.database_url)
     server = StatusServer(index, settings.http_host, settings.http_port, settings)
     server.start()
@@ -152,7 +161,8 @@ def test_readyz_answers_503_with_the_reasons_over_http(tmp_path):
             urllib.request.urlopen(f"http://127.0.0.1:{settings.http_port}/readyz", timeout=10)
         assert error.value.code == 503
         body = json.loads(error.value.read())
-        assert body["ready"] is False and any(c["name"] == "broker" and not c["ok"] for c in body["checks"])
+        assert body["ready"] is False and body["degraded"] == ["broker"]
+        assert any(c["name"] == "storage" and not c["ok"] and "min_free_disk_mb" in c["detail"] for c in body["checks"])
         with urllib.request.urlopen(f"http://127.0.0.1:{settings.http_port}/healthz", timeout=10) as healthz:
             assert json.loads(healthz.read()) == {"ok": True}  # liveness does not depend on the broker
     finally:
