@@ -32,6 +32,7 @@ class _Pending:
     record: InstanceRecord
     directory: Path | None  # the folder its file was linked into (None: already durable)
     done: bool = False
+    written: bool = False  # its row is committed (set only by the group that wrote it)
     inserted: bool = False
     error: BaseException | None = field(default=None, repr=False)
 
@@ -63,6 +64,8 @@ class CommitGroup:
         finally:
             with self._cv:
                 for item in group:
+                    if not item.written and item.error is None:  # the leader failed half-way
+                        item.error = RuntimeError("the commit group was not written")
                     item.done = True
                 self._writing = False
                 self._cv.notify_all()
@@ -87,7 +90,7 @@ class CommitGroup:
             return
         try:
             for item, inserted in zip(ready, self.index.record_instances([item.record for item in ready])):
-                item.inserted = inserted
+                item.inserted, item.written = inserted, True
         except Exception as exc:
             if len(ready) == 1:
                 ready[0].error = exc
@@ -96,7 +99,7 @@ class CommitGroup:
             log.warning("commit_group.group_failed_retrying_singly", exc_info=True)
             for item in ready:
                 try:
-                    item.inserted = self.index.record_instance(item.record)
+                    item.inserted, item.written = self.index.record_instance(item.record), True
                 except Exception as exc:
                     item.error = exc
 

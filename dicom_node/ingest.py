@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import dcmread
+from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset, read_preamble
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -44,6 +46,10 @@ PIXEL_TAG_NUMBERS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFER_SIZE = 1 << 20  # header values above this are not read (their extent is still checked)
 SMALL_INSTANCE = 1 << 20  # a file up to this size is read whole before it is parsed
+DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode()
+META_PEEK = 4096  # the file meta (and its Transfer Syntax UID) is well within this
+INFLATE_CHUNK = 1 << 20
+MAX_INFLATED = 16 << 30  # bytes a deflated instance may inflate to
 MAX_COMMENT = 64  # ErrorComment is LO: 64 characters at most
 UID_ATTRIBUTES = (
     ("StudyInstanceUID", "StudyInstanceUID (0020,000D)"),
@@ -229,20 +235,19 @@ def _parse_source(source: bytes | Path) -> tuple[Dataset, bool, int]:
 def _parse(fp: BinaryIO, size: int) -> tuple[Dataset, bool]:
     """Decode the dataset up to its pixel data and make sure nothing was cut off anywhere."""
     try:
-        ds = dcmread(fp, force=False, stop_before_pixels=True, defer_size=DEFER_SIZE)
-        syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
-        if syntax == DeflatedExplicitVRLittleEndian:
-            # pydicom inflates the whole dataset in memory anyway: read it all (rare, and small).
+        if DEFLATED_UID in fp.read(META_PEEK):  # maybe deflated: pydicom would inflate it all in memory
             fp.seek(0)
-            ds = dcmread(fp, force=False)
-            _check_read_lengths(ds, None)
-            return ds, any(tag in ds for tag in PIXEL_TAGS)
+            read_preamble(fp, False)
+            meta = _read_file_meta_info(fp)
+            if UID(str(meta.get("TransferSyntaxUID", ""))) == DeflatedExplicitVRLittleEndian:
+                return _parse_deflated(fp, meta)
+        fp.seek(0)
+        ds = dcmread(fp, force=False, stop_before_pixels=True, defer_size=DEFER_SIZE)
         stopped_at = fp.tell()
     except Malformed:
         raise
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError, struct.error, zlib.error) as exc:
-        kind = type(exc).__name__ if type(exc).__name__ != "error" else f"{type(exc).__module__}.error"
-        raise Malformed(f"malformed dataset: {kind}: {exc}", f"malformed dataset ({kind})") from exc
+    except PARSE_ERRORS as exc:
+        raise _malformed(exc) from exc
     _check_read_lengths(ds, size)
     has_pixels = any(tag in ds for tag in PIXEL_TAGS)
     if stopped_at >= size:
@@ -254,6 +259,57 @@ def _parse(fp: BinaryIO, size: int) -> tuple[Dataset, bool]:
         tail.walk(stopped_at)
         has_pixels = has_pixels or bool(tail.tags & PIXEL_TAG_NUMBERS)
     return ds, has_pixels
+
+
+PARSE_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError, struct.error, zlib.error)
+
+
+def _malformed(exc: BaseException) -> Malformed:
+    kind = type(exc).__name__ if type(exc).__name__ != "error" else f"{type(exc).__module__}.error"
+    return Malformed(f"malformed dataset: {kind}: {exc}", f"malformed dataset ({kind})")
+
+
+def _parse_deflated(fp: BinaryIO, meta) -> tuple[Dataset, bool]:
+    """A deflated dataset, inflated chunk by chunk into a temporary file and parsed from there
+    like any other (header only, the rest walked): never whole in memory, and a deflate bomb
+    stops at MAX_INFLATED bytes. The stored file stays the deflated one, as received."""
+    with tempfile.TemporaryFile() as body:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        try:
+            while chunk := fp.read(INFLATE_CHUNK):
+                while chunk:
+                    out = inflater.decompress(chunk, INFLATE_CHUNK)
+                    total += len(out)
+                    if total > MAX_INFLATED:
+                        raise Malformed(f"deflated dataset inflates to more than {MAX_INFLATED >> 30} GiB",
+                                        "deflated dataset too large when inflated")
+                    body.write(out)
+                    chunk = inflater.unconsumed_tail
+            body.write(inflater.flush())
+        except zlib.error as exc:
+            raise _malformed(exc) from exc
+        if not inflater.eof:
+            raise Malformed("truncated dataset: the deflated stream ends before its last block",
+                            "truncated dataset (deflate stream cut short)")
+        size = body.tell()
+        body.seek(0)
+        try:
+            ds = read_dataset(body, is_implicit_VR=False, is_little_endian=True, bytelength=None,
+                              stop_when=_at_pixel_data, defer_size=DEFER_SIZE)
+        except PARSE_ERRORS as exc:
+            raise _malformed(exc) from exc
+        ds.file_meta = meta
+        _check_read_lengths(ds, size)
+        has_pixels = any(tag in ds for tag in PIXEL_TAGS)
+        stopped_at = body.tell()
+        if stopped_at >= size:
+            stopped_at = _end_of_last_element(ds, size)
+        if stopped_at < size:
+            tail = _Tail(body, size, implicit=False, little=True)
+            tail.walk(stopped_at)
+            has_pixels = has_pixels or bool(tail.tags & PIXEL_TAG_NUMBERS)
+        return ds, has_pixels
 
 
 def _end_of_last_element(ds: Dataset, size: int) -> int:
