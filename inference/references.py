@@ -9,8 +9,11 @@ parenchymal texture does not cancel). Per pixel, the references give a normal
 model: their median, and their spread (MAD across references, smoothed, weighted,
 with a floor from the query's own residual, since five people cannot estimate a
 spread pixel by pixel). The query's deviation from the median in units of that
-spread goes through the same region finder as prior comparison. Regions are
-"present": atypical for normals, with no claim about change over time.
+spread, less half of the largest deviation that the normals themselves show
+nearby (each reference against the other four: where different people differ
+anyway, e.g. heart borders, a query must differ more), goes through the same
+region finder as prior comparison. Regions are "present": atypical for normals,
+with no claim about change over time.
 
 Also the lightweight image descriptor used to match references: a 32 x 32
 thumbnail of the image, cropped to its body and robust-scaled, compared by NCC.
@@ -41,6 +44,8 @@ SPREAD_FLOOR = 1.0  # x the robust sigma of (query - normal median) over the ana
 # The references' MAD enters the spread at this weight: with five references it overstates the
 # variation where their ribs still disagree after alignment (measured on the synthetic library).
 MAD_WEIGHT = 0.75
+LOO_WEIGHT = 0.5  # share of the normals' own largest nearby deviation (each against the others) discounted
+LOO_NEIGHBOURHOOD_PX = 5
 DENOISE_MM = 2.5  # coarser than a prior pair's 1.2 mm: two people's fine texture does not cancel
 REFINE_SIGMA_MM = 6.0  # demons field smoothness: moves ribs and borders, cannot make or erase a 12 mm blob
 REFINE_ITERATIONS = 30
@@ -101,23 +106,33 @@ def compare_with_references(query: ImageInput, references: Sequence[ImageInput],
     sigma = [max(0.6, DENOISE_MM / s) for s in sp]
     q_s = ndimage.gaussian_filter(qa, sigma)
 
-    normals, valids, out_uses = [], [], []
-    for ref, use in zip(references, uses):
+    for ref in references:
         validate_image(ref)
+
+    def align(ref: ImageInput):
+        """One reference on the query grid: (warped, normalised, denoised normal, valid mask, quality)."""
         if ref.is_volume:
-            out_uses.append(_with(use, False, 0.0))
-            continue
+            return None, None, None
         fr = factor_for(ref.pixels.shape, max_side)
         ra = block_mean(ref.pixels, (fr, fr))
-        reg = register(qa, sp, ra, tuple(s * fr for s in ref.spacing_mm), deformable=True, threads=threads)
-        out_uses.append(_with(use, reg.quality.succeeded, reg.quality.ncc_after))
+        # One thread per registration, references side by side: small images use threads poorly.
+        reg = register(qa, sp, ra, tuple(s * fr for s in ref.spacing_mm), deformable=True, threads=1)
         if not reg.quality.succeeded:
-            continue
+            return None, None, reg.quality
         analysed = ndimage.binary_erosion(reg.valid, iterations=3)
-        normal = _normalise(qa, reg.warped, analysed)
-        normal = _refine(qa, normal, analysed, sp)
-        normals.append(ndimage.gaussian_filter(normal, sigma))
-        valids.append(analysed)
+        normal = _refine(qa, _normalise(qa, reg.warped, analysed), analysed, sp)
+        return ndimage.gaussian_filter(normal, sigma), analysed, reg.quality
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        aligned = list(pool.map(align, references))
+    normals, valids, out_uses = [], [], []
+    for (normal, valid, quality), use in zip(aligned, uses):
+        out_uses.append(_with(use, quality is not None and quality.succeeded, quality.ncc_after if quality else 0.0))
+        if normal is not None:
+            normals.append(normal)
+            valids.append(valid)
     result.references = out_uses
     if not normals:
         result.sanity_flags.append(SanityFlag(
@@ -169,6 +184,21 @@ def _normal_model(query: np.ndarray, normals: np.ndarray, valids: np.ndarray) ->
         spread = np.full(query.shape, floor, np.float32)
     diff = np.where(analysed, query - median, 0.0).astype(np.float32)
     z = (diff / spread).astype(np.float32)
+    if len(normals) >= MIN_MODEL_REFERENCES:
+        # What normals themselves show here: each reference against the others. The query is only
+        # atypical by what exceeds the largest such deviation nearby (heart borders, diaphragm, lung
+        # apices of different people otherwise pass for findings).
+        loo = []
+        for i in range(len(normals)):
+            others = np.delete(np.arange(len(normals)), i)
+            m_i = _masked_median(normals[others], valids[others])
+            loo.append(np.where(valids[i] & analysed, (normals[i] - m_i) / spread, 0.0))
+        loo = np.stack(loo)
+        above = ndimage.maximum_filter(np.clip(loo.max(0), 0, None), size=LOO_NEIGHBOURHOOD_PX)
+        below = ndimage.maximum_filter(np.clip(-loo.min(0), 0, None), size=LOO_NEIGHBOURHOOD_PX)
+        z = np.where(z > 0, np.clip(z - LOO_WEIGHT * above, 0, None), np.clip(z + LOO_WEIGHT * below, None, 0))
+        z = z.astype(np.float32)
+        diff = (z * spread).astype(np.float32)
     return ChangeMap(diff, z, query, median, floor, analysed)
 
 
