@@ -138,13 +138,14 @@ def _fields(model) -> set[str]:
 
 def test_readme_documents_every_setting():
     from dicom_node.priors.settings import ArchiveConfig, PriorSettings
+    from dicom_node.references.settings import ReferenceSettings
     from dicom_node.report.settings import Destination, ReportSettings
 
     readme = (REPO / "README.md").read_text()
     documented = set(__import__("re").findall(r"`([a-z0-9_]+)`", readme))
     sections = {"Settings": _fields(Settings) - {"priors", "report"}, "PriorSettings": _fields(PriorSettings),
                 "ArchiveConfig": _fields(ArchiveConfig), "ReportSettings": _fields(ReportSettings),
-                "Destination": _fields(Destination)}
+                "Destination": _fields(Destination), "ReferenceSettings": _fields(ReferenceSettings)}
     missing = {name: sorted(fields - documented) for name, fields in sections.items() if fields - documented}
     assert not missing, f"settings missing from the README's configuration reference: {missing}"
 
