@@ -47,7 +47,6 @@ def serve(
     dispatch: Annotated[bool, typer.Option(help="coordinate the pipeline: create jobs, republish stalled ones (Redis)")] = True,
 ) -> None:
     """Run the DICOM SCP (C-ECHO, C-STORE), the study assembler and the pipeline coordinator until SIGTERM/SIGINT."""
-    from .http_api import StatusServer
     from .scp import DicomNode
     from .startup import prepare, warn_about_configuration
 
@@ -55,15 +54,10 @@ def serve(
     configure_logging(settings.log_level, settings.log_format)
     prepare(settings)
     warn_about_configuration(settings)
-    # The HTTP service is started here with the full settings (token, readiness checks), not by DicomNode.
-    node = DicomNode(settings.model_copy(update={"http_port": 0}))
+    node = DicomNode(settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    web = None
-    if settings.http_port:  # first: a port in use stops serve before the SCP accepts anything
-        web = StatusServer(node.index, settings.http_host, settings.http_port, settings)
-        web.start()
     node.start()
     from .scp_processes import start_listeners, stop_listeners
 
@@ -77,8 +71,6 @@ def serve(
     stop.wait()
     if coordinator:
         coordinator.stop()
-    if web:
-        web.stop()
     stop_listeners(listeners)
     node.stop()
 

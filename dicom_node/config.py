@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -158,6 +158,12 @@ class Settings(BaseSettings):
     @classmethod
     def _valid_ae_title(cls, value: str) -> str:
         return check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _a_dicom_listener(self) -> "Settings":
+        if self.port == 0 and not self.tls_enabled:
+            raise ValueError("port 0 turns the plain DICOM listener off (TLS only): set tls_enabled with tls_port")
+        return self
 
     @field_validator("uid_root")
     @classmethod

@@ -154,8 +154,12 @@ class DicomNode:
         if not self.listener_only:
             self.store.remove_partial_writes()  # before any process of this node listens
         handlers = self._handlers()
+        if s.http_port and not self.listener_only:  # first: a port in use stops the node before it accepts images
+            self._status = StatusServer(self.index, s.http_host, s.http_port, s)
+            self._status.start()
         shared = s.scp_processes > 1  # SO_REUSEPORT: the kernel spreads connections over the processes
-        self._servers.append(self.front_door.serve(self.ae, (s.host, s.port), handlers, shared_port=shared))
+        if s.port:  # 0: TLS only, no plain listener
+            self._servers.append(self.front_door.serve(self.ae, (s.host, s.port), handlers, shared_port=shared))
         if s.tls_enabled:
             if not (s.tls_cert and s.tls_key):
                 raise ValueError("tls_enabled needs tls_cert and tls_key")
@@ -166,9 +170,6 @@ class DicomNode:
             return
         self._assembler = Assembler(self.index, s)
         self._assembler.start()
-        if s.http_port:
-            self._status = StatusServer(self.index, s.http_host, s.http_port)
-            self._status.start()
         if not s.allowed_callers:
             log_event(log, logging.WARNING, "scp.open_to_any_caller", hint="set DICOM_NODE_ALLOWED_CALLERS")
         log_event(
@@ -177,7 +178,7 @@ class DicomNode:
             "scp.listening",
             ae_title=s.ae_title,
             host=s.host,
-            port=s.port,
+            port=s.port or None,  # None: TLS only
             tls_port=s.tls_port if s.tls_enabled else None,
             storage_dir=str(s.storage_dir),
         )

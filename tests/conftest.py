@@ -44,6 +44,8 @@ def postgres_url(postgres_server) -> str:
     name = postgres_server.create_database()
     yield postgres_server.url(name)
     postgres_server.drop_database(name)
+
+
 @pytest.fixture(scope="session")
 def model_server(tmp_path_factory):
     """One real `transformers serve` (tiny random Gemma 3, CPU) behind a recording proxy, for the session."""

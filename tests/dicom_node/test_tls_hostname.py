@@ -94,3 +94,24 @@ def test_https_peer_hostname_checked_unless_turned_off(https_server, pkis, monke
     assert https_session(ca, check_hostname=False).get(https_server, timeout=10).text == "ok"
     with pytest.raises(requests.exceptions.SSLError):  # still verified against the CA
         https_session(pkis["other"]["ca.pem"], check_hostname=False).get(https_server, timeout=10)
+
+
+def test_tls_only_opens_no_plain_listener(make_node, pkis, tmp_path):
+    """port 0 (the chart's tls.only): the node listens on its TLS port and the HTTP port, and opens
+    no plain DICOM listener at all."""
+    import psutil
+    from pydantic import ValidationError
+
+    from tests.support.node import node_settings
+
+    def listening() -> set[int]:
+        return {c.laddr.port for c in psutil.Process().net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+
+    with pytest.raises(ValidationError, match="port 0 turns the plain DICOM listener off"):
+        node_settings(tmp_path, port=0)
+    before = listening()
+    node = make_node(port=0, tls_enabled=True, tls_port=free_port(), tls_cert=pkis["loopback"]["server.pem"],
+                     tls_key=pkis["loopback"]["server.key"])
+    assert echo(Peer("127.0.0.1", node.settings.tls_port, NODE_AE),
+                tls_context=client_tls_context(pkis["loopback"]["ca.pem"])) == 0
+    assert listening() - before == {node.settings.tls_port, node.settings.http_port}

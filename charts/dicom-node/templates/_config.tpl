@@ -2,7 +2,8 @@
 {{- define "dicom-node.configData" -}}
 DICOM_NODE_AE_TITLE: {{ .Values.node.aeTitle | quote }}
 DICOM_NODE_HOST: "0.0.0.0"
-DICOM_NODE_PORT: {{ .Values.node.port | quote }}
+# tls.only: port 0, the node opens no plain DICOM listener at all (not only unexposed).
+DICOM_NODE_PORT: {{ ternary "0" (.Values.node.port | toString) .Values.tls.only | quote }}
 # 0.0.0.0: the kubelet's probes and the HTTP Service reach the API on the pod address; the
 # token below guards everything but /healthz, /readyz and /metrics.
 DICOM_NODE_HTTP_HOST: "0.0.0.0"
