@@ -18,15 +18,6 @@ from tests.support.validation import assert_valid_dicom
 from tests.support.waiting import wait_until
 
 
-@pytest.fixture
-def stack(tmp_path):
-    stack = LocalStack(tmp_path / "stack", Ports.free())
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
-
-
 def all_text_values(ds) -> list[str]:
     values = []
     for item in ds.get("ContentSequence", []):

@@ -4,10 +4,8 @@ Library, and validates."""
 
 from __future__ import annotations
 
-import pytest
 
 from dicom_node.local_stack.scenario import acquire, seed_pacs, wait_for_report, write_history
-from dicom_node.local_stack.stack import LocalStack, Ports
 from tests.support.validation import assert_valid_dicom
 
 MEASUREMENT_GROUP, IMAGE_LIBRARY = "125007", "111028"
@@ -21,15 +19,6 @@ def _items(items):
     for item in items:
         yield item
         yield from _items(item.get("ContentSequence", []))
-
-
-@pytest.fixture
-def stack(tmp_path):
-    stack = LocalStack(tmp_path / "stack", Ports.free())
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
 
 
 def test_growing_nodule_sr_holds_both_sizes_under_one_tracking_uid(stack, tmp_path):
