@@ -4,7 +4,6 @@ Library, and validates."""
 
 from __future__ import annotations
 
-
 from dicom_node.local_stack.scenario import acquire, seed_pacs, wait_for_report, write_history
 from tests.support.validation import assert_valid_dicom
 
