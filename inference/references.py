@@ -110,23 +110,23 @@ def compare_with_references(query: ImageInput, references: Sequence[ImageInput],
         validate_image(ref)
 
     def align(ref: ImageInput):
-        """One reference on the query grid: (warped, normalised, denoised normal, valid mask, quality)."""
+        """One reference on the query grid: (normalised, aligned, denoised normal; valid mask; quality)."""
         if ref.is_volume:
             return None, None, None
         fr = factor_for(ref.pixels.shape, max_side)
         ra = block_mean(ref.pixels, (fr, fr))
-        # One thread per registration, references side by side: small images use threads poorly.
-        reg = register(qa, sp, ra, tuple(s * fr for s in ref.spacing_mm), deformable=True, threads=1)
+        try:
+            reg = register(qa, sp, ra, tuple(s * fr for s in ref.spacing_mm), deformable=True, threads=threads)
+        except RuntimeError:  # SimpleITK gave up (no overlap at all): this reference is left out
+            return None, None, None
         if not reg.quality.succeeded:
             return None, None, reg.quality
         analysed = ndimage.binary_erosion(reg.valid, iterations=3)
         normal = _refine(qa, _normalise(qa, reg.warped, analysed), analysed, sp)
         return ndimage.gaussian_filter(normal, sigma), analysed, reg.quality
 
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        aligned = list(pool.map(align, references))
+    # One after the other: SimpleITK registrations run side by side in threads failed spuriously.
+    aligned = [align(ref) for ref in references]
     normals, valids, out_uses = [], [], []
     for (normal, valid, quality), use in zip(aligned, uses):
         out_uses.append(_with(use, quality is not None and quality.succeeded, quality.ncc_after if quality else 0.0))

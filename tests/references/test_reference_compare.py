@@ -141,3 +141,18 @@ def test_sr_says_normal_references_and_cites_them(library, tmp_path):
     assert evidence_uids(sr, "PertinentOtherEvidenceSequence") == {r.sop_instance_uid for r in records}
     found = groups(sr)
     assert found and all(values(g, "Description of Change") == ["52101004"] for g in found)  # Present, never New
+
+
+def test_a_reference_that_does_not_register_is_left_out_and_said_so():
+    import numpy as np
+
+    from inference.types import ImageInput
+
+    q = image_from_dataset(make_query(1, None, 256).dataset)
+    noise = ImageInput(np.random.default_rng(0).random((256, 256), dtype=np.float32) * 4000, q.spacing_mm,
+                       modality="DX", body_part="CHEST", view="PA", source="noise.dcm")
+    result = compare_with_references(q, [noise])
+    assert [u.registered for u in result.references] == [False]
+    assert result.refused and result.regions == []
+    assert [f.code for f in result.sanity_flags] == ["references_unregistered"]
+    assert "read alone" in result.summary
