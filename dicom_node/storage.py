@@ -218,6 +218,22 @@ def fsync_dir(directory: Path) -> None:
 _fsync_dir = fsync_dir
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def _same_content(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
     if a.stat().st_size != b.stat().st_size:
         return False

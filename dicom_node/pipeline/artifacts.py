@@ -13,7 +13,6 @@ leaves the old artifact or the new one, never half of one.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from inference.vlm.schema import DeviceFinding, Finding, VLMResult
 
 from ..priors.model import PriorRetrieval
 from ..refs import ImageRef, StudyRef
+from ..storage import write_atomic
 
 PRIORS_FILE = "priors.json"
 COMPARISON_FILE = "comparison.json"
@@ -32,18 +32,6 @@ OVERLAY_FILE = "overlay.png"
 READING_FILE = "reading.json"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 class ArtifactMissing(Exception):

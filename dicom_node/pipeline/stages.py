@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import audit
+from ..storage import write_atomic
 from ..logs import log_event
 from . import artifacts
 from .jobs import Job
@@ -274,7 +275,7 @@ def run_report(rt: Runtime, job: Job) -> StageOutput:
     path = job_dir(rt, job) / artifacts.READING_FILE
     if overlay is not None:
         reading.overlay_sop_instance_uid = str(overlay.SOPInstanceUID)
-    artifacts.write_atomic(path, reading.to_json())
+    write_atomic(path, reading.to_json())
     queue.enqueue(sr)  # durable, and the same SOP Instance UID on a re-run: enqueued once
     if overlay is not None:
         queue.enqueue(overlay)

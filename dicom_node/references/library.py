@@ -27,10 +27,10 @@ import contextlib
 import fcntl
 import getpass
 import hashlib
+import io
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +38,8 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+
+from ..storage import write_atomic
 
 INDEX_FILE = "index.json"
 INSTANCES_DIR = "instances"
@@ -161,7 +163,7 @@ class Library:
 
     def _write_index(self, records: list[ReferenceRecord]) -> None:
         data = {"version": INDEX_VERSION, "references": [asdict(r) for r in records]}
-        _atomic_write(self.root / INDEX_FILE, json.dumps(data, indent=1).encode())
+        write_atomic(self.root / INDEX_FILE, json.dumps(data, indent=1).encode())
 
     def _prepare(self, path: Path, who: str, deidentify: bool) -> tuple[ReferenceRecord, Dataset]:
         from inference.errors import InputError
@@ -262,32 +264,9 @@ def _files(paths: list[Path]):
 
 
 def _write_dataset(path: Path, ds: Dataset) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            ds.save_as(handle, enforce_file_format=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()  # one de-identified image, already read whole by the import
+    ds.save_as(buffer, enforce_file_format=True)
+    write_atomic(path, buffer.getvalue())
 
 
 def _user() -> str:

@@ -11,6 +11,7 @@ import inference
 from dicom_node.pipeline import artifacts
 from dicom_node.priors.model import CandidateDecision, PriorRetrieval, PriorStudy
 from dicom_node.refs import ImageRef, StudyRef
+from dicom_node.storage import write_atomic
 from inference.phantoms import make_chest_pair
 from inference.pixels import image_from_dataset
 from inference.serialize import result_to_dict
@@ -55,6 +56,6 @@ def test_a_missing_artifact_says_to_run_the_job_again(tmp_path):
 
 def test_write_is_atomic_and_leaves_no_temporary_file(tmp_path):
     path = tmp_path / "x.json"
-    artifacts.write_atomic(path, b"old")
-    artifacts.write_atomic(path, b"new")
+    write_atomic(path, b"old")
+    write_atomic(path, b"new")
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["x.json"]
