@@ -14,6 +14,12 @@ before. For each region found between the current image and the most recent prio
 3. Each time point's lesion signal is its image minus that anatomy. Presence at the current and
    the most recent prior follows the change profile (change.py); an older prior holds the finding
    when its signal peak exceeds 4 x the residual noise around it and 25 % of the largest peak.
+   For a focal finding (at most 30 mm across) each time point is also read on its own: its image
+   minus its own surroundings filled in across the region. A time point called absent (or an older
+   prior) whose own peak exceeds 40 % of the largest time point's holds the lesion: the profile reads
+   a nodule that halved or doubled as one that vanished or appeared, and a larger lesion at an older
+   visit reaches beyond the region found since. (A projected sphere's peak scales with its
+   diameter; what the fill gets wrong about anatomy stays below 0.35 on the phantoms.)
 4. The lesion at a present time point is the connected set above 30 % of its own peak (a solid
    nodule's projection falls to 30 % at 95 % of its radius) and above 2.5 x the residual noise.
    Long axis: largest distance across the outline; short axis: largest width perpendicular to it;
@@ -49,6 +55,11 @@ PRESENT_FRACTION = 0.25  # ... and above this fraction of the largest peak
 EDGE_NOISE = 2.5
 UNCERTAINTY_PX = 2.0  # one analysis pixel at each edge of a diameter
 UNCERTAINTY_REL = 0.10
+# A time point the change profile calls absent still holds the (smaller) lesion when its own signal peak,
+# against its surroundings, exceeds this fraction of the largest time point's: a sphere's projected peak
+# scales with its diameter, so half the size is half the peak; anatomy the fill misses stays near 0.1-0.3.
+SMALLER_SELF = 0.40
+FOCAL_MM = 30.0
 
 
 @dataclass
@@ -124,6 +135,16 @@ def measure_finding(mask: np.ndarray, offset: tuple[int, ...], times: list[TimeI
 
     present: list[bool | None] = [None] * len(times)
     present[-1], present[known] = present_now, present_recent
+    own: list[float] = []
+    if _focal(footprint, spacing):
+        # The change profile misreads a lesion that lost or gained half its size as one that vanished or
+        # appeared (its smaller self barely dents the profile's core). The time point it calls absent is
+        # looked at directly: its own image against its own surroundings filled in across the region.
+        own = [_self_peak(s, region, footprint, valid) for s in stack]
+        top_own = max(own)
+        for i, p in enumerate(present):
+            if p is False and top_own > 0 and own[i] > SMALLER_SELF * top_own:
+                present[i] = True
     absent = [i for i, p in enumerate(present) if p is False]
     background = stack[absent[-1]] if absent else _inpaint(np.minimum.reduce(stack), region, valid)
     ring = valid & ~ndimage.binary_dilation(region, iterations=1) & ndimage.binary_dilation(region, iterations=widen + 3)
@@ -134,6 +155,8 @@ def measure_finding(mask: np.ndarray, offset: tuple[int, ...], times: list[TimeI
     for i, p in enumerate(present):
         if p is None:
             present[i] = peaks[i] > PRESENT_NOISE * noise[i] and peaks[i] > PRESENT_FRACTION * top
+            # a larger lesion before, reaching beyond the region found since, loses its peak to the fill
+            present[i] = present[i] or bool(own and own[i] > SMALLER_SELF * max(own))
     if not absent and any(p is False for p in present):
         # an older prior without the finding: its image is the exact anatomy; measure again on it
         k = max(i for i, p in enumerate(present) if p is False)
@@ -166,6 +189,21 @@ def measure_finding(mask: np.ndarray, offset: tuple[int, ...], times: list[TimeI
     status = compare_status(timepoints[recent], timepoints[-1], pixel_mm, change_sign if known == recent else 0)
     trend = compare_status(timepoints[0], timepoints[-1], pixel_mm, change_sign if known in (0, recent) else 0)
     return Measured(timepoints, status, trend)
+
+
+def _focal(footprint: np.ndarray, spacing: tuple[float, ...]) -> bool:
+    """Compact and at most FOCAL_MM across: filling in anatomy across a wider region (an effusion) is not
+    exact enough to tell a faint lesion from what the fill got wrong."""
+    if footprint.ndim != 2 or not footprint.any():
+        return False
+    rows, cols = np.nonzero(footprint)
+    extent = max((rows.max() - rows.min() + 1) * spacing[0], (cols.max() - cols.min() + 1) * spacing[1])
+    return extent <= FOCAL_MM
+
+
+def _self_peak(img: np.ndarray, region: np.ndarray, footprint: np.ndarray, valid: np.ndarray) -> float:
+    """98th percentile, in the footprint, of the image above its own surroundings filled in across `region`."""
+    return float(np.percentile((img - _inpaint(img, region, valid))[footprint], 98))
 
 
 def _fill(m: np.ndarray) -> np.ndarray:

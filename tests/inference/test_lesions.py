@@ -86,3 +86,19 @@ def test_significance_rule_is_the_measurements_own_uncertainty():
     tp = lambda d: Timepoint(None, "", "", d is not None, d)  # noqa: E731
     assert [compare_status(tp(a), tp(b), 0.84) for a, b in ((None, 9.0), (9.0, None), (9.0, 9.3), (9.0, 16.0))] \
         == ["new", "resolved", "stable", "worsened"]
+
+
+@pytest.mark.parametrize("seed,trajectory,visits,perturbation", [
+    (31001, "shrinking", 2, "standard"),  # 14.2 -> 8.9 mm: the change profile alone reads "resolved"
+    (31050, "growing", 2, "lossy"),  # 8.4 -> 12.3 mm, lossy prior: alone it reads "new"
+    (31026, "shrinking", 3, "inspiration"),  # 21.4 mm at the first visit reaches beyond the region found since
+])
+def test_a_lesion_that_halved_or_doubled_is_present_at_every_visit(seed, trajectory, visits, perturbation):
+    history = make_chest_history(seed, trajectory, visits, 512, perturbation=perturbation)
+    images = [image_from_dataset(ds, f"v{i}.dcm") for i, ds in enumerate(history.visits)]
+    res = compare(images[-1], images[:-1], with_overlay=False)
+    t = history.truth.regions[0]
+    [region] = _hit(res, t)
+    assert all(tp.present for tp in region.timepoints), region.timepoints
+    assert region.trend == {"shrinking": "improved", "growing": "worsened"}[trajectory]
+    assert _close(region.timepoints[-1].long_axis_mm, t.sizes_mm[-1])
