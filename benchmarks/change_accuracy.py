@@ -228,11 +228,14 @@ def history_section(args) -> None:
     print(f"- extra regions per changed history: {ratio(a['changed_extra'], a['changed'])}  [target <= 0.25]")
     print(f"- sensitivity >= 10 mm: {ratio(a['big_hit'], a['big_truth'])} ({a['big_hit']:.0f}/{a['big_truth']:.0f})"
           f"  [target >= 0.95]; 6-9 mm: {ratio(a['small_hit'], a['small_truth'])} "
-          f"({a['small_hit']:.0f}/{a['small_truth']:.0f})")
+          f"({a['small_hit']:.0f}/{a['small_truth']:.0f}; the nodule's largest size at any visit, so a growing or "
+          f"shrinking one changes by only 1-4 mm between visits)")
     print(f"- each visit's size within 25 % or 2 mm: {ratio(a['size_ok'], a['size_total'])} "
           f"({a['size_ok']:.0f}/{a['size_total']:.0f})  [target >= 0.90]")
+    hits = a['big_hit'] + a['small_hit']
     print(f"- trend right: {ratio(a['trend_ok'], a['trend_total'])} ({a['trend_ok']:.0f}/{a['trend_total']:.0f})"
-          f"  [target >= 0.90] (missed findings count as wrong)")
+          f"  [target >= 0.90] (missed findings count as wrong); of the findings detected: "
+          f"{ratio(a['trend_ok'], hits)} ({a['trend_ok']:.0f}/{hits:.0f})")
 
 
 CORRUPTIONS = {

@@ -25,7 +25,7 @@ import numpy as np
 Z_SEED = 5.0  # a region needs at least one pixel this far above the noise
 Z_GROW = 2.5  # and extends to where the change stays above this
 MIN_MEAN_Z = 4.5
-MIN_AREA_MM2 = 20.0  # ~5 mm disc; smaller is below what the denoised map can resolve
+MIN_AREA_MM2 = 14.0  # ~4.2 mm disc (a 6-7 mm nodule after the tolerant difference eats its rim); smaller is below what the denoised map can resolve
 MIN_VOLUME_MM3 = 100.0  # ~6 mm sphere
 Z_SEED_3D = 6.0  # a volume has many more voxels in which noise can reach Z_SEED
 VOLUME_PRESENT_RATIO = 0.2  # volumes: lesion contrast at the other time point / change
