@@ -85,7 +85,10 @@ class RecordingProxy:
         self.upstream = upstream_port
         self.behaviour = Behaviour()
         self.lock = threading.Lock()
-        self.in_flight = 0
+        # Requests are counted per reset() generation: a request an earlier test gave up on (its
+        # timeout) may still be held here and must not count as in flight for the next test.
+        self.generation = 0
+        self.in_flight: dict[int, int] = {}
         self.max_in_flight = 0
         self.requests: list[dict] = []  # the JSON bodies of chat completion requests
         self.authorizations: list[str] = []  # their Authorization headers
@@ -105,8 +108,9 @@ class RecordingProxy:
             def _forward(self, body: bytes | None) -> None:
                 chat = self.path.endswith("/chat/completions")
                 with proxy.lock:
-                    proxy.in_flight += chat  # chat completions only: the comparisons in flight
-                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                    generation = proxy.generation
+                    proxy.in_flight[generation] = proxy.in_flight.get(generation, 0) + chat  # comparisons only
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight[generation])
                     if chat and body:
                         proxy.requests.append(json.loads(body))
                         proxy.authorizations.append(self.headers.get("Authorization", ""))
@@ -132,7 +136,7 @@ class RecordingProxy:
                     self._reply(status, data, {"server": headers.get("server", "")})
                 finally:
                     with proxy.lock:
-                        proxy.in_flight -= chat
+                        proxy.in_flight[generation] -= chat
 
             def _reply(self, status: int, data: bytes, headers: dict) -> None:
                 try:
@@ -160,6 +164,7 @@ class RecordingProxy:
     def reset(self, **behaviour) -> None:
         with self.lock:
             self.behaviour = Behaviour(**behaviour)
+            self.generation += 1
             self.max_in_flight = 0
             self.requests.clear()
             self.authorizations.clear()
