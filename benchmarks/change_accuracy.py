@@ -374,7 +374,7 @@ def accuracy_section(args) -> None:
           f"{tot['zone_ok'] / max(1, tot['hit']):.2f} | {np.mean(all_iou):.2f} | |")
     print()
     print(f"- sensitivity, changes >= 10 mm: {big['hit'] / max(1, big['truth']):.3f} ({big['hit']}/{big['truth']})"
-          f"  [target >= 0.90]")
+          f"  [target >= 0.95]")
     print(f"- sensitivity, changes < 10 mm: {small['hit'] / max(1, small['truth']):.3f} "
           f"({small['hit']}/{small['truth']})")
     print(f"- false regions per stable pair: {stable_false / max(1, stable_pairs):.3f} "
