@@ -8,6 +8,7 @@ import time
 
 import pytest
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from dicom_node.local_stack.scenario import acquire, seed_pacs, wait_for_report, write_history
 from dicom_node.local_stack.stack import LocalStack, Ports
@@ -120,7 +121,9 @@ def test_operator_sees_jobs_priors_overlay_failures_and_retries(stack, browser, 
     assert "PixelSpacing" in browser.find_element(By.ID, "last-error").text
     clicked = time.time()
     browser.find_element(By.ID, "retry").click()
-    assert "Queued again" in browser.find_element(By.ID, "retried").text
+    # The POST redirects back to the job page: wait for that page, not the one the click left.
+    retried = WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.ID, "retried"))
+    assert "Queued again" in retried[0].text
     wait_until(lambda: [j for j in jobs_of(stack, poison_uid) if j.timings.get("priors", {}).get("started", 0) > clicked],
                timeout=60, what="the retried job's priors stage to run again")
     screenshot(browser, "web-ui-retried")
