@@ -87,7 +87,7 @@ class InstanceStore:
                 if _same_content(final, temp):
                     return StoreResult(StoreOutcome.DUPLICATE_IDENTICAL, final)
                 return self._resolve_conflict(final, temp)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             return StoreResult(StoreOutcome.STORED, final)
         finally:
             temp.unlink(missing_ok=True)
@@ -114,7 +114,7 @@ class InstanceStore:
                     return StoreResult(StoreOutcome.DUPLICATE_IDENTICAL, final)
                 return self._resolve_conflict(final, temp)  # compared and kept from disk, never read whole
             if sync_dir:
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
             return StoreResult(StoreOutcome.STORED, final)
         finally:
             temp.unlink(missing_ok=True)
@@ -150,8 +150,8 @@ class InstanceStore:
         else:
             conflict_copy = self._keep_conflict(temp, final.stem)
             outcome = StoreOutcome.CONFLICT_KEPT_FIRST
-        _fsync_dir(self.conflicts)
-        _fsync_dir(final.parent)
+        fsync_dir(self.conflicts)
+        fsync_dir(final.parent)
         return StoreResult(outcome, final, conflict_copy)
 
     def _keep_conflict(self, source: Path, sop_uid: str) -> Path:
@@ -195,7 +195,7 @@ class InstanceStore:
                 path.mkdir()
             except FileExistsError:
                 continue  # another association created it meanwhile
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
 
 def _sha256(path: Path) -> str:
@@ -215,7 +215,6 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-_fsync_dir = fsync_dir
 
 
 def write_atomic(path: Path, data: bytes) -> None:
