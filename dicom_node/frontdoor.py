@@ -503,7 +503,9 @@ def _make_event_driven(assoc, wake: _Wakeup) -> None:
         wake.dul()
 
     dul.stop_dul, dul.kill_dul = stop, kill
-    dul.run_reactor = functools.partial(_run_dul, dul, wake)
+    # The DUL Thread took its target (the bound run_reactor) in __init__, so replacing
+    # run_reactor would change nothing: replace what the thread runs.
+    dul.run = functools.partial(_run_dul, dul, wake)
     assoc._run_reactor = functools.partial(_run_association, assoc, wake)
 
 

@@ -7,14 +7,18 @@ in the association audit with the peer address and the reason, and that ordinary
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import threading
 import time
 
 import pynetdicom
 import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import _config
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 
 from dicom_node import frontdoor
@@ -368,3 +372,29 @@ def test_unchecked_pynetdicom_version_refuses_to_start(monkeypatch):
     monkeypatch.setattr(pynetdicom, "__version__", "3.0.5")
     with pytest.raises(frontdoor.UnsupportedPynetdicom, match="3.0.5"):
         frontdoor.check_pynetdicom()
+
+
+def thread_cpu_seconds(thread) -> float:
+    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_association_costs_the_node_no_polling(guarded):
+    """The accepted association's two threads sleep until there is work (event-driven waits);
+    pynetdicom's own loops poll every millisecond and burn CPU while the peer says nothing."""
+    assoc, _ = associated(guarded, "IDLEPEER")
+    try:
+        def node_threads():
+            return [t for t in threading.enumerate() if isinstance(t, (DULServiceProvider, Association))
+                    and (t.assoc if isinstance(t, DULServiceProvider) else t).is_acceptor]
+
+        wait_until(lambda: len(node_threads()) == 2, what="the node's two threads of the association")
+        threads = node_threads()
+        before = {t: thread_cpu_seconds(t) for t in threads}
+        time.sleep(2.0)
+        spent = {t.name: thread_cpu_seconds(t) - before[t] for t in threads}
+        assert all(seconds <= 0.05 for seconds in spent.values()), spent
+        assert assoc.send_c_echo().Status == 0x0000  # and it still answers at once
+    finally:
+        assoc.release()
