@@ -380,10 +380,10 @@ def thread_cpu_seconds(thread) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_an_idle_association_costs_the_node_no_polling(guarded):
+def test_an_idle_association_costs_the_node_no_polling(node):
     """The accepted association's two threads sleep until there is work (event-driven waits);
     pynetdicom's own loops poll every millisecond and burn CPU while the peer says nothing."""
-    assoc, _ = associated(guarded, "IDLEPEER")
+    assoc, _ = associated(node, "IDLEPEER")  # default timeouts: idle for 2 s is allowed
     try:
         def node_threads():
             return [t for t in threading.enumerate() if isinstance(t, (DULServiceProvider, Association))
