@@ -187,6 +187,9 @@ def run_histories(n: int, size: int, seed0: int):
                 bucket = "big" if now_mm >= 10 else "small"
                 r[f"{bucket}_truth"] += 1
                 r["trend_total"] += 1
+                if os.environ.get("BENCH_VERBOSE") and key == "all":
+                    found = "missed" if f is None else f"{f.trend} {[tp.long_axis_mm for tp in f.timepoints]}"
+                    print(f"  history {i} ({trajectory}, {visits} visits, {perturbation}) truth {t.sizes_mm}: {found}")
                 if f is None:
                     continue
                 r[f"{bucket}_hit"] += 1

@@ -122,7 +122,7 @@ def compare_with_references(query: ImageInput, references: Sequence[ImageInput],
         if not reg.quality.succeeded:
             return None, None, reg.quality
         analysed = ndimage.binary_erosion(reg.valid, iterations=3)
-        normal = _refine(qa, _normalise(qa, reg.warped, analysed), analysed, sp)
+        normal = _refine(qa, _normalise(qa, reg.warped, analysed, tilt=False), analysed, sp)
         return ndimage.gaussian_filter(normal, sigma), analysed, reg.quality
 
     # One after the other: SimpleITK registrations run side by side in threads failed spuriously.

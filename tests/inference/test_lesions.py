@@ -102,3 +102,13 @@ def test_a_lesion_that_halved_or_doubled_is_present_at_every_visit(seed, traject
     assert all(tp.present for tp in region.timepoints), region.timepoints
     assert region.trend == {"shrinking": "improved", "growing": "worsened"}[trajectory]
     assert _close(region.timepoints[-1].long_axis_mm, t.sizes_mm[-1])
+
+
+def test_a_strong_exposure_difference_with_a_heel_gradient_is_not_change():
+    """A prior from another detector (gain x1.3, gamma 1.25) with its own exposure gradient: the gradient
+    sits inside the nonlinear curve, so the tone curve must tilt across the field (change._normalise).
+    A flat curve left 7 false regions near the apices of this stable history (benchmark seed 2000)."""
+    history = make_chest_history(32019, "stable", 3, 512, perturbation="strong_exposure")
+    images = [image_from_dataset(ds) for ds in history.visits]
+    for prior in images[:-1]:
+        assert compare(images[-1], [prior], with_overlay=False).regions == []
