@@ -165,6 +165,17 @@ class Settings(BaseSettings):
             raise ValueError("port 0 turns the plain DICOM listener off (TLS only): set tls_enabled with tls_port")
         return self
 
+    @model_validator(mode="after")
+    def _an_encoder_to_describe_references(self) -> "Settings":
+        from .references.encoder import LOCAL_BACKENDS, runs_local_model
+
+        if self.references.descriptor == "vision_encoder" and not runs_local_model(self):
+            raise ValueError(
+                "references.descriptor vision_encoder needs a local model: vlm_model with vlm_backend one of "
+                f"{', '.join(LOCAL_BACKENDS)} (now vlm_model {self.vlm_model!r}, vlm_backend {self.vlm_backend!r}); "
+                "or set references.descriptor to auto or thumbnail")
+        return self
+
     @field_validator("uid_root")
     @classmethod
     def _valid_uid_root(cls, value: str) -> str:

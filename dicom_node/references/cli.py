@@ -33,9 +33,13 @@ def add(
     """Import normal studies into the library, de-identified (DICOM basic confidentiality profile).
 
     Exit status: 0 all imported or already there, 1 some refused, 2 nothing could be imported at all."""
+    from ..config import load_settings
+    from .encoder import encoder_for
+
     lib = _library(library)
     try:
-        report = lib.add(paths, attested_normal=normal, deidentify=not keep_identifiers)
+        report = lib.add(paths, attested_normal=normal, deidentify=not keep_identifiers,
+                         encoder=encoder_for(load_settings()))
     except ReferenceRefused as exc:
         typer.echo(f"references add refused: {exc}", err=True)
         raise typer.Exit(2)
@@ -57,7 +61,7 @@ def list_references(library: LibraryOption = None, as_json: Annotated[bool, type
     lib = _library(library)
     records = lib.records()
     if as_json:
-        typer.echo(json.dumps([{k: v for k, v in r.__dict__.items() if k != "descriptor"} for r in records], indent=2))
+        typer.echo(json.dumps([{k: v for k, v in r.__dict__.items() if k not in ("descriptor", "encoder_descriptor")} for r in records], indent=2))
         return
     if not records:
         typer.echo(f"the reference library {lib.root} is empty")
@@ -90,6 +94,7 @@ def compare_against_library(current: Path, library_dir: Path, count: int | None 
     from .. import audit
     from ..config import load_settings
     from ..index import Index
+    from .encoder import encoder_for
     from .select import query_for, select_references
     from .use import load_references
 
@@ -102,7 +107,8 @@ def compare_against_library(current: Path, library_dir: Path, count: int | None 
     first = Path(image.slice_sources[0]) if image.slice_sources else Path(image.source)
     header = dcmread(first, stop_before_pixels=True) if first.is_file() else {}
     keys = {k: str(header.get(k, "") or "") for k in ("PatientSex", "PatientAge", "PatientBirthDate", "StudyDate")}
-    selection = select_references(lib.records(), query_for(image, keys), count or settings.references.count)
+    selection = select_references(lib.records(), query_for(image, keys, encoder_for(settings)),
+                                  count or settings.references.count)
     if not selection.chosen:
         result = ComparisonResult(current_source=image.source, mode="reference", no_prior=True,
                                   summary=f"No normal reference used: {selection.reason}; the image was read alone.")

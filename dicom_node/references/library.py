@@ -77,6 +77,8 @@ class ReferenceRecord:
     pixel_sha256: str = ""
     attestation: str = ""  # who attested the study normal, and when
     added_at: float = 0.0
+    encoder_kind: str = ""  # the vision encoder's embedding (encoder.py), when a local model was configured
+    encoder_descriptor: list[float] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -110,8 +112,9 @@ class Library:
     # --- changing --------------------------------------------------------------------------
 
     def add(self, paths: list[Path], *, attested_normal: bool, deidentify: bool = True,
-            attested_by: str | None = None) -> AddReport:
-        """Import DICOM files (folders are searched recursively) as normal references."""
+            attested_by: str | None = None, encoder=None) -> AddReport:
+        """Import DICOM files (folders are searched recursively) as normal references; `encoder`
+        (encoder.encoder_for) adds the vision encoder's descriptor to the thumbnail."""
         if not attested_normal:
             raise ReferenceRefused(
                 "references must be attested normal: pass --normal once a radiologist has confirmed that these "
@@ -123,7 +126,7 @@ class Library:
             by_hash = {r.pixel_sha256: r for r in records}
             for path in _files(paths):
                 try:
-                    record, ds = self._prepare(path, who, deidentify)
+                    record, ds = self._prepare(path, who, deidentify, encoder)
                 except ReferenceRefused as exc:
                     report.refused.append((str(path), str(exc)))
                     continue
@@ -165,7 +168,7 @@ class Library:
         data = {"version": INDEX_VERSION, "references": [asdict(r) for r in records]}
         write_atomic(self.root / INDEX_FILE, json.dumps(data, indent=1).encode())
 
-    def _prepare(self, path: Path, who: str, deidentify: bool) -> tuple[ReferenceRecord, Dataset]:
+    def _prepare(self, path: Path, who: str, deidentify: bool, encoder=None) -> tuple[ReferenceRecord, Dataset]:
         from inference.errors import InputError
         from inference.pixels import image_from_dataset
         from inference.references import DESCRIPTOR_KIND, descriptor
@@ -182,6 +185,7 @@ class Library:
         try:
             image = image_from_dataset(ds, str(path))
             desc = descriptor(image)
+            embedding = encoder(image) if encoder is not None else ()
         except InputError as exc:
             raise ReferenceRefused(f"{path}: cannot be analysed: {exc}") from None
         pixel_hash = hashlib.sha256(ds.PixelData).hexdigest()
@@ -200,7 +204,8 @@ class Library:
             sex=sex if sex in ("M", "F", "O") else "", age_band=age_band, descriptor_kind=DESCRIPTOR_KIND,
             descriptor=[round(float(v), 5) for v in desc], pixel_sha256=pixel_hash,
             attestation=f"attested normal by {who} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
-            added_at=time.time())
+            added_at=time.time(), encoder_kind=encoder.kind if encoder is not None else "",
+            encoder_descriptor=[round(float(v), 5) for v in embedding])
         return record, ds
 
 

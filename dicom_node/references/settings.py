@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -13,3 +15,5 @@ class ReferenceSettings(BaseModel):
     beside_prior: bool = False  # also compare against references when a prior comparison ran
     count: int = Field(5, ge=1, le=20)  # references selected per comparison (the per-pixel normal model)
     prompt_count: int = Field(2, ge=0, le=4)  # of those, shown to the VLM next to the query
+    # what references are matched by besides the thumbnail (encoder.py): the local model's vision encoder
+    descriptor: Literal["auto", "vision_encoder", "thumbnail"] = "auto"

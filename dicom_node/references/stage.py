@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import audit
 from ..logs import log_event
+from .encoder import encoder_for
 from .library import Library
 from .select import query_for, select_references
 from .use import load_references
@@ -32,8 +33,8 @@ def with_references(rt, job, current, result, current_path: str):
 
     header = dcmread(current_path, stop_before_pixels=True)
     library = Library(settings.library_dir)
-    selection = select_references(library.records(), query_for(current, {k: str(header.get(k, "") or "") for k in _HEADER_KEYS}),
-                                  settings.count)
+    keys = {k: str(header.get(k, "") or "") for k in _HEADER_KEYS}
+    selection = select_references(library.records(), query_for(current, keys, encoder_for(rt.settings)), settings.count)
     if not selection.chosen:
         log_event(log, logging.INFO, "job.references_none", job=job.job_key, reason=selection.reason)
         return replace(result, summary=f"{result.summary} No normal reference used: {selection.reason}.".strip())

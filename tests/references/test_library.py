@@ -123,7 +123,7 @@ def test_selection_rules_and_explanations(tmp_path):
     assert [c.rank for c in sel.chosen] == [1, 2, 3]
     assert [c.distance for c in sel.chosen] == sorted(c.distance for c in sel.chosen)
     top = sel.chosen[0]
-    assert top.why.startswith("same DX CHEST PA; sex ") and "descriptor similarity" in top.why and "rank 1 of 6" in top.why
+    assert top.why.startswith("same DX CHEST PA; sex ") and "thumbnail similarity" in top.why and "rank 1 of 6" in top.why
     every = select_references(lib.records(), _query(q), 10).chosen
     assert len(every) == 6 and every[:3] == sel.chosen  # the count cuts the same ranking
     for c in every:  # the query is M: a woman pays the sex term on top of her descriptor distance

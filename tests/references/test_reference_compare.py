@@ -83,7 +83,7 @@ def test_compare_cli_against_library(library, tmp_path, monkeypatch):
     # each use is audited, against the patient's study, naming the reference and why
     rows = Index(f"sqlite:///{tmp_path / 'index.db'}").phi_accesses(study_uid=str(q.StudyInstanceUID))
     used = [r for r in rows if r["action"] == "reference_used"]
-    assert len(used) == 5 and all("descriptor similarity" in r["detail"] for r in used)
+    assert len(used) == 5 and all("thumbnail similarity" in r["detail"] for r in used)
 
     lat = make_query(5, None, SIZE).dataset
     lat.ViewPosition = "LATERAL"
