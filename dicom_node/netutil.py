@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import pynetdicom.association
+from pydicom import uid
 from pynetdicom import _config, evt
 
 # pynetdicom 3.0 moves messages between its socket thread and its association thread by
@@ -19,6 +20,27 @@ from pynetdicom import _config, evt
 # doubles throughput and costs no measurable CPU on an idle association
 # (benchmarks/ingest.py). There is no setting for either sleep, hence the two patches.
 POLL_INTERVAL_S = 0.0001
+
+# What the SCP accepts and what the node asks an archive for (C-MOVE/C-GET): every syntax pydicom
+# can decode, uncompressed first.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.HTJ2K,
+    uid.RLELossless,
+]
 
 
 def _reactor_sleep(seconds: float) -> None:

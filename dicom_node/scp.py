@@ -9,24 +9,6 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID_dictionary
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    HTJ2K,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
-    ImplicitVRLittleEndian,
-    JPEG2000,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification, register_uid
@@ -40,30 +22,12 @@ from .http_api import ASSOCIATIONS, INSTANCES, StatusServer
 from .index import Index
 from .ingest import MEDIA_STORAGE_DIRECTORY, Ingestor
 from .logs import log_event
-from .netutil import CONNECTION_HANDLER, server_tls_context
+from .netutil import ACCEPTED_TRANSFER_SYNTAXES, CONNECTION_HANDLER, server_tls_context
 from .storage import InstanceStore
 from .throttle import RefusalThrottle, suppressed_note
 
 log = logging.getLogger(__name__)
 
-ACCEPTED_TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
-    HTJ2K,
-    RLELossless,
-]
 
 # pynetdicom aborts on a DICOMDIR C-STORE (no service class); route it to our handler so the
 # sender gets a status saying why it is refused.

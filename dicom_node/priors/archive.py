@@ -32,7 +32,7 @@ from ..index import Index
 from ..ingest import Ingestor
 from ..logs import log_event
 from ..netutil import client_tls_context, https_session
-from ..scp import ACCEPTED_TRANSFER_SYNTAXES
+from ..netutil import ACCEPTED_TRANSFER_SYNTAXES
 from ..scu import AssociationFailed, Peer, associate
 from .model import (
     ArchiveUnavailable,
