@@ -1,7 +1,7 @@
 """Accuracy, sanity-gate and speed benchmark of the embedded comparative analyzer on generated pairs.
 
     python benchmarks/change_accuracy.py [--pairs 216] [--size 512] [--histories 80] [--timing-pairs 8]
-        [--timing-size 2048] [--registration affine|bspline]
+        [--timing-size 2048] [--registration affine|bspline] [--no-prior-queries 10] [--no-prior-library 20]
 
 Histories: `--histories` patients with 2 or 3 visits, each a nodule growing, shrinking, new,
 resolved or stable, under each perturbation class of the priors (inference.phantoms.PERTURBATIONS:
@@ -14,6 +14,10 @@ and stable repositioned pairs, equally many), plus `--ct-pairs` small CT volume
 pairs; the sanity gate on corrupted copies of valid pairs; speed and peak memory on
 `--timing-pairs` pairs of `--timing-size` px, loaded from DICOM files in a fresh
 child process so its peak RSS is the analysis alone (decode + compare).
+
+No-prior arm (`--no-prior-queries`): patients without a prior, half with a 12-25 mm nodule and half
+normal, none of them in a generated library of `--no-prior-library` normals, compared against their
+matched references (reference_accuracy.py, which also times a 1024 px query against 5 references).
 """
 
 from __future__ import annotations
@@ -334,6 +338,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--histories", type=int, default=80, help="2-/3-visit histories (default 80)")
     ap.add_argument("--registration", choices=("affine", "bspline"), default="affine")
+    ap.add_argument("--no-prior-queries", type=int, default=10,
+                    help="no-prior arm: queries per arm (nodule / normal) against a library of normals "
+                         "(reference_accuracy.py; 0: skip)")
+    ap.add_argument("--no-prior-library", type=int, default=20, help="normals in the no-prior arm's library")
     ap.add_argument("--_timing-child", dest="timing_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     global DEFORMABLE
@@ -348,6 +356,12 @@ def main() -> None:
     if args.histories > 0:
         history_section(args)
     ct_sanity_timing(args)
+    if args.no_prior_queries > 0:
+        from reference_accuracy import no_prior_arm  # this folder: a sibling benchmark
+
+        print()
+        print("No-prior arm: the query against matched normal references of other people (issue 17)")
+        no_prior_arm(args.no_prior_library, args.no_prior_queries, args.size, timing_runs=0)
     print()
     print(f"(benchmark wall time {time.perf_counter() - t_start:.0f} s)")
 
