@@ -15,13 +15,17 @@ before. For each region found between the current image and the most recent prio
    the most recent prior follows the change profile (change.py); an older prior holds the finding
    when its signal peak exceeds 4 x the residual noise around it and 25 % of the largest peak.
    For a focal finding (at most 30 mm across) each time point is also read on its own: its image
-   minus its own surroundings filled in across the region. A time point called absent (or an older
-   prior) whose own peak exceeds 40 % of the largest time point's holds the lesion: the profile reads
-   a nodule that halved or doubled as one that vanished or appeared, and a larger lesion at an older
-   visit reaches beyond the region found since. (A projected sphere's peak scales with its
+   minus its own surroundings filled in across the region. A time point the profile called absent
+   whose own peak exceeds 40 % of the larger of the pair it read (current and compared prior), or an
+   older prior whose own peak exceeds 40 % of the largest time point's, holds the lesion: the profile
+   reads a nodule that halved or doubled as one that vanished or appeared, and a larger lesion at an
+   older visit reaches beyond the region found since. A shrinking finding is measured within its
+   region of change widened by any overlapping region found against an older prior (pipeline.py):
+   the lesion was larger then. (A projected sphere's peak scales with its
    diameter; what the fill gets wrong about anatomy stays below 0.35 on the phantoms.)
 4. The lesion at a present time point is the connected set above 30 % of its own peak (a solid
-   nodule's projection falls to 30 % at 95 % of its radius) and above 2.5 x the residual noise.
+   nodule's projection falls to 30 % at 95 % of its radius) and above 2.5 x the residual noise,
+   on radiographs opened by one pixel first (one-pixel bridges to mis-filled anatomy cut).
    Long axis: largest distance across the outline; short axis: largest width perpendicular to it;
    area: pixel count. When the finding is present at every time point, the anatomy is filled in a
    second time from just around the smallest lesion found (closer, so more exact) and all time points
@@ -53,6 +57,7 @@ LEVEL_FRACTION = 0.30  # of the lesion's own peak signal
 PRESENT_NOISE = 4.0  # an older prior holds the finding above this many residual sigmas ...
 PRESENT_FRACTION = 0.25  # ... and above this fraction of the largest peak
 EDGE_NOISE = 2.5
+OPENING_PX = 1  # radiographs: the segmented lesion is opened by this many pixels (see _segment)
 UNCERTAINTY_PX = 2.0  # one analysis pixel at each edge of a diameter
 UNCERTAINTY_REL = 0.10
 # A time point the change profile calls absent still holds the (smaller) lesion when its own signal peak,
@@ -141,7 +146,9 @@ def measure_finding(mask: np.ndarray, offset: tuple[int, ...], times: list[TimeI
         # appeared (its smaller self barely dents the profile's core). The time point it calls absent is
         # looked at directly: its own image against its own surroundings filled in across the region.
         own = [_self_peak(s, region, footprint, valid) for s in stack]
-        top_own = max(own)
+        # against the other time point of the pair the profile read (an older, larger self of a
+        # shrinking lesion would make the current one look absent by comparison)
+        top_own = max(own[known], own[-1])
         for i, p in enumerate(present):
             if p is False and top_own > 0 and own[i] > SMALLER_SELF * top_own:
                 present[i] = True
@@ -264,6 +271,12 @@ def _segment(signal: np.ndarray, region: np.ndarray, footprint: np.ndarray, peak
 
     level = max(LEVEL_FRACTION * peak, EDGE_NOISE * noise)
     above = (signal > level) & region
+    if above.ndim == 2:
+        # cut one-pixel bridges to anatomy the fill got slightly wrong (a small lesion at one time
+        # point, in a region sized for its larger self at another, otherwise bled into them)
+        opened = ndimage.binary_opening(above, iterations=OPENING_PX)
+        if opened.any():
+            above = opened
     lab, n = ndimage.label(above)
     if n == 0:
         return above

@@ -155,12 +155,20 @@ def _analyse_2d(cur: ImageInput, pri: ImageInput, older: list[ImageInput], resul
     times += [_time_image(pri, cm.prior, cm.analysed, own),
               _time_image(cur, cm.current, cm.analysed, lambda pts: np.asarray(pts, float) * fc + fc // 2)]
     found = [(r, len(times) - 2) for r in raw]
+    extent = {id(r): (r.mask, r.offset) for r in raw}  # where each finding is measured
     # A change too small to see since the last visit may be clear against an older one (a lesion
     # shrinking slowly): regions found only against an older prior join, measured the same way.
+    # One that overlaps a shrinking finding widens where that finding is measured: the lesion was
+    # larger at the older visit and reaches beyond the change since the last one.
     for k in range(len(older_maps) - 1, -1, -1):
         for r in find_regions(older_maps[k], sp, float(hi - lo)):
-            if not any(_overlap(r, other) for other, _ in found):
+            same = [other for other, _ in found if _overlap(r, other)]
+            if not same:
                 found.append((r, k))
+                extent[id(r)] = (r.mask, r.offset)
+            for other in same:
+                if other.sign == r.sign < 0:
+                    extent[id(other)] = _union(*extent[id(other)], r.mask, r.offset)
     raw = [r for r, _ in found]
     if _is_chest(cur):
         warped_filled = np.where(reg.valid, reg.warped, np.median(reg.warped[reg.valid]))
@@ -168,7 +176,7 @@ def _analyse_2d(cur: ImageInput, pri: ImageInput, older: list[ImageInput], resul
         zone_of = lambda r, c: chest_zone(geo, r, c, cur.view)  # noqa: E731
     else:
         zone_of = lambda r, c: image_region(ca.shape, r, c)  # noqa: E731
-    regions = [_region_2d(r, fc, sp, cur.pixels.shape, zone_of, times, k) for r, k in found]
+    regions = [_region_2d(r, fc, sp, cur.pixels.shape, zone_of, times, k, extent[id(r)]) for r, k in found]
     regions.sort(key=lambda r: (r.confidence * r.area_mm2), reverse=True)
     result.regions = regions
     result.findings = [_finding(r) for r in regions]
@@ -207,12 +215,22 @@ def _overlap(a: RawRegion, b: RawRegion) -> bool:
     return bool((a.mask[sa] & b.mask[sb]).any())
 
 
+def _union(a: np.ndarray, a_offset: tuple[int, ...], b: np.ndarray, b_offset: tuple[int, ...]):
+    """Two masks on the same analysis grid as one (mask, offset)."""
+    lo = [min(x, y) for x, y in zip(a_offset, b_offset)]
+    hi = [max(x + n, y + m) for x, y, n, m in zip(a_offset, b_offset, a.shape, b.shape)]
+    out = np.zeros([h - l for l, h in zip(lo, hi)], bool)
+    for m, o in ((a, a_offset), (b, b_offset)):
+        out[tuple(slice(x - l, x - l + n) for x, l, n in zip(o, lo, m.shape))] |= m
+    return out, tuple(lo)
+
+
 def _scaled_bbox(bbox, f: int) -> tuple[int, ...]:
     return tuple(int(v // f) for v in bbox)
 
 
 def _region_2d(r: RawRegion, f: int, sp: tuple[float, ...], full_shape, zone_of, times: list[TimeImage],
-               found_against: int | None = None) -> ChangeRegion:
+               found_against: int | None = None, extent: tuple | None = None) -> ChangeRegion:
     rr, cc = np.nonzero(r.mask)
     r0, c0 = r.offset
     contour = [(p[0] + r0, p[1] + c0) for p in contour_2d(r.mask)]
@@ -220,7 +238,7 @@ def _region_2d(r: RawRegion, f: int, sp: tuple[float, ...], full_shape, zone_of,
     zone = zone_of(rr.mean() + r0, cc.mean() + c0)
     bbox = (min(full_shape[0], (rr.min() + r0) * f), min(full_shape[1], (cc.min() + c0) * f),
             min(full_shape[0], (rr.max() + r0 + 1) * f), min(full_shape[1], (cc.max() + c0 + 1) * f))
-    measured = _measure(r, times, sp, found_against)
+    measured = _measure(r, times, sp, found_against, extent)
     status = measured.status if measured else r.status
     return ChangeRegion(
         zone=zone, bbox=tuple(int(v) for v in bbox), area_mm2=round(float(r.mask.sum() * sp[0] * sp[1]), 1),
@@ -231,16 +249,19 @@ def _region_2d(r: RawRegion, f: int, sp: tuple[float, ...], full_shape, zone_of,
         lesion_type=_lesion_type(measured, zone))
 
 
-def _measure(r: RawRegion, times: list[TimeImage], sp: tuple[float, ...], found_against: int | None = None):
-    """The finding at every time point (inference.lesions); presence now and at the compared prior from
-    the change profile (new: absent before; resolved: absent now)."""
+def _measure(r: RawRegion, times: list[TimeImage], sp: tuple[float, ...], found_against: int | None = None,
+             extent: tuple | None = None):
+    """The finding at every time point (inference.lesions), within `extent` (mask, offset; default the
+    region's own); presence now and at the compared prior from the change profile (new: absent before;
+    resolved: absent now)."""
+    mask, offset = extent or (r.mask, r.offset)
     present_now = r.status not in ("resolved",)
     present_recent = r.status not in ("new",)
     if r.status == "indeterminate":
         present_now = present_recent = True
     if found_against is not None and found_against != len(times) - 2:
         present_now = None  # found against an older prior: whether it is still there is measured, like the rest
-    return measure_finding(r.mask, r.offset, times, len(times) - 2, present_now, present_recent, sp, found_against,
+    return measure_finding(mask, offset, times, len(times) - 2, present_now, present_recent, sp, found_against,
                            r.sign)
 
 

@@ -279,4 +279,8 @@ def test_real_comparison_of_another_seed_is_valid(tmp_path):
     sr = build_sr(make_input(cur, pri, result, vlm_for(result)), ReportSettings())
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     assert_valid_dicom(tmp_path / "sr.dcm")
-    assert len(groups(sr)) == len(result.regions) + 1  # each measured region, plus the device
+    assert result.regions  # the 8.6 mm new nodule is found
+    # one group per region per time point where it is present (and always the current), plus the device
+    expected = sum(sum(tp.present or k == len(r.timepoints) - 1 for k, tp in enumerate(r.timepoints)) or 1
+                   for r in result.regions)
+    assert len(groups(sr)) == expected + 1
