@@ -117,6 +117,18 @@ def _batcher(choice: _ModelChoice):
     return Batcher(model.compare_many, max_batch_size=choice.max_batch_size, max_wait_s=choice.max_wait_ms / 1000)
 
 
+def prompt_priors(prior_images: list, result) -> tuple:
+    """The prior the analysis compared with and the older ones it measured on (oldest first), as the
+    model is shown them; (None, ()) when the comparison was refused or there is no prior."""
+    if not prior_images or result.refused:
+        return None, ()
+    by_source = {image.source: image for image in prior_images}
+    compared = [by_source[s] for s in result.priors_compared if s in by_source]  # oldest first, the compared last
+    if not compared:
+        return prior_images[0], ()
+    return compared[-1], tuple(compared[:-1])
+
+
 def vlm_compare(settings: Settings, current, prior_images: list, result, prior_report: str | None,
                 references: list | tuple = ()):
     """Model reading grounded on the measured regions; garbage output comes back flagged, never raised.
@@ -124,9 +136,10 @@ def vlm_compare(settings: Settings, current, prior_images: list, result, prior_r
     time; ModelServerRejected: the job fails with the server's message)."""
     from inference.vlm import CompareRequest
 
-    prior = prior_images[0] if prior_images and not result.refused else None
+    prior, older = prompt_priors(prior_images, result)
     request = CompareRequest(current, prior, tuple(result.regions), prior_report=prior_report,
-                             references=tuple(references) if prior is None else ())  # normals: (image, why matched)
+                             references=tuple(references) if prior is None else (),  # normals: (image, why matched)
+                             older_priors=older)
     choice = _ModelChoice.of(settings)
     if choice.backend == SERVED:
         return _served(choice, api_key(settings)).compare_many([request])[0]

@@ -28,6 +28,7 @@ class CompareRequest:
     prior_report: str | None = None
     indication: str | None = None
     references: tuple[tuple[ImageInput, str], ...] = ()  # no prior: normal images of other people, and why matched
+    older_priors: tuple[ImageInput, ...] = ()  # measured on too, oldest first (shown before the prior)
 
 
 class VLM:
@@ -42,7 +43,7 @@ class VLM:
 
     def prompt(self, req: CompareRequest) -> Prompt:
         return build_prompt(self.prompt_set, req.current, req.prior, req.regions, req.prior_report,
-                            req.indication, self.spec.max_regions, req.references)
+                            req.indication, self.spec.max_regions, req.references, req.older_priors)
 
     def compare(self, current: ImageInput, prior: ImageInput | None, regions: Sequence[ChangeRegion] = (),
                 prior_report: str | None = None, indication: str | None = None) -> VLMResult:

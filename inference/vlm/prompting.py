@@ -45,6 +45,12 @@ REFERENCE_TEMPLATES = {
 }
 
 
+# Older priors (several time points, issue 14): shown before the compared prior, oldest first.
+OLDER_TEMPLATES = {
+    "image_older_prior": "OLDER PRIOR image ({date}, {view}); each finding below was also measured on it:",
+}
+
+
 @dataclass(frozen=True)
 class PromptSet:
     name: str
@@ -138,10 +144,12 @@ def build_prompt(
     indication: str | None = None,
     max_regions: int = 4,
     references: Sequence[tuple[ImageInput, str]] = (),
+    older: Sequence[ImageInput] = (),
 ) -> Prompt:
     """`references`: with no prior, normal images of other people (image, why it was matched), shown after
-    the current one with their role stated."""
-    t = ps.templates
+    the current one with their role stated. `older`: the older priors the findings were measured on,
+    oldest first; with the prior and the current the images then run in date order, each dated."""
+    t = {**OLDER_TEMPLATES, **ps.templates}
     if prior is None and references:
         return _reference_prompt(ps, current, regions, indication, max_regions, references)
     parts: list[Part] = [
@@ -152,6 +160,9 @@ def build_prompt(
         parts += [t["image_single"].format(date=_date(current), view=_view(current)), ImageSlot(cur_px, "current")]
         parts.append(t["single_mode"])
     else:
+        for image in older:
+            parts += [t["image_older_prior"].format(date=_date(image), view=_view(image)),
+                      ImageSlot(to_display(image.pixels), "prior")]
         parts += [t["image_prior"].format(date=_date(prior), view=_view(prior)), ImageSlot(to_display(prior.pixels), "prior")]
         parts += [t["image_current"].format(date=_date(current), view=_view(current)), ImageSlot(cur_px, "current")]
         parts.append(t["interval"].format(interval=_interval(current, prior)))

@@ -46,3 +46,19 @@ def test_backend_fallback_and_engine_policy_come_from_the_settings(tmp_path):
     served.close()
     with pytest.raises(BackendUnavailableError, match="TensorRT"):
         _batcher(_ModelChoice.of(Settings(**base)))
+
+
+def test_the_model_is_shown_the_compared_prior_and_the_older_ones_oldest_first():
+    from inference.phantoms import make_chest_history
+
+    from dicom_node.pipeline.vlm import prompt_priors
+
+    history = make_chest_history(4, "growing", visits=3, size=256)
+    images = [image_from_dataset(ds, f"v{k}") for k, ds in enumerate(history.visits)]
+    current, priors = images[-1], [images[1], images[0]]  # as retrieved: most recent first
+    result = inference.compare(current, priors, with_overlay=False)
+    assert result.priors_compared == ["v0", "v1"]
+    prior, older = prompt_priors(priors, result)
+    assert prior.source == "v1" and [o.source for o in older] == ["v0"]
+    refused = inference.compare(current, [], with_overlay=False)
+    assert prompt_priors([], refused) == (None, ())

@@ -21,3 +21,23 @@ def test_measured_trajectory_in_date_order(pair, regions):
                                                     steps[2]), trend="new")
     assert "2023-01-10: absent -> 2024-03-20: 16.0 x 14.0 mm" in build_prompt(
         load_prompt_set("chest_compare_v1"), current, prior, [absent]).text
+
+
+def test_older_priors_images_come_first_in_date_order_each_dated(pair, regions, torch_vlms):
+    prior, current = pair
+    oldest = dataclasses.replace(prior, acquired_on=dt.date(2022, 1, 5), source="oldest")
+    older = dataclasses.replace(prior, acquired_on=dt.date(2023, 1, 10), source="older")
+    prompt = build_prompt(load_prompt_set("chest_compare_v1"), current, prior, regions[:1], older=[oldest, older])
+    images = [row for row in prompt.text.splitlines() if row.startswith("<image:")]
+    assert images[:4] == ["<image:prior>"] * 3 + ["<image:current>"]  # three priors, then the current
+    text = prompt.text
+    dated = [text.index(d) for d in ("2022-01-05", "2023-01-10", "2024-01-10", "2024-03-20")]
+    assert dated == sorted(dated)
+    assert text.count("OLDER PRIOR image") == 2
+    # and a real (tiny) model takes the four images: its adapter encodes one block per image
+    vlm = torch_vlms["gemma3"]
+    from inference.vlm import CompareRequest
+
+    request = CompareRequest(current, prior, tuple(regions[:1]), older_priors=(oldest, older))
+    encoded = vlm.backend.adapter.encode(vlm.prompt(request))
+    assert encoded.pixel_values.shape[0] == len(vlm.prompt(request).images) == 6  # 4 images + 1 crop pair
