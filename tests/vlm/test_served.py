@@ -135,7 +135,7 @@ def test_comparisons_in_flight_are_concurrent_requests_up_to_the_limit(served, t
     """Four comparisons at once, as a gpu worker's four threads run them: four requests in flight
     (the server can batch them), never more than vlm_max_concurrency."""
     prior, current = pair
-    result = SimpleNamespace(regions=regions, refused=False)  # what vlm_compare reads of the analysis
+    result = SimpleNamespace(regions=regions, refused=False, priors_compared=[prior.source])  # what vlm_compare reads
     settings = settings_for(served, tmp_path, vlm_max_concurrency=limit)
     served.proxy.reset(delay_s=1.0)  # each request is held long enough for the others to arrive
     with ThreadPoolExecutor(4) as pool:
