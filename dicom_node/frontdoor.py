@@ -55,12 +55,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import pydicom.filewriter
 import pynetdicom
 import pynetdicom.dimse_messages
+import pynetdicom.dsutils
 import pynetdicom.transport
 from pynetdicom import _config, evt
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.timer import Timer
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -217,20 +221,129 @@ def _copy_contexts(value, memo=None):
 
 def install() -> None:
     """Apply the module patches (idempotent): chunked receive per connection in
-    ``pynetdicom.dimse_messages``, the cheap context copy in ``pynetdicom.transport``; checks
-    the version first."""
+    ``pynetdicom.dimse_messages`` with the spool file's meta header written directly, the
+    direct C-STORE response in ``pynetdicom.dimse``, the cheap context copy in
+    ``pynetdicom.transport``; checks the version first."""
     check_pynetdicom()
     module = pynetdicom.dimse_messages
     with _install_lock:
         if isinstance(module._config, _ChunkedPerConnection):
             return
-        if module._config is not _config or module.NamedTemporaryFile is not tempfile.NamedTemporaryFile:
+        if (module._config is not _config or module.NamedTemporaryFile is not tempfile.NamedTemporaryFile
+                or module.create_file_meta is not pynetdicom.dsutils.create_file_meta
+                or module.write_file_meta_info is not pydicom.filewriter.write_file_meta_info):
             raise UnsupportedPynetdicom("pynetdicom.dimse_messages was patched by someone else")
         if pynetdicom.transport.deepcopy is not copy.deepcopy:
             raise UnsupportedPynetdicom("pynetdicom.transport was patched by someone else")
+        if DIMSEServiceProvider.send_msg is not _PYNETDICOM_SEND_MSG:
+            raise UnsupportedPynetdicom("pynetdicom.dimse was patched by someone else")
         module.NamedTemporaryFile = _spool_file
+        module.create_file_meta = _spool_meta
+        module.write_file_meta_info = _write_spool_meta
         module._config = _ChunkedPerConnection()
         pynetdicom.transport.deepcopy = _copy_contexts
+        DIMSEServiceProvider.send_msg = _send_msg
+
+
+# --- the two per-instance encodings, done directly ------------------------------------------
+#
+# Per C-STORE, pynetdicom builds its response as a pydicom Dataset (each value validated as it
+# is set), encodes it twice (once for the group length) and cuts it into P-DATA fragments; and
+# it writes the spool file's meta header through another Dataset. Together that was about 45 %
+# of the CPU an instance cost the front door (py-spy, 1 association, ingest stubbed out). Both
+# are a few fixed elements: written here with struct, byte for byte what pynetdicom writes
+# (tests compare the two), and anything out of the ordinary still goes to pynetdicom.
+
+_PYNETDICOM_SEND_MSG = DIMSEServiceProvider.send_msg
+C_STORE_RSP_COMMAND = 0x8001
+NO_DATA_SET = 0x0101
+
+
+def _implicit(element: int, value: bytes) -> bytes:
+    """One group-0000 element, implicit VR little endian."""
+    return struct.pack("<HHL", 0, element, len(value)) + value
+
+
+def _uid(value) -> bytes:
+    raw = str(value).encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def _store_response_command(primitive) -> bytes | None:
+    """A C-STORE-RSP's command set as pynetdicom encodes it, or None where it holds what this
+    does not encode (an Offending Element, a comment that is not plain ASCII)."""
+    comment = primitive.ErrorComment
+    if primitive.OffendingElement is not None or (comment is not None and not str(comment).isascii()):
+        return None
+    parts = []
+    if primitive.AffectedSOPClassUID is not None:
+        parts.append(_implicit(0x0002, _uid(primitive.AffectedSOPClassUID)))
+    parts.append(_implicit(0x0100, struct.pack("<H", C_STORE_RSP_COMMAND)))
+    parts.append(_implicit(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)))
+    parts.append(_implicit(0x0800, struct.pack("<H", NO_DATA_SET)))
+    parts.append(_implicit(0x0900, struct.pack("<H", primitive.Status)))
+    if comment is not None:
+        text = str(comment).encode("ascii")
+        parts.append(_implicit(0x0902, text + b" " if len(text) % 2 else text))
+    if primitive.AffectedSOPInstanceUID is not None:
+        parts.append(_implicit(0x1000, _uid(primitive.AffectedSOPInstanceUID)))
+    body = b"".join(parts)
+    return _implicit(0x0000, struct.pack("<L", len(body))) + body
+
+
+def _send_msg(self, primitive, context_id: int) -> None:
+    """``DIMSEServiceProvider.send_msg``: a C-STORE response that fits one fragment is encoded
+    here (when nobody listens for EVT_DIMSE_SENT, which wants pynetdicom's message object)."""
+    if type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None and primitive.Status is not None:
+        command = _store_response_command(primitive)
+        limit = self.maximum_pdu_size
+        if command is not None and (not limit or len(command) <= limit - 6) and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # last command fragment
+            self.dul.send_pdu(pdata)
+            return
+    _PYNETDICOM_SEND_MSG(self, primitive, context_id)
+
+
+@dataclass(frozen=True)
+class _SpoolMeta:
+    """What ``create_file_meta`` is given for a spool file; written by ``_write_spool_meta``."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    implementation_uid: str = pynetdicom.PYNETDICOM_IMPLEMENTATION_UID
+    implementation_version: str = pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION
+
+
+def _spool_meta(**kwargs) -> _SpoolMeta:
+    return _SpoolMeta(**kwargs)
+
+
+def _explicit(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group-0002 element, explicit VR little endian (short-length VRs but OB)."""
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 2, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
+
+
+def _write_spool_meta(fp, meta, enforce_standard: bool = True) -> None:
+    """``write_file_meta_info`` for the spool file's header, as pydicom writes it."""
+    if not isinstance(meta, _SpoolMeta):
+        return _PYDICOM_WRITE_FILE_META(fp, meta, enforce_standard)
+    version = meta.implementation_version.encode("ascii")
+    body = b"".join((
+        _explicit(0x0001, b"OB", b"\x00\x01"),
+        _explicit(0x0002, b"UI", _uid(meta.sop_class_uid)),
+        _explicit(0x0003, b"UI", _uid(meta.sop_instance_uid)),
+        _explicit(0x0010, b"UI", _uid(meta.transfer_syntax)),
+        _explicit(0x0012, b"UI", _uid(meta.implementation_uid)),
+        _explicit(0x0013, b"SH", version + b" " if len(version) % 2 else version),
+    ))
+    fp.write(_explicit(0x0000, b"UL", struct.pack("<L", len(body))) + body)
+
+
+_PYDICOM_WRITE_FILE_META = pydicom.filewriter.write_file_meta_info
 
 
 # --- one connection ------------------------------------------------------------------------

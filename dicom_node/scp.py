@@ -331,7 +331,7 @@ class DicomNode:
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000
 
-    def _on_store(self, event: evt.Event) -> Dataset:
+    def _on_store(self, event: evt.Event) -> Dataset | int:
         request = event.request
         requested = str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or "")
         spooled = event.dataset_path  # a Path when the front door streamed it to .incoming
@@ -348,10 +348,11 @@ class DicomNode:
                 else:
                     stats.failures += 1
                     stats.last_failure = result.message
+        if not (result.message or result.comment):
+            return result.status  # a bare status: no Dataset to build (pynetdicom accepts an int)
         response = Dataset()
         response.Status = result.status
-        if result.message or result.comment:
-            response.ErrorComment = result.error_comment  # LO: 64 characters, no UID cut in half
+        response.ErrorComment = result.error_comment  # LO: 64 characters, no UID cut in half
         return response
 
 
