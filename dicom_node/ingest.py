@@ -23,11 +23,18 @@ from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset, read_preamble
+from pydicom.datadict import keyword_dict
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    PrivateTransferSyntaxes,
+)
 
 from . import dimse_status as st
 from .commit_group import CommitGroup
@@ -127,6 +134,8 @@ class Ingestor:
         if requested_sop_class == MEDIA_STORAGE_DIRECTORY:
             return _refuse(st.MEDIA_DIRECTORY_REFUSED, "DICOMDIR is a media directory, not an instance; send the files it lists",
                            "DICOMDIR is a media directory, not an instance")
+        # A spool file's fsync runs while it is parsed and checked (store_file waits for it).
+        synced = self.store.begin_sync(source) if isinstance(source, Path) and self.store.in_incoming(source) else None
         try:
             ds, has_pixels, size = _parse_source(source)
         except Malformed as exc:
@@ -134,7 +143,7 @@ class Ingestor:
         uids: dict[str, str] = {}
         for keyword, label in UID_ATTRIBUTES:
             try:
-                uids[keyword] = check_uid(ds.get(keyword), label)
+                uids[keyword] = check_uid(_text(ds, keyword), label)
             except MissingUID as exc:
                 return _refuse(st.MISSING_UID, str(exc), f"{label} is missing")
             except InvalidUID as exc:
@@ -160,7 +169,8 @@ class Ingestor:
         try:
             if isinstance(source, Path):
                 # With a commit group, the new entry's folder is fsynced by the group, below.
-                stored = self.store.store_file(study_uid, series_uid, sop_uid, source, sync_dir=self.commits is None)
+                stored = self.store.store_file(study_uid, series_uid, sop_uid, source, sync_dir=self.commits is None,
+                                               synced=synced)
             else:
                 stored = self.store.store(study_uid, series_uid, sop_uid, source)
         except DiskFull as exc:
@@ -242,7 +252,19 @@ def _parse(fp: BinaryIO, size: int) -> tuple[Dataset, bool]:
             if UID(str(meta.get("TransferSyntaxUID", ""))) == DeflatedExplicitVRLittleEndian:
                 return _parse_deflated(fp, meta)
         fp.seek(0)
-        ds = dcmread(fp, force=False, stop_before_pixels=True, defer_size=DEFER_SIZE)
+        plain = _plain_header(fp.read(META_PEEK))
+        if plain is None:
+            fp.seek(0)
+            ds = dcmread(fp, force=False, stop_before_pixels=True, defer_size=DEFER_SIZE)
+        else:  # the usual header, the spool files' own: read the dataset after it directly
+            start, syntax, implicit, little = plain
+            fp.seek(start)
+            ds = read_dataset(fp, implicit, little, stop_when=_at_pixel_data, defer_size=DEFER_SIZE)
+            # As dcmread: the encoding the header names (the reader may have switched to
+            # implicit VR where a sender wrote it so in an explicit syntax).
+            ds.set_original_encoding(implicit, little, ds.original_character_set)
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = syntax
         stopped_at = fp.tell()
     except Malformed:
         raise
@@ -259,6 +281,40 @@ def _parse(fp: BinaryIO, size: int) -> tuple[Dataset, bool]:
         tail.walk(stopped_at)
         has_pixels = has_pixels or bool(tail.tags & PIXEL_TAG_NUMBERS)
     return ds, has_pixels
+
+
+def _plain_header(head: bytes) -> tuple[int, str, bool, bool] | None:
+    """(where the dataset starts, its transfer syntax, implicit VR?, little endian?) for the
+    usual file header: 128-byte preamble, "DICM", then group 0002 in explicit VR little endian
+    opened by its group length, and a transfer syntax whose encoding pydicom's reader would take
+    from the UID alone. pydicom builds (and validates) a Dataset of the whole group to tell the
+    same (0.35 ms of 0.5 ms per header here); None for anything else: pydicom reads it."""
+    if len(head) < 144 or head[128:132] != b"DICM":
+        return None
+    group, element, vr, length, group_length = struct.unpack_from("<HH2sHL", head, 132)
+    if (group, element, vr, length) != (2, 0, b"UL", 4) or 144 + group_length + 4 > len(head):
+        return None
+    end, position, syntax = 144 + group_length, 144, None
+    while position < end:
+        group, element, vr = struct.unpack_from("<HH2s", head, position)
+        if group != 2:
+            return None
+        if vr in LONG_LENGTH_VRS:
+            length, start = struct.unpack_from("<L", head, position + 8)[0], position + 12
+        else:
+            length, start = struct.unpack_from("<H", head, position + 6)[0], position + 8
+        if element == 0x0010:
+            syntax = head[start:start + length].rstrip(b"\0 ").decode("ascii", "replace")
+        position = start + length
+    if position != end or not syntax or struct.unpack_from("<H", head, end)[0] in (0x0000, 0x0002):
+        return None  # a wrong group length, command elements, no syntax: pydicom's way
+    if syntax == ImplicitVRLittleEndian:
+        return end, syntax, True, True
+    if syntax == ExplicitVRBigEndian:
+        return end, syntax, False, False
+    if syntax == DeflatedExplicitVRLittleEndian or syntax in PrivateTransferSyntaxes:
+        return None
+    return end, syntax, False, True  # explicit VR little endian, as pydicom reads every other syntax
 
 
 PARSE_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError, struct.error, zlib.error)
@@ -424,6 +480,15 @@ class _Tail:
 
 
 def _text(ds: Dataset, keyword: str) -> str:
+    # A single plain-ASCII value is what pydicom's conversion would give, read off the raw
+    # element (about 10x cheaper per element; the index reads ~20 per instance). Anything else
+    # (other characters, escape sequences, several values) goes through pydicom.
+    raw = ds.get_item(keyword_dict[keyword])
+    if isinstance(raw, RawDataElement):
+        if raw.value is None:
+            return ""
+        if raw.value.isascii() and not (b"\\" in raw.value or b"\x1b" in raw.value):
+            return raw.value.decode("ascii").strip(" \0")
     value = ds.get(keyword, "")
     return "" if value is None else str(value).strip()
 

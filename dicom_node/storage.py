@@ -13,7 +13,9 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
 CONFLICTS = ".conflicts"
+FILE_MODE = 0o640
+SYNC_THREADS = 8  # fsyncs in flight at once (begin_sync); each waits on the disk, not the CPU
 
 
 class StoreOutcome(enum.Enum):
@@ -54,6 +58,8 @@ class InstanceStore:
         self.incoming.mkdir(parents=True, exist_ok=True)
         self.conflicts.mkdir(parents=True, exist_ok=True)
         self._incoming_resolved = self.incoming.resolve()
+        self._sync_pool: ThreadPoolExecutor | None = None
+        self._sync_pool_lock = threading.Lock()
 
     def remove_partial_writes(self) -> int:
         """Delete files a crash left in .incoming; none of them was ever acknowledged."""
@@ -92,12 +98,35 @@ class InstanceStore:
         finally:
             temp.unlink(missing_ok=True)
 
-    def store_file(self, study_uid: str, series_uid: str, sop_uid: str, source: Path, sync_dir: bool = True) -> StoreResult:
+    def in_incoming(self, path: Path) -> bool:
+        """Whether `path` is a spool file in this store's .incoming (adopted by a hard link)."""
+        parent = Path(path).parent
+        return parent == self.incoming or parent.resolve() == self._incoming_resolved
+
+    def begin_sync(self, path: Path) -> Future:
+        """Start making a file in .incoming durable (mode set, fsync) on a background thread and
+        return at once: the caller parses the instance while the disk works (fsync releases the
+        GIL), then hands the future to store_file, which waits for it before linking the file
+        into place."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            with self._sync_pool_lock:
+                if self._sync_pool is None:
+                    self._sync_pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="store-fsync")
+            return self._sync_pool.submit(_fsync_and_close, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def store_file(self, study_uid: str, series_uid: str, sop_uid: str, source: Path, sync_dir: bool = True,
+                   synced: Future | None = None) -> StoreResult:
         """store() for an instance already in a file (a C-STORE the SCP streamed to .incoming):
         fsynced and hard-linked into place without being read into memory (copied first only
         from another folder). `source` itself is left for its owner to remove. With
         `sync_dir` False the new entry's folder is not fsynced here: the caller does it (a
-        commit group fsyncs each folder once for several instances) before it answers."""
+        commit group fsyncs each folder once for several instances) before it answers.
+        `synced`: begin_sync's future for `source` (in .incoming), awaited instead of an fsync."""
         source = Path(source)
         if self.free_bytes() < self.min_free_bytes:  # its bytes are on this disk already
             raise DiskFull(
@@ -105,7 +134,7 @@ class InstanceStore:
             )
         final = self.path_for(study_uid, series_uid, sop_uid)
         self._ensure_dir(final.parent)
-        temp = self._adopt_synced(source)
+        temp = self._adopt_synced(source, synced)
         try:
             try:
                 os.link(temp, final)
@@ -119,9 +148,17 @@ class InstanceStore:
         finally:
             temp.unlink(missing_ok=True)
 
-    def _adopt_synced(self, source: Path) -> Path:
+    def _adopt_synced(self, source: Path, synced: Future | None = None) -> Path:
         temp = self.incoming / f"{uuid.uuid4().hex}.part"
-        if source.parent.resolve() == self._incoming_resolved:
+        if synced is not None:
+            os.link(source, temp)  # begin_sync only takes files in .incoming
+            try:
+                synced.result()
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+            return temp
+        if self.in_incoming(source):
             os.link(source, temp)
         else:
             with open(source, "rb") as src, open(temp, "xb") as dst:
@@ -129,7 +166,7 @@ class InstanceStore:
         try:
             fd = os.open(temp, os.O_RDONLY)
             try:
-                os.fchmod(fd, 0o640)
+                os.fchmod(fd, FILE_MODE)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -167,7 +204,7 @@ class InstanceStore:
 
     def _write_synced(self, data: bytes) -> Path:
         temp = self.incoming / f"{uuid.uuid4().hex}.part"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             view = memoryview(data)
             while view:
@@ -204,6 +241,13 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(directory: Path) -> None:
