@@ -86,3 +86,37 @@ def test_a_bad_row_fails_only_its_own_instance(index, tmp_path):
     assert outcomes["first"] is True and outcomes["good"] is True and outcomes["good2"] is True
     assert isinstance(outcomes["bad"], IntegrityError)
     assert {r["sop_instance_uid"] for r in index.study_instances("1.2.3")} == {"1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.3"}
+
+
+def test_a_folder_that_cannot_be_fsynced_fails_only_its_instances_and_writes_no_row_for_them(index, tmp_path):
+    group = CommitGroup(index)
+    gate = threading.Event()
+    outcomes: dict[str, object] = {}
+    original = index.record_instances
+
+    def slow_first(recs, now=None):
+        if not gate.is_set():
+            gate.set()
+            threading.Event().wait(0.3)
+        return original(recs, now)
+
+    index.record_instances = slow_first  # type: ignore[method-assign]
+
+    def send(name: str, rec: InstanceRecord, directory) -> None:
+        try:
+            outcomes[name] = group.commit(rec, directory)
+        except Exception as exc:  # noqa: BLE001
+            outcomes[name] = exc
+
+    first = threading.Thread(target=send, args=("first", record(1), tmp_path))
+    first.start()
+    gate.wait(5)
+    gone = tmp_path / "removed-meanwhile"  # its fsync fails: the entry may not be durable
+    others = [threading.Thread(target=send, args=args) for args in (("good", record(2), tmp_path), ("lost", record(3), gone))]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join()
+    assert outcomes["first"] is True and outcomes["good"] is True
+    assert isinstance(outcomes["lost"], FileNotFoundError)
+    assert {r["sop_instance_uid"] for r in index.study_instances("1.2.3")} == {"1.2.3.1.1", "1.2.3.1.2"}
