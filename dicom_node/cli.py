@@ -48,7 +48,7 @@ def serve(
 ) -> None:
     """Run the DICOM SCP (C-ECHO, C-STORE), the study assembler and the pipeline coordinator until SIGTERM/SIGINT."""
     from .scp import DicomNode
-    from .startup import prepare, warn_about_configuration
+    from .startup import freeze_startup_heap, prepare, warn_about_configuration
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
@@ -68,6 +68,7 @@ def serve(
 
         coordinator = Coordinator(node.index, settings)
         coordinator.start()
+    freeze_startup_heap()
     stop.wait()
     if coordinator:
         coordinator.stop()

@@ -49,11 +49,13 @@ def stop_listeners(processes: list[subprocess.Popen], timeout: float = 10.0) -> 
 def run_listener(settings: Settings) -> None:
     """One extra SCP process, until SIGTERM."""
     from .scp import DicomNode
+    from .startup import freeze_startup_heap
 
     node = DicomNode(settings, listener_only=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     node.start()
+    freeze_startup_heap()
     stop.wait()
     node.stop()
