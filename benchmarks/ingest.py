@@ -196,6 +196,7 @@ class Receiver:
         if self.name == "node":
             self.proc = start_node(self.root, self.port, extra_env=self.node_env)
             wait_for_port(self.port, proc=self.proc)
+            self._wait_for_listeners(int(self.node_env.get("DICOM_NODE_SCP_PROCESSES", "1")))
         elif self.name == "storescp":
             self.proc = start_storescp(self.root, self.port)
             wait_for_port(self.port, proc=self.proc)
@@ -205,6 +206,15 @@ class Receiver:
             # Orthanc's default configuration (SyncStorageArea: each file fsynced), its own ports.
             self.orthanc = Orthanc(self.root, dicom_port=self.port).start()
         time.sleep(0.5)
+
+    def _wait_for_listeners(self, processes: int, timeout: float = 60) -> None:
+        """Until every SCP process listens: the port opens with the first, and connections made
+        before the others bind all go to it (which measured scp_processes 2 as 1)."""
+        log, deadline = self.root / "serve.log", time.monotonic() + timeout
+        while log.read_text(errors="replace").count('"event": "scp.listening"') < processes:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"not all {processes} SCP processes listening; see {log}")
+            time.sleep(0.1)
 
     def rss_mb(self) -> float:
         return process_tree_rss_mb(self.proc.pid) if self.name == "node" and self.proc else 0.0
