@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///var/index.db"
     min_free_disk_mb: int = 1024
     duplicate_policy: Literal["keep_first", "replace", "reject"] = "keep_first"
+    # fast: the SCP's instance-row commits do not wait for the disk (rows a power loss takes
+    # back are restored from the store at the next start, recovery.py); durable: they do.
+    index_instance_commit: Literal["fast", "durable"] = "fast"
 
     # Security
     # "AE" or "AE@host"; empty: any caller. From the environment: comma-separated or a JSON list.

@@ -309,7 +309,10 @@ _STUDY_RECEIVED = (
 
 
 class Index:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, fast_instance_commits: bool = False) -> None:
+        """`fast_instance_commits`: instance rows (record_instances) are committed without
+        waiting for the disk; only for a process that restores them after a power loss
+        (the SCP: recovery.py, setting index_instance_commit)."""
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(url, connect_args=_connect_args(url))
@@ -323,6 +326,8 @@ class Index:
         self._write_lock = threading.Lock() if self._is_sqlite else None
         self._writer: Connection | None = None  # SQLite: the one connection writes go through
         self._writer_pid = 0
+        self._writer_fast = False
+        self.fast_instance_commits = fast_instance_commits
         self._lock_path = _lock_path(url) if self._is_sqlite else None
         # The schema comes from dicom_node/migrations (Alembic): a new revision there for every
         # change to the tables above; tests/dicom_node/test_migrations.py checks they agree.
@@ -339,15 +344,20 @@ class Index:
         )
 
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def _write(self, fast_commit: bool = False) -> Iterator[Connection]:
+        """A write transaction. `fast_commit`: its commit returns without waiting for the disk
+        (SQLite synchronous=NORMAL, PostgreSQL synchronous_commit off): it survives a crash of
+        this process, not a power loss (recovery.py puts such instance rows back from the store)."""
         if self._write_lock is None:
             with self.engine.begin() as conn:
+                if fast_commit:
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 yield conn
             return
         with self._write_lock, _FileLock(self._lock_path):
             # SQLite: writes are serialised anyway, so they share one connection, kept open
             # (a pool check-out and check-in per transaction cost about a fifth of the commit).
-            conn = self._writer_connection()
+            conn = self._writer_connection(fast_commit)
             try:
                 with conn.begin():
                     yield conn
@@ -355,9 +365,14 @@ class Index:
                 self._close_writer()  # the next transaction starts on a fresh connection
                 raise
 
-    def _writer_connection(self) -> Connection:
+    def _writer_connection(self, fast_commit: bool) -> Connection:
         if self._writer is None or self._writer_pid != os.getpid():  # never use one a fork inherited
             self._writer, self._writer_pid = self.engine.connect(), os.getpid()
+            self._writer_fast = False  # the connect hook set synchronous=FULL
+        if self._writer_fast != fast_commit:  # outside any transaction: takes effect for the next commit
+            self._writer.connection.driver_connection.execute(
+                f"PRAGMA synchronous={'NORMAL' if fast_commit else 'FULL'}")
+            self._writer_fast = fast_commit
         return self._writer
 
     def _close_writer(self) -> None:
@@ -369,6 +384,10 @@ class Index:
                 log.debug("index.writer_close_failed", exc_info=True)
 
     # --- ingest -------------------------------------------------------------------------
+
+    def newest_instance_received_at(self) -> float | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(instances.c.received_at))).scalar()
 
     def instance_exists(self, sop_instance_uid: str) -> bool:
         with self.engine.connect() as conn:
@@ -396,7 +415,7 @@ class Index:
     def _record_instances(self, recs: list[InstanceRecord], now: float | None) -> list[bool]:
         now = time.time() if now is None else now
         results = []
-        with self._write() as conn:
+        with self._write(fast_commit=self.fast_instance_commits) as conn:
             written: set[str] = set()  # series whose parent rows this transaction wrote
             for rec in recs:
                 if rec.series_uid not in self._known_series and rec.series_uid not in written:

@@ -15,6 +15,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification, regis
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
+from . import recovery
 from .assembly import Assembler
 from .config import Settings
 from .frontdoor import FrontDoor, Limits, Refusal
@@ -89,7 +90,7 @@ class DicomNode:
     def __post_init__(self) -> None:
         s = self.settings
         self.store = InstanceStore(s.storage_dir, s.min_free_disk_mb * 2**20, s.duplicate_policy)
-        self.index = Index(s.database_url)
+        self.index = Index(s.database_url, fast_instance_commits=s.index_instance_commit == "fast")
         self.ingestor = Ingestor(self.store, self.index, group_commit=True)
         self._stats: dict[int, _AssociationStats] = {}
         self._stats_lock = threading.Lock()
@@ -117,6 +118,8 @@ class DicomNode:
         s = self.settings
         if not self.listener_only:
             self.store.remove_partial_writes()  # before any process of this node listens
+            if recovery.begin_run(self.store.root):
+                recovery.restore_missing_rows(self.ingestor)  # rows a power loss may have taken back
         handlers = self._handlers()
         if s.http_port and not self.listener_only:  # first: a port in use stops the node before it accepts images
             self._status = StatusServer(self.index, s.http_host, s.http_port, s)
@@ -158,6 +161,8 @@ class DicomNode:
         if self._status:
             self._status.stop()
             self._status = None
+        if not self.listener_only:
+            recovery.end_run(self.store.root)  # after the listeners: every row written
         self.index.dispose()
 
     # --- wiring -----------------------------------------------------------------------
