@@ -53,42 +53,9 @@ def test_concurrent_instances_share_transactions_and_all_are_indexed(index, tmp_
     assert group.commit(record(5), None) is False
 
 
-def test_a_bad_row_fails_only_its_own_instance(index, tmp_path):
-    group = CommitGroup(index)
-    bad = replace(record(99, series="1.2.3.9"), patient_id=None)  # NOT NULL: the transaction fails
-    gate = threading.Event()
-    outcomes: dict[str, object] = {}
-    # Hold the leader inside its write so the others queue up into one group with the bad row.
-    original = index.record_instances
-
-    def slow_first(recs, now=None):
-        if not gate.is_set():
-            gate.set()
-            threading.Event().wait(0.3)
-        return original(recs, now)
-
-    index.record_instances = slow_first  # type: ignore[method-assign]
-
-    def send(name: str, rec: InstanceRecord) -> None:
-        try:
-            outcomes[name] = group.commit(rec, tmp_path)
-        except Exception as exc:  # noqa: BLE001
-            outcomes[name] = exc
-
-    first = threading.Thread(target=send, args=("first", record(1)))
-    first.start()
-    gate.wait(5)
-    others = [threading.Thread(target=send, args=(name, rec)) for name, rec in (("good", record(2)), ("bad", bad), ("good2", record(3)))]
-    for t in others:
-        t.start()
-    for t in [first, *others]:
-        t.join()
-    assert outcomes["first"] is True and outcomes["good"] is True and outcomes["good2"] is True
-    assert isinstance(outcomes["bad"], IntegrityError)
-    assert {r["sop_instance_uid"] for r in index.study_instances("1.2.3")} == {"1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.3"}
-
-
-def test_a_folder_that_cannot_be_fsynced_fails_only_its_instances_and_writes_no_row_for_them(index, tmp_path):
+def commit_as_one_group(index, first: tuple, others: list[tuple]) -> dict[str, object]:
+    """Commit `first`, hold its leader inside the write, commit `others` meanwhile (so they form
+    the next group together); each (name, record, folder) -> its outcome or exception."""
     group = CommitGroup(index)
     gate = threading.Event()
     outcomes: dict[str, object] = {}
@@ -108,15 +75,30 @@ def test_a_folder_that_cannot_be_fsynced_fails_only_its_instances_and_writes_no_
         except Exception as exc:  # noqa: BLE001
             outcomes[name] = exc
 
-    first = threading.Thread(target=send, args=("first", record(1), tmp_path))
-    first.start()
+    leader = threading.Thread(target=send, args=first)
+    leader.start()
     gate.wait(5)
-    gone = tmp_path / "removed-meanwhile"  # its fsync fails: the entry may not be durable
-    others = [threading.Thread(target=send, args=args) for args in (("good", record(2), tmp_path), ("lost", record(3), gone))]
-    for t in others:
+    followers = [threading.Thread(target=send, args=args) for args in others]
+    for t in followers:
         t.start()
-    for t in [first, *others]:
+    for t in [leader, *followers]:
         t.join()
+    return outcomes
+
+
+def test_a_bad_row_fails_only_its_own_instance(index, tmp_path):
+    bad = replace(record(99, series="1.2.3.9"), patient_id=None)  # NOT NULL: the transaction fails
+    outcomes = commit_as_one_group(index, ("first", record(1), tmp_path), [
+        ("good", record(2), tmp_path), ("bad", bad, tmp_path), ("good2", record(3), tmp_path)])
+    assert outcomes["first"] is True and outcomes["good"] is True and outcomes["good2"] is True
+    assert isinstance(outcomes["bad"], IntegrityError)
+    assert {r["sop_instance_uid"] for r in index.study_instances("1.2.3")} == {"1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.3"}
+
+
+def test_a_folder_that_cannot_be_fsynced_fails_only_its_instances_and_writes_no_row_for_them(index, tmp_path):
+    gone = tmp_path / "removed-meanwhile"  # its fsync fails: the entry may not be durable
+    outcomes = commit_as_one_group(index, ("first", record(1), tmp_path), [
+        ("good", record(2), tmp_path), ("lost", record(3), gone)])
     assert outcomes["first"] is True and outcomes["good"] is True
     assert isinstance(outcomes["lost"], FileNotFoundError)
     assert {r["sop_instance_uid"] for r in index.study_instances("1.2.3")} == {"1.2.3.1.1", "1.2.3.1.2"}

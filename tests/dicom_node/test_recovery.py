@@ -34,52 +34,47 @@ def take_back(index: Index, sop_uids: list[str]) -> None:
         conn.execute(delete(instances).where(instances.c.sop_instance_uid.in_(sop_uids)))
 
 
-def test_rows_lost_after_an_unclean_stop_are_restored_before_the_node_listens(make_node, ct_study, tmp_path, caplog):
-    study_uid, paths = ct_study
-    settings = node_settings(tmp_path)
-    node = make_node(**settings.model_dump())
-    send(node, paths)
-    all_uids = indexed(node.index, study_uid)
-    assert len(all_uids) == len(paths)
-    node.stop()
-    lost = sorted(all_uids)[:3]
-    take_back(node.index, lost)
-    (settings.storage_dir / recovery.RUNNING_MARK).touch()  # as a power loss leaves it
-
-    caplog.set_level("INFO", logger="dicom_node.recovery")
-    again = make_node(**settings.model_dump())
-    assert indexed(again.index, study_uid) == all_uids
-    assert any("recovery.after_unclean_stop" in r.getMessage() for r in caplog.records)
-    again.stop()
-    assert not (settings.storage_dir / recovery.RUNNING_MARK).exists()
-
-
-def test_after_a_clean_stop_nothing_is_walked(make_node, ct_study, tmp_path):
-    study_uid, paths = ct_study
-    settings = node_settings(tmp_path)
-    node = make_node(**settings.model_dump())
-    send(node, paths)
-    node.stop()
-    assert not (settings.storage_dir / recovery.RUNNING_MARK).exists()
-    take_back(node.index, [sorted(indexed(node.index, study_uid))[0]])
-    again = make_node(**settings.model_dump())
-    assert len(indexed(again.index, study_uid)) == len(paths) - 1
-
-
-def test_only_series_folders_changed_near_the_newest_row_are_walked(make_node, ct_study, tmp_path):
+def stored_then_stopped(make_node, ct_study, tmp_path):
+    """A node that received the study over storescu and stopped: (settings, its index, study, uids)."""
     study_uid, paths = ct_study
     settings = node_settings(tmp_path)
     node = make_node(**settings.model_dump())
     send(node, paths)
     node.stop()
     uids = sorted(indexed(node.index, study_uid))
-    take_back(node.index, uids[:1])
+    assert len(uids) == len(paths)
+    return settings, node.index, study_uid, uids
+
+
+def test_rows_lost_after_an_unclean_stop_are_restored_before_the_node_listens(make_node, ct_study, tmp_path, caplog):
+    settings, index, study_uid, uids = stored_then_stopped(make_node, ct_study, tmp_path)
+    take_back(index, uids[:3])
+    (settings.storage_dir / recovery.RUNNING_MARK).touch()  # as a power loss leaves it
+    caplog.set_level("INFO", logger="dicom_node.recovery")
+    again = make_node(**settings.model_dump())
+    assert sorted(indexed(again.index, study_uid)) == uids
+    assert any("recovery.after_unclean_stop" in r.getMessage() for r in caplog.records)
+    again.stop()
+    assert not (settings.storage_dir / recovery.RUNNING_MARK).exists()
+
+
+def test_after_a_clean_stop_nothing_is_walked(make_node, ct_study, tmp_path):
+    settings, index, study_uid, uids = stored_then_stopped(make_node, ct_study, tmp_path)
+    assert not (settings.storage_dir / recovery.RUNNING_MARK).exists()
+    take_back(index, uids[:1])
+    again = make_node(**settings.model_dump())
+    assert sorted(indexed(again.index, study_uid)) == uids[1:]
+
+
+def test_only_series_folders_changed_near_the_newest_row_are_walked(make_node, ct_study, tmp_path):
+    settings, index, study_uid, uids = stored_then_stopped(make_node, ct_study, tmp_path)
+    take_back(index, uids[:1])
     series_folder = next(p for p in (settings.storage_dir / study_uid).iterdir() if p.is_dir())
     old = time.time() - recovery.MARGIN_SECONDS - 3600  # changed long before the newest surviving row
     os.utime(series_folder, (old, old))
     (settings.storage_dir / recovery.RUNNING_MARK).touch()
     again = make_node(**settings.model_dump())
-    assert len(indexed(again.index, study_uid)) == len(paths) - 1
+    assert sorted(indexed(again.index, study_uid)) == uids[1:]
 
 
 def test_sqlite_instance_rows_alone_are_committed_without_waiting_for_the_disk(tmp_path):
