@@ -58,8 +58,6 @@ class InstanceStore:
         self.incoming.mkdir(parents=True, exist_ok=True)
         self.conflicts.mkdir(parents=True, exist_ok=True)
         self._incoming_resolved = self.incoming.resolve()
-        self._sync_pool: ThreadPoolExecutor | None = None
-        self._sync_pool_lock = threading.Lock()
 
     def remove_partial_writes(self) -> int:
         """Delete files a crash left in .incoming; none of them was ever acknowledged."""
@@ -111,10 +109,7 @@ class InstanceStore:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fchmod(fd, FILE_MODE)
-            with self._sync_pool_lock:
-                if self._sync_pool is None:
-                    self._sync_pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="store-fsync")
-            return self._sync_pool.submit(_fsync_and_close, fd)
+            return _sync_pool().submit(_fsync_and_close, fd)
         except BaseException:
             os.close(fd)
             raise
@@ -241,6 +236,20 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+_SYNC_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the process it belongs to, the pool)
+_SYNC_POOL_LOCK = threading.Lock()
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    """One per process, shared by every store (a worker opens a store per job: no pool each);
+    a forked child makes its own (the parent's threads do not exist in it)."""
+    global _SYNC_POOL
+    with _SYNC_POOL_LOCK:
+        if _SYNC_POOL is None or _SYNC_POOL[0] != os.getpid():
+            _SYNC_POOL = (os.getpid(), ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="store-fsync"))
+        return _SYNC_POOL[1]
 
 
 def _fsync_and_close(fd: int) -> None:
