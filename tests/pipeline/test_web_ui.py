@@ -8,6 +8,7 @@ import time
 
 import pytest
 from selenium.webdriver.common.by import By
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.support.ui import WebDriverWait
 
 from dicom_node.local_stack.scenario import acquire, seed_pacs, wait_for_report, write_history
@@ -61,13 +62,15 @@ def test_operator_sees_jobs_priors_overlay_failures_and_retries(stack, browser, 
     browser.get(base + "/")
     assert "/login" in browser.current_url
     browser.find_element(By.ID, "token").send_keys("not-the-token-at-all")
-    browser.find_element(By.ID, "login").click()
-    assert "not the one configured" in browser.find_element(By.ID, "login-error").text
+    browser.find_element(By.ID, "login").click()  # returns before the answer page is loaded: wait for it
+    error = WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.ID, "login-error"))[0]
+    assert "not the one configured" in error.text
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.ID, "login").click()
 
     # Dashboard: what was received, jobs by state, queues, latencies, the failure and its reason.
-    assert browser.find_element(By.TAG_NAME, "h1").text == "Dashboard"
+    WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda b: [h for h in b.find_elements(By.TAG_NAME, "h1") if h.text == "Dashboard"])
     assert int(browser.find_element(By.ID, "instances").text) >= 2  # the current study and the poison one, plus priors
     assert int(browser.find_element(By.ID, "studies").text) >= 3
     assert browser.find_element(By.ID, "jobs-failed").text == "1"
