@@ -52,6 +52,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -71,6 +72,7 @@ from pynetdicom.timer import Timer
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from .logs import log_event
+from .storage import InstanceStore
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +178,7 @@ class _SpoolHandle:
     def __init__(self, path: Path, fd: int) -> None:
         self.name = str(path)
         self.file = os.fdopen(fd, "wb")
+        self.synced: Future | None = None
 
     @classmethod
     def create(cls, directory: Path) -> _SpoolHandle:
@@ -189,12 +192,25 @@ class _SpoolHandle:
     def write(self, data) -> int:
         return self.file.write(data)
 
+    def begin_sync(self) -> None:
+        """Once the data set is complete: start its fsync (InstanceStore.begin_sync) before the
+        message even reaches the association thread; the C-STORE handler gets it as
+        ``spool_synced(event)``."""
+        self.file.flush()
+        self.synced = InstanceStore.begin_sync_fd(self.file.fileno())
+
     def close(self) -> None:
         self.file.close()
 
     @property
     def closed(self) -> bool:
         return self.file.closed
+
+
+def spool_synced(event) -> Future | None:
+    """For a C-STORE handler: the fsync begun on its spool file as the data set completed."""
+    handle = getattr(event.request, "_dataset_file", None)
+    return getattr(handle, "synced", None) if isinstance(handle, _SpoolHandle) else None
 
 
 class SpoolOnly:
@@ -625,13 +641,26 @@ class _Wakeup:
                 os.close(self._write_fd)
 
 
+class _MessageQueue(_WakingQueue):
+    """The DIMSE message queue: a C-STORE whose data set was spooled starts its fsync here."""
+
+    def _put(self, item) -> None:
+        handle = getattr(item[1], "_dataset_file", None)
+        if isinstance(handle, _SpoolHandle) and handle.synced is None:
+            try:
+                handle.begin_sync()
+            except OSError:
+                log.warning("frontdoor.early_sync_failed", exc_info=True)  # the ingest fsyncs it itself
+        super()._put(item)
+
+
 def _make_event_driven(assoc, wake: _Wakeup) -> None:
     """Swap the four queues for waking ones and both reactor loops for the waiting ones."""
     dul, dimse = assoc.dul, assoc.dimse
     dul.event_queue = _WakingQueue(wake.dul, dul.event_queue.queue)  # Evt5 is already queued
     dul.to_provider_queue = _WakingQueue(wake.dul, dul.to_provider_queue.queue)
     dul.to_user_queue = _WakingQueue(wake.assoc, dul.to_user_queue.queue)
-    dimse.msg_queue = _WakingQueue(wake.assoc, dimse.msg_queue.queue)
+    dimse.msg_queue = _MessageQueue(wake.assoc, dimse.msg_queue.queue)
     stop_dul, kill_dul = dul.stop_dul, dul.kill_dul
 
     def stop() -> bool:

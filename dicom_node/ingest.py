@@ -16,6 +16,7 @@ import logging
 import struct
 import tempfile
 import zlib
+from concurrent.futures import Future
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -116,13 +117,16 @@ class Ingestor:
         """An instance in memory (preamble, file meta, dataset)."""
         return self._guarded(encoded, requested_sop_class, requested_sop_instance)
 
-    def ingest_file(self, path: Path, requested_sop_class: str = "", requested_sop_instance: str = "") -> IngestResult:
-        """An instance in a file (the SCP's spool file in the store's .incoming): never read whole."""
-        return self._guarded(Path(path), requested_sop_class, requested_sop_instance)
+    def ingest_file(self, path: Path, requested_sop_class: str = "", requested_sop_instance: str = "",
+                    synced: Future | None = None) -> IngestResult:
+        """An instance in a file (the SCP's spool file in the store's .incoming): never read whole.
+        `synced`: the fsync of that file already begun (InstanceStore.begin_sync_fd)."""
+        return self._guarded(Path(path), requested_sop_class, requested_sop_instance, synced)
 
-    def _guarded(self, source: bytes | Path, requested_sop_class: str, requested_sop_instance: str) -> IngestResult:
+    def _guarded(self, source: bytes | Path, requested_sop_class: str, requested_sop_instance: str,
+                 synced: Future | None = None) -> IngestResult:
         try:
-            return self._ingest(source, requested_sop_class, requested_sop_instance)
+            return self._ingest(source, requested_sop_class, requested_sop_instance, synced)
         except Exception as exc:  # never take the association down: answer with a failure status
             log.exception("ingest.unexpected_error")
             return IngestResult(
@@ -130,12 +134,14 @@ class Ingestor:
                 comment=f"unexpected error while storing ({type(exc).__name__})",
             )
 
-    def _ingest(self, source: bytes | Path, requested_sop_class: str, requested_sop_instance: str) -> IngestResult:
+    def _ingest(self, source: bytes | Path, requested_sop_class: str, requested_sop_instance: str,
+                synced: Future | None = None) -> IngestResult:
         if requested_sop_class == MEDIA_STORAGE_DIRECTORY:
             return _refuse(st.MEDIA_DIRECTORY_REFUSED, "DICOMDIR is a media directory, not an instance; send the files it lists",
                            "DICOMDIR is a media directory, not an instance")
         # A spool file's fsync runs while it is parsed and checked (store_file waits for it).
-        synced = self.store.begin_sync(source) if isinstance(source, Path) and self.store.in_incoming(source) else None
+        if synced is None and isinstance(source, Path) and self.store.in_incoming(source):
+            synced = self.store.begin_sync(source)
         try:
             ds, has_pixels, size = _parse_source(source)
         except Malformed as exc:

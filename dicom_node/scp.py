@@ -18,7 +18,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from . import recovery
 from .assembly import Assembler
 from .config import Settings
-from .frontdoor import FrontDoor, Limits, Refusal
+from .frontdoor import FrontDoor, Limits, Refusal, spool_synced
 from .http_api import ASSOCIATIONS, INSTANCES, StatusServer
 from .index import Index
 from .ingest import MEDIA_STORAGE_DIRECTORY, Ingestor
@@ -341,7 +341,7 @@ class DicomNode:
         requested = str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or "")
         spooled = event.dataset_path  # a Path when the front door streamed it to .incoming
         if isinstance(spooled, Path):
-            result = self.ingestor.ingest_file(spooled, *requested)
+            result = self.ingestor.ingest_file(spooled, *requested, synced=spool_synced(event))
         else:
             result = self.ingestor.ingest(event.encoded_dataset(include_meta=True), *requested)
         INSTANCES.labels("accepted" if result.ok else f"0x{result.status:04X}").inc()

@@ -108,11 +108,26 @@ class InstanceStore:
         into place."""
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.fchmod(fd, FILE_MODE)
-            return _sync_pool().submit(_fsync_and_close, fd)
+            return InstanceStore._submit_sync(fd)
         except BaseException:
             os.close(fd)
             raise
+
+    @staticmethod
+    def begin_sync_fd(fd: int) -> Future:
+        """begin_sync for a file its writer still has open (the front door's spool file): the
+        fsync works on a duplicate descriptor, so the writer may close its own meanwhile."""
+        duplicate = os.dup(fd)
+        try:
+            return InstanceStore._submit_sync(duplicate)
+        except BaseException:
+            os.close(duplicate)
+            raise
+
+    @staticmethod
+    def _submit_sync(fd: int) -> Future:
+        os.fchmod(fd, FILE_MODE)
+        return _sync_pool().submit(_fsync_and_close, fd)
 
     def store_file(self, study_uid: str, series_uid: str, sop_uid: str, source: Path, sync_dir: bool = True,
                    synced: Future | None = None) -> StoreResult:

@@ -353,9 +353,9 @@ def test_a_received_data_set_is_streamed_to_incoming_not_kept_in_memory(node, tm
     seen = []
     original = node.ingestor.ingest_file
 
-    def spy(path, *args):
+    def spy(path, *args, **kwargs):
         seen.append(path.parent)
-        return original(path, *args)
+        return original(path, *args, **kwargs)
 
     monkeypatch.setattr(node.ingestor, "ingest_file", spy)
     monkeypatch.setattr(node.ingestor, "ingest", lambda *a: pytest.fail("the data set was passed in memory"))

@@ -45,3 +45,27 @@ def test_a_forked_child_fsyncs_on_a_pool_of_its_own(tmp_path):
             os._exit(1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_scp_begins_each_spool_files_fsync_as_its_data_set_completes(node, ct_study, monkeypatch):
+    """Over a real association: the handler is given the fsync the front door began (on its own
+    descriptor), done without error by the time the instance is stored."""
+    from dicom_node.ingest import Ingestor
+
+    from .conftest import NODE_AE, run_tool
+
+    given = []
+    original = Ingestor.ingest_file
+
+    def recording(self, path, *args, synced=None):
+        given.append(synced)
+        result = original(self, path, *args, synced=synced)
+        given.append(synced.done() and synced.exception() is None)
+        return result
+
+    monkeypatch.setattr(Ingestor, "ingest_file", recording)
+    _, paths = ct_study
+    run_tool("/usr/bin/storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))
+    assert len(given) == 2 * len(paths)
+    assert all(hasattr(future, "result") for future in given[0::2])
+    assert all(given[1::2])
