@@ -106,28 +106,13 @@ class InstanceStore:
         return at once: the caller parses the instance while the disk works (fsync releases the
         GIL), then hands the future to store_file, which waits for it before linking the file
         into place."""
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            return InstanceStore._submit_sync(fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        return _sync_owned(os.open(path, os.O_RDONLY))
 
     @staticmethod
     def begin_sync_fd(fd: int) -> Future:
         """begin_sync for a file its writer still has open (the front door's spool file): the
         fsync works on a duplicate descriptor, so the writer may close its own meanwhile."""
-        duplicate = os.dup(fd)
-        try:
-            return InstanceStore._submit_sync(duplicate)
-        except BaseException:
-            os.close(duplicate)
-            raise
-
-    @staticmethod
-    def _submit_sync(fd: int) -> Future:
-        os.fchmod(fd, FILE_MODE)
-        return _sync_pool().submit(_fsync_and_close, fd)
+        return _sync_owned(os.dup(fd))
 
     def store_file(self, study_uid: str, series_uid: str, sop_uid: str, source: Path, sync_dir: bool = True,
                    synced: Future | None = None) -> StoreResult:
@@ -265,6 +250,16 @@ def _sync_pool() -> ThreadPoolExecutor:
         if _SYNC_POOL is None or _SYNC_POOL[0] != os.getpid():
             _SYNC_POOL = (os.getpid(), ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="store-fsync"))
         return _SYNC_POOL[1]
+
+
+def _sync_owned(fd: int) -> Future:
+    """Set the mode of, and fsync on the pool, a descriptor the pool then closes."""
+    try:
+        os.fchmod(fd, FILE_MODE)
+        return _sync_pool().submit(_fsync_and_close, fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _fsync_and_close(fd: int) -> None:
