@@ -501,6 +501,9 @@ class Index:
     # --- association audit ------------------------------------------------------------
 
     def open_association(self, calling_ae: str, called_ae: str, host: str, port: int, result: str, reason: str = "") -> int:
+        """An association audit row. Only an accepted association stays open (close_association);
+        any other result (rejected, cut before an association) is written ended, in one
+        transaction, so that no reader sees it half-written."""
         now = time.time()
         with self._write() as conn:
             row = conn.execute(
@@ -510,7 +513,7 @@ class Index:
                     peer_host=host,
                     peer_port=port,
                     started_at=now,
-                    ended_at=now if result == "rejected" else None,
+                    ended_at=None if result == "accepted" else now,
                     result=result,
                     reason=reason,
                 )

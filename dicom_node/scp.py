@@ -313,16 +313,12 @@ class DicomNode:
         ASSOCIATIONS.labels(refusal.result).inc()
         _, carried, since = admitted
         reason = refusal.reason + (f"; {suppressed_note(carried, since)}" if carried else "")
-        self._audit_refusal(refusal.result, reason, refusal.host, refusal.port, refusal.calling_ae, refusal.called_ae)
-
-    def _audit_refusal(self, result: str, reason: str, host: str, port: int, calling_ae: str = "", called_ae: str = "") -> None:
-        audit_id = self.index.open_association(calling_ae, called_ae, host, port, result, reason)
-        if result != "rejected":  # a rejected row is closed when written
-            self.index.close_association(audit_id, result, 0, 0, reason)
+        # Not accepted: the audit row is written ended.
+        self.index.open_association(refusal.calling_ae, refusal.called_ae, refusal.host, refusal.port, refusal.result, reason)
 
     def _flush_refusal_counts(self) -> None:
         for host, count, since in self._refusal_throttle.drain():
-            self._audit_refusal("rejected", suppressed_note(count, since), host, 0)
+            self.index.open_association("", "", host, 0, "rejected", suppressed_note(count, since))
 
     # --- services ---------------------------------------------------------------------
 
