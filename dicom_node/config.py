@@ -28,6 +28,7 @@ from .validators import check_ae_title
 from .report.settings import ReportSettings
 
 CONFIG_FILE_ENV = "DICOM_NODE_CONFIG_FILE"
+LOCAL_BACKENDS = ("torch", "onnxruntime", "tensorrt")  # vlm_backend values whose weights are on this machine
 
 
 class StudyRule(BaseModel):
@@ -168,11 +169,13 @@ class Settings(BaseSettings):
             raise ValueError("port 0 turns the plain DICOM listener off (TLS only): set tls_enabled with tls_port")
         return self
 
+    @property
+    def runs_local_model(self) -> bool:
+        return bool(self.vlm_model) and self.vlm_backend in LOCAL_BACKENDS
+
     @model_validator(mode="after")
     def _an_encoder_to_describe_references(self) -> "Settings":
-        from .references.encoder import LOCAL_BACKENDS, runs_local_model
-
-        if self.references.descriptor == "vision_encoder" and not runs_local_model(self):
+        if self.references.descriptor == "vision_encoder" and not self.runs_local_model:
             raise ValueError(
                 "references.descriptor vision_encoder needs a local model: vlm_model with vlm_backend one of "
                 f"{', '.join(LOCAL_BACKENDS)} (now vlm_model {self.vlm_model!r}, vlm_backend {self.vlm_backend!r}); "

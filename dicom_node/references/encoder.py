@@ -3,7 +3,8 @@
 `references.descriptor`:
 - `auto` (default): the vision encoder's embedding when the node runs a local model (`vlm_model`
   with backend torch, onnxruntime or tensorrt: the weights are on this machine), otherwise none;
-  a model that cannot be loaded is logged and matching uses the thumbnail;
+  a model that cannot be loaded is logged and matching uses the thumbnail; it is tried again after
+  RETRY_FAILED_LOAD_SECONDS, not on every job;
 - `vision_encoder`: the same, but required: without a loadable local model this is an error;
 - `thumbnail`: the lightweight thumbnail only.
 The thumbnail is always stored and computed as well, so a library imported without a model (or with
@@ -15,36 +16,44 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 from ..logs import log_event
 from .library import ReferenceRefused
 
 log = logging.getLogger(__name__)
 
-LOCAL_BACKENDS = ("torch", "onnxruntime", "tensorrt")
+RETRY_FAILED_LOAD_SECONDS = 600.0  # a model that failed to load is tried again after this (auto)
 
 
 class EncoderUnavailable(ReferenceRefused):
     """references.descriptor is vision_encoder but the local model's encoder cannot be loaded."""
 
 
-def runs_local_model(settings) -> bool:
-    return bool(settings.vlm_model) and settings.vlm_backend in LOCAL_BACKENDS
-
-
 def encoder_for(settings):
     """A callable `ImageInput -> vector` with a `kind`, or None (thumbnail only). Settings refuse
     vision_encoder without a local model (config.py), so here only loading can fail."""
-    if settings.references.descriptor == "thumbnail" or not runs_local_model(settings):
+    if settings.references.descriptor == "thumbnail" or not settings.runs_local_model:
         return None
+    key = (settings.vlm_model, str(settings.models_root))
+    failed = _failed_loads.get(key)
+    if failed is not None and settings.references.descriptor == "auto" and time.monotonic() - failed[0] < RETRY_FAILED_LOAD_SECONDS:
+        return None  # logged when it failed: neither loaded nor logged again for every job
     try:
-        return _load(settings.vlm_model, str(settings.models_root))
+        encoder = _load(*key)
     except Exception as exc:
         if settings.references.descriptor == "vision_encoder":
             raise EncoderUnavailable(f"references.descriptor is vision_encoder, but model {settings.vlm_model!r} "
                                      f"cannot be loaded: {exc}") from exc
-        log_event(log, logging.WARNING, "references.encoder_unavailable", model=settings.vlm_model, detail=str(exc))
+        log_event(log, logging.WARNING, "references.encoder_unavailable", model=settings.vlm_model, detail=str(exc),
+                  retry_after_seconds=RETRY_FAILED_LOAD_SECONDS)
+        _failed_loads[key] = (time.monotonic(), str(exc))
         return None
+    _failed_loads.pop(key, None)
+    return encoder
+
+
+_failed_loads: dict[tuple[str, str], tuple[float, str]] = {}  # (model, models_root) -> (when, why)
 
 
 @functools.lru_cache(maxsize=2)

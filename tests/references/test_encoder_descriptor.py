@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -121,6 +122,27 @@ def test_settings_and_fallbacks(models_root, caplog):
         assert encoder_for(missing.model_copy(update={"references": missing.references.model_copy(
             update={"descriptor": "auto"})})) is None
     assert "references.encoder_unavailable" in caplog.text
+
+
+def test_a_failed_auto_load_is_not_retried_for_every_job(models_root, tmp_path, monkeypatch):
+    from dicom_node.references import encoder as module
+
+    root = tmp_path / "models"
+    root.mkdir()
+    auto = Settings(vlm_model="tiny-gemma3", vlm_backend="torch", models_root=root, references={"descriptor": "auto"})
+    tries = []
+    real_load = module._load.__wrapped__
+    monkeypatch.setattr(module, "_load", lambda *key: tries.append(key) or real_load(*key))
+    monkeypatch.setattr(module, "_failed_loads", {})
+    assert encoder_for(auto) is None and encoder_for(auto) is None
+    assert len(tries) == 1  # the second job neither loads nor logs again
+    write_tiny_model(root, "gemma3")  # the operator puts the model in place
+    monkeypatch.setattr(module, "RETRY_FAILED_LOAD_SECONDS", 0.0)
+    assert encoder_for(auto) is not None and len(tries) == 2  # tried again after the wait: loads
+    strict = auto.model_copy(update={"references": auto.references.model_copy(update={"descriptor": "vision_encoder"})})
+    monkeypatch.setattr(module, "RETRY_FAILED_LOAD_SECONDS", 600.0)
+    monkeypatch.setitem(module._failed_loads, (strict.vlm_model, str(root)), (time.monotonic(), "a moment ago"))
+    assert encoder_for(strict) is not None  # vision_encoder never skips a load
 
 
 def test_cli_add_stores_the_embedding_of_the_configured_model(models_root, tmp_path, monkeypatch):
