@@ -1,5 +1,5 @@
 """The node's HTTP service: the operations UI and JSON API (web/app.py), served by uvicorn in a
-thread of the SCP process. This module keeps the process-wide counters and /status's document."""
+thread of the SCP process. This module keeps the process-wide counters (web/status.py builds /status)."""
 
 from __future__ import annotations
 
@@ -18,26 +18,6 @@ log = logging.getLogger(__name__)
 REGISTRY = CollectorRegistry()
 INSTANCES = Counter("dicom_node_instances_total", "C-STORE requests answered, by outcome", ["outcome"], registry=REGISTRY)
 ASSOCIATIONS = Counter("dicom_node_associations_total", "Associations, by result", ["result"], registry=REGISTRY)
-
-
-def job_counts(index: Index) -> dict[str, int]:
-    from .pipeline.jobs import JobStore
-
-    return JobStore(index).counts()
-
-
-def status_document(index: Index, limit: int = 20) -> dict:
-    from .pipeline.jobs import JobStore
-    from .report.delivery import delivery_counts
-
-    return {
-        "deliveries": delivery_counts(index),
-        "counts": index.counts(),
-        "jobs_by_state": job_counts(index),
-        "recent_jobs": [job.__dict__ for job in JobStore(index).list(limit)],
-        "outbox_pending": [row.__dict__ for row in index.outbox_rows(pending_only=True)],
-        "recent_associations": index.recent_associations(limit),
-    }
 
 
 class StatusServer:

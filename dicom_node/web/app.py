@@ -164,7 +164,7 @@ def create_app(settings: Settings, index: Index, tokens: TokenSource, process_re
 
     @app.get("/status")
     def status() -> JSONResponse:
-        from ..http_api import status_document
+        from .status import status_document
 
         return JSONResponse(_jsonable(status_document(index)))
 
