@@ -233,6 +233,9 @@ def spool_received_datasets(assoc, spool_dir: Path) -> SpoolOnly:
     install()
     spool = SpoolOnly(spool_dir)
     assoc.dul._front_door = spool  # read by _connection() in the association's DUL thread
+    # Each spool file's fsync starts as its data set completes (spool_synced), as on the SCP;
+    # the requestor's threads block on the queue's own condition, so no wake-up is needed.
+    assoc.dimse.msg_queue = _MessageQueue(lambda: None, assoc.dimse.msg_queue.queue)
     return spool
 
 

@@ -120,7 +120,8 @@ class Ingestor:
     def ingest_file(self, path: Path, requested_sop_class: str = "", requested_sop_instance: str = "",
                     synced: Future | None = None) -> IngestResult:
         """An instance in a file (the SCP's spool file in the store's .incoming): never read whole.
-        `synced`: the fsync of that file already begun (InstanceStore.begin_sync_fd)."""
+        `synced`: the fsync of that file already begun (frontdoor.spool_synced); without it
+        store_file fsyncs the file itself."""
         return self._guarded(Path(path), requested_sop_class, requested_sop_instance, synced)
 
     def _guarded(self, source: bytes | Path, requested_sop_class: str, requested_sop_instance: str,
@@ -139,9 +140,6 @@ class Ingestor:
         if requested_sop_class == MEDIA_STORAGE_DIRECTORY:
             return _refuse(st.MEDIA_DIRECTORY_REFUSED, "DICOMDIR is a media directory, not an instance; send the files it lists",
                            "DICOMDIR is a media directory, not an instance")
-        # A spool file's fsync runs while it is parsed and checked (store_file waits for it).
-        if synced is None and isinstance(source, Path) and self.store.in_incoming(source):
-            synced = self.store.begin_sync(source)
         try:
             ds, has_pixels, size = _parse_source(source)
         except Malformed as exc:

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (
 )
 
 from ..config import Settings
-from ..frontdoor import SpoolOnly, spool_received_datasets
+from ..frontdoor import SpoolOnly, spool_received_datasets, spool_synced
 from ..index import Index
 from ..ingest import Ingestor
 from ..logs import log_event
@@ -383,7 +383,7 @@ class DimseArchive(Archive):
             requested = str(event.request.AffectedSOPClassUID or ""), str(event.request.AffectedSOPInstanceUID or "")
             spooled = getattr(event.request, "_dataset_path", None)  # set when streamed to a file
             if isinstance(spooled, Path):
-                result = ingestor.ingest_file(spooled, *requested)  # the SCP's path: never read whole
+                result = ingestor.ingest_file(spooled, *requested, synced=spool_synced(event))  # the SCP's path
             else:
                 result = ingestor.ingest(event.encoded_dataset(include_meta=True), *requested)
             response = Dataset()

@@ -3,6 +3,7 @@ DICOMweb retrieval, prior reports, the cache, and every fault the issue lists.""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -125,9 +126,18 @@ def test_cget_retrieves_recent_and_baseline_in_one_association(archive, node, wo
         return real_associate(ae, *args, **kwargs)
 
     monkeypatch.setattr(archive_module, "associate", counting_associate)
+    futures = []  # each received instance's fsync, begun as its data set completed (as on the SCP)
+    real_ingest_file = type(worker.ingestor).ingest_file
+
+    def recording_ingest_file(self, path, *args, synced=None):
+        futures.append(synced)
+        return real_ingest_file(self, path, *args, synced=synced)
+
+    monkeypatch.setattr(type(worker.ingestor), "ingest_file", recording_ingest_file)
 
     result = retrieve_priors(settings, worker.index, worker.ingestor, current)
 
+    assert futures and all(isinstance(f, Future) and f.done() and f.exception() is None for f in futures)
     get_associations = [c for c in opened if StudyRootQueryRetrieveInformationModelGet in c]
     assert len(get_associations) == 1  # 4 series of 2 studies (images and a report) over one association
 
