@@ -65,6 +65,33 @@ def test_the_embedding_is_the_models_own_and_names_it(models_root):
     assert encoder.model.model.language_model is None  # only the vision part is kept
 
 
+def test_a_half_precision_checkpoint_loads_at_its_width_and_embeds_as_a_float32_load(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from inference.vlm.adapters.base import Adapter
+    from inference.vlm.vision_descriptor import stored_dtype
+
+    write_tiny_model(tmp_path, "gemma3")
+    spec = resolve_model("tiny-gemma3", tmp_path)
+    [weights] = spec.require_weights().glob("*.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    assert stored_dtype(spec.require_weights()) == "bfloat16"
+
+    widths = []
+    real_load = Adapter.load_model
+    monkeypatch.setattr(Adapter, "load_model", lambda self, device="cpu", dtype=None: widths.append(dtype) or real_load(self, device, dtype))
+    encoder = VisionEncoderDescriptor(spec)
+    assert widths == ["bfloat16"]  # the whole model is never held as float32
+    assert {p.dtype for p in encoder.model.parameters()} == {torch.float32}
+    monkeypatch.setattr(Adapter, "load_model", real_load)
+
+    as_float32 = VisionEncoderDescriptor(spec)  # the old way: the whole model loaded as float32
+    as_float32.model = as_float32.adapter.load_model("cpu", "float32")
+    image = image_from_dataset(make_normal_library(1, SIZE)[0])
+    assert np.array_equal(encoder(image), as_float32(image))  # widening bfloat16 is exact
+
+
 def test_library_and_query_carry_the_encoder_and_selection_uses_it(models_root, tmp_path):
     encoder = encoder_for(settings(models_root))
     assert encoder is not None and encoder is encoder_for(settings(models_root))  # loaded once
