@@ -36,8 +36,8 @@ def encoder_for(settings):
     if settings.references.descriptor == "thumbnail" or not settings.runs_local_model:
         return None
     key = (settings.vlm_model, str(settings.models_root))
-    failed = _failed_loads.get(key)
-    if failed is not None and settings.references.descriptor == "auto" and time.monotonic() - failed[0] < RETRY_FAILED_LOAD_SECONDS:
+    failed_at = _failed_loads.get(key)
+    if failed_at is not None and settings.references.descriptor == "auto" and time.monotonic() - failed_at < RETRY_FAILED_LOAD_SECONDS:
         return None  # logged when it failed: neither loaded nor logged again for every job
     try:
         encoder = _load(*key)
@@ -47,13 +47,13 @@ def encoder_for(settings):
                                      f"cannot be loaded: {exc}") from exc
         log_event(log, logging.WARNING, "references.encoder_unavailable", model=settings.vlm_model, detail=str(exc),
                   retry_after_seconds=RETRY_FAILED_LOAD_SECONDS)
-        _failed_loads[key] = (time.monotonic(), str(exc))
+        _failed_loads[key] = time.monotonic()
         return None
     _failed_loads.pop(key, None)
     return encoder
 
 
-_failed_loads: dict[tuple[str, str], tuple[float, str]] = {}  # (model, models_root) -> (when, why)
+_failed_loads: dict[tuple[str, str], float] = {}  # (model, models_root) -> when its load last failed (monotonic)
 
 
 @functools.lru_cache(maxsize=2)

@@ -33,7 +33,8 @@ class VisionEncoderDescriptor:
         # Loaded at the width the weights are stored in (bfloat16 for most checkpoints: half the
         # memory of loading the whole model as float32), then the vision part alone is widened to
         # float32: the same values as a float32 load, since widening is exact.
-        self.model = self.adapter.load_model("cpu", stored_dtype(spec.require_weights()))
+        weights = spec.require_weights()
+        self.model = self.adapter.load_model("cpu", stored_dtype(weights))
         # The language model is not needed for an embedding: release it.
         inner = getattr(self.model, "model", None)
         if inner is not None and hasattr(inner, "language_model"):
@@ -41,7 +42,7 @@ class VisionEncoderDescriptor:
         if hasattr(self.model, "lm_head"):
             self.model.lm_head = None
         self.model.float()
-        self.kind = f"vision:{spec.name}:{self.adapter.version}:{weights_fingerprint(spec.require_weights())[:12]}"
+        self.kind = f"vision:{spec.name}:{self.adapter.version}:{weights_fingerprint(weights)[:12]}"
 
     def __call__(self, image: ImageInput) -> np.ndarray:
         pixels = image.pixels if image.pixels.ndim == 2 else image.pixels[image.pixels.shape[0] // 2]
@@ -69,5 +70,8 @@ def stored_dtype(weights_dir: Path) -> str:
                 kind = f.get_slice(key).get_dtype()
                 if kind.startswith(("F", "BF")):
                     kinds.add(kind)
-    return _HALF_TYPES[kinds.pop()] if len(kinds) == 1 and next(iter(kinds)) in _HALF_TYPES else "float32"
+    if len(kinds) == 1:
+        [kind] = kinds
+        return _HALF_TYPES.get(kind, "float32")
+    return "float32"
 

@@ -168,7 +168,7 @@ def test_a_failed_auto_load_is_not_retried_for_every_job(models_root, tmp_path, 
     assert encoder_for(auto) is not None and len(tries) == 2  # tried again after the wait: loads
     strict = auto.model_copy(update={"references": auto.references.model_copy(update={"descriptor": "vision_encoder"})})
     monkeypatch.setattr(module, "RETRY_FAILED_LOAD_SECONDS", 600.0)
-    monkeypatch.setitem(module._failed_loads, (strict.vlm_model, str(root)), (time.monotonic(), "a moment ago"))
+    monkeypatch.setitem(module._failed_loads, (strict.vlm_model, str(root)), time.monotonic())  # a moment ago
     assert encoder_for(strict) is not None  # vision_encoder never skips a load
 
 
