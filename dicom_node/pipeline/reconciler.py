@@ -108,8 +108,10 @@ class Coordinator(PollingThread):
 
     def __init__(self, index: Index, settings: Settings) -> None:
         from .app import configure
+        from .tasks import publish_job  # Celery and the stages: imported here, not on the first pass
 
         configure(settings)
+        self.publish = publish_job
         self.jobs = JobStore(index)
         self.index = index
         self.settings = settings
@@ -125,8 +127,8 @@ class Coordinator(PollingThread):
             self.leading = leading
         if not leading:
             return
-        dispatch_pending(self.index, self.jobs, self.settings)
-        reconcile(self.jobs, self.settings)
+        dispatch_pending(self.index, self.jobs, self.settings, self.publish)
+        reconcile(self.jobs, self.settings, self.publish)
 
     def stop(self) -> None:
         super().stop()
