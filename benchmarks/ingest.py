@@ -4,11 +4,12 @@
     python benchmarks/ingest.py --big-instance-mb 1024 [--concurrent 16]   (RSS while receiving big instances)
 
 DCMTK storescu (TCP_NODELAY=1) sends the same CT instances (400 x 128x128, 33 KB; 200 x
-512x512, 513 KB) over one association and over four parallel ones into (a) the node (file,
-directory entry and index row fsynced before each success), (b) Orthanc in its default
+512x512, 513 KB) over one association and over four parallel ones into (a) the node (file and
+directory entry fsynced, index row committed, before each success), (b) Orthanc in its default
 configuration (SyncStorageArea: each file fsynced) and (c) DCMTK storescp (no fsync), each
 started on an empty folder on the same disk for every measurement. Prints images/s, the
-ratio node/Orthanc and the node's resident memory (all its processes) after each run. Runs
+ratio node/Orthanc, the node's resident memory after each run and its CPU per instance and
+cores used during it (all its processes; one process tops out near one core: the GIL). Runs
 itself inside a private network namespace (Orthanc binds 0.0.0.0).
 
 --ceiling also times the node's ingest alone (parse, fsynced store, index commit; no
@@ -178,6 +179,22 @@ def process_tree_rss_mb(pid: int) -> float:
     return total
 
 
+def process_tree_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time so far of a process and its descendants, from /proc."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                todo += [int(child) for child in f.read().split()]
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 class Receiver:
     """One receiver started on an empty folder for each measurement."""
 
@@ -219,6 +236,9 @@ class Receiver:
     def rss_mb(self) -> float:
         return process_tree_rss_mb(self.proc.pid) if self.name == "node" and self.proc else 0.0
 
+    def cpu_seconds(self) -> float:
+        return process_tree_cpu_seconds(self.proc.pid) if self.name == "node" and self.proc else 0.0
+
     def stop(self) -> None:
         if self.orthanc is not None:
             self.orthanc.stop()
@@ -239,28 +259,36 @@ def speed_table(args, work: Path) -> None:
         for parts in (1, 4):
             folders = [work / f"input{size}"] if parts == 1 else split(paths, work / f"split{size}", 4)
             rates: dict[str, list[float]] = {name: [] for name in RECEIVERS}
-            rss = []
+            rss, cpu_ms, cores = [], [], []
             for _ in range(args.repeats):
                 for name in RECEIVERS:
                     receiver = Receiver(name, work / name, node_env)
                     receiver.start()
                     try:
-                        rates[name].append(count / storescu(receiver.port, receiver.ae, folders))
+                        cpu_before = receiver.cpu_seconds()
+                        seconds = storescu(receiver.port, receiver.ae, folders)
+                        rates[name].append(count / seconds)
                         if name == "node":
                             rss.append(receiver.rss_mb())
+                            cpu = receiver.cpu_seconds() - cpu_before
+                            cpu_ms.append(1000 * cpu / count)
+                            cores.append(cpu / seconds)
                     finally:
                         receiver.stop()
             median = {name: statistics.median(values) for name, values in rates.items()}
-            rows.append((f"{count} x {size_kb:.0f} KB CT", parts, median, max(rss)))
+            rows.append((f"{count} x {size_kb:.0f} KB CT", parts, median, max(rss),
+                         statistics.median(cpu_ms), statistics.median(cores)))
             print(f"  {rows[-1][0]}, {parts} assoc: " + ", ".join(f"{n} {median[n]:.0f}" for n in RECEIVERS),
                   flush=True)
+    # CPU per instance and cores used tell what bounds the node: about 1 core per process is the GIL.
     print(f"\nimages/s, storescu with TCP_NODELAY=1, median of {args.repeats}; node with scp_processes={args.scp_processes}, "
-          "RSS after each run (all its processes)")
-    print(f"| instances | associations | node | Orthanc | storescp (no fsync) | node / Orthanc | node RSS MiB |")
-    print("|---|---|---|---|---|---|---|")
-    for label, parts, median, rss in rows:
+          "RSS after each run and CPU (user + system) during it, all its processes")
+    print("| instances | associations | node | Orthanc | storescp (no fsync) | node / Orthanc | node RSS MiB "
+          "| node CPU ms/instance | node cores used |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, parts, median, rss, cpu_ms, cores in rows:
         n, o, r = median["node"], median["orthanc"], median["storescp"]
-        print(f"| {label} | {parts} | {n:.0f} | {o:.0f} | {r:.0f} | {n / o:.2f} | {rss:.0f} |")
+        print(f"| {label} | {parts} | {n:.0f} | {o:.0f} | {r:.0f} | {n / o:.2f} | {rss:.0f} | {cpu_ms:.1f} | {cores:.2f} |")
 
 
 def main() -> None:
