@@ -165,34 +165,36 @@ RECEIVERS = ("node", "orthanc", "storescp")
 CELLS = ((128, 400), (512, 200))
 
 
-def process_tree_rss_mb(pid: int) -> float:
-    """RSS of a process and its descendants (several SCP processes), from /proc."""
-    total, todo = 0.0, [pid]
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants (several SCP processes), from /proc."""
+    pids, todo = [], [pid]
     while todo:
         current = todo.pop()
-        total += memory_mb(current)
+        pids.append(current)
         try:
             with open(f"/proc/{current}/task/{current}/children") as f:
                 todo += [int(child) for child in f.read().split()]
         except OSError:
             pass
-    return total
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (0 once it is gone), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_rss_mb(pid: int) -> float:
+    return sum(memory_mb(current) for current in process_tree(pid))
 
 
 def process_tree_cpu_seconds(pid: int) -> float:
-    """User plus system CPU time so far of a process and its descendants, from /proc."""
-    total, todo = 0.0, [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            with open(f"/proc/{current}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{current}/task/{current}/children") as f:
-                todo += [int(child) for child in f.read().split()]
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(cpu_seconds(current) for current in process_tree(pid))
 
 
 class Receiver:
