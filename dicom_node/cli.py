@@ -68,7 +68,7 @@ def serve(
     from .scp_processes import start_listeners, stop_listeners
 
     node.start()
-    listeners = start_listeners(settings)  # scp_processes - 1 more SCP processes on the same port
+    listeners = start_listeners(settings, node.front_door.counts)  # scp_processes - 1 more on the same port
     if coordinator:
         coordinator.start()
     freeze_startup_heap()
@@ -80,13 +80,15 @@ def serve(
 
 
 @app.command("scp-listener", hidden=True)
-def scp_listener() -> None:
+def scp_listener(
+    counts_fd: Annotated[int, typer.Option(help="the socket to the first process, which keeps the connection counts")],
+) -> None:
     """One of the extra SCP processes `serve` starts when scp_processes > 1 (not for direct use)."""
     from .scp_processes import run_listener
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
-    run_listener(settings)
+    run_listener(settings, counts_fd)
 
 
 @app.command()

@@ -83,7 +83,9 @@ class Settings(BaseSettings):
     check_called_ae: bool = True
     max_associations: int = 16
     max_connections_per_host: int = 8  # concurrent connections from one peer address, associated or not; 0: no limit
-    scp_processes: int = Field(1, ge=1)  # SCP processes sharing the DICOM port (SO_REUSEPORT); limits apply per process
+    # SCP processes sharing the DICOM port (SO_REUSEPORT; limits count for the whole node); "auto":
+    # the container's CPU limit, rounded up, else the CPUs this process may run on (cpu_limit.py)
+    scp_processes: int = Field(1, ge=1)
     refusal_audit_limit: int = 20  # audit rows (and log lines) per peer address per window for refused connections; the rest counted; 0: no limit
     refusal_audit_window_seconds: float = 60.0
     acse_timeout: float = 30.0
@@ -181,6 +183,15 @@ class Settings(BaseSettings):
                 f"{', '.join(LOCAL_BACKENDS)} (now vlm_model {self.vlm_model!r}, vlm_backend {self.vlm_backend!r}); "
                 "or set references.descriptor to auto or thumbnail")
         return self
+
+    @field_validator("scp_processes", mode="before")
+    @classmethod
+    def _auto_scp_processes(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            from .cpu_limit import usable_cpus
+
+            return usable_cpus()
+        return value
 
     @field_validator("uid_root")
     @classmethod

@@ -17,7 +17,8 @@ our own C-GET requests). This module puts the checks in front of it, in one plac
   an unknown PDU type, or anything but an A-ASSOCIATE-RQ first: an A-ABORT, and the socket is
   closed without reading the body.
 - **Concurrent connections per peer address** (``max_connections_per_host``), counted from
-  accept to the end of the connection's association thread, associated or not.
+  accept to the end of the connection's association thread, associated or not; counted for the
+  whole node, over all its SCP processes (connection_counts.py), as ``max_associations`` is.
 - **Received data sets go to a file as they arrive** (``Event.dataset_path``), in the store's
   ``.incoming`` folder, for this node's associations only; a connection's leftover spool files
   (an association aborted mid-transfer) are removed when it ends.
@@ -71,6 +72,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.timer import Timer
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from .connection_counts import ConnectionCounts, Counts, CountsUnavailable
 from .logs import log_event
 from .storage import InstanceStore
 
@@ -827,7 +829,13 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def process_request_thread(self, request, client_address) -> None:
         door = self.front_door
         host, port = client_address[0], client_address[1]
-        if not door.admit(host):
+        try:
+            admitted = door.admit(host)
+        except CountsUnavailable as exc:
+            door.report(Refusal("rejected", f"connection limits unavailable: {exc}", host, port))
+            self.shutdown_request(request)
+            return
+        if not admitted:
             door.report(Refusal(
                 "rejected", f"more than max_connections_per_host ({door.limits.max_connections_per_host}) "
                 f"connections from {host}", host, port))
@@ -873,14 +881,14 @@ class SharedPortServer(GuardedAssociationServer):
 class FrontDoor:
     """One per node: its limits, the per-host counts shared by its listeners, the refusal sink."""
 
-    def __init__(self, limits: Limits, on_refusal: Callable[[Refusal], None]) -> None:
+    def __init__(self, limits: Limits, on_refusal: Callable[[Refusal], None], counts: Counts | None = None) -> None:
+        """`counts`: the node's connection and association counts, when they are kept elsewhere
+        (an extra SCP process asks the first one: connection_counts.py); by default, here."""
         check_pynetdicom()
         install()
         self.limits = limits
         self._on_refusal = on_refusal
-        self._per_host: dict[str, int] = {}
-        self._associations = 0
-        self._lock = threading.Lock()
+        self.counts: Counts = counts or ConnectionCounts(limits.max_connections_per_host, limits.max_associations)
 
     def serve(self, ae, address, evt_handlers, ssl_context: ssl.SSLContext | None = None,
               shared_port: bool = False) -> GuardedAssociationServer:
@@ -900,20 +908,15 @@ class FrontDoor:
         return server
 
     def admit(self, host: str) -> bool:
-        with self._lock:
-            count = self._per_host.get(host, 0)
-            if self.limits.max_connections_per_host and count >= self.limits.max_connections_per_host:
-                return False
-            self._per_host[host] = count + 1
-            return True
+        """May another connection from `host` in (``max_connections_per_host``)? Raises
+        CountsUnavailable where the counts cannot be asked."""
+        return self.counts.admit(host)
 
     def release(self, host: str) -> None:
-        with self._lock:
-            count = self._per_host.get(host, 0) - 1
-            if count > 0:
-                self._per_host[host] = count
-            else:
-                self._per_host.pop(host, None)
+        try:
+            self.counts.release(host)
+        except CountsUnavailable:
+            pass  # the first process frees what this one held when the link closes
 
     def claim_association(self, assoc) -> bool:
         """At its A-ASSOCIATE-RQ: may this connection become an association (``max_associations``)?
@@ -922,22 +925,21 @@ class FrontDoor:
         conn = getattr(assoc.dul, "_front_door", None)
         if not isinstance(conn, _Connection):
             return True
-        with self._lock:
-            if conn.holds_association:
-                return True
-            if self.limits.max_associations and self._associations >= self.limits.max_associations:
-                return False
-            self._associations += 1
-            conn.holds_association = True
+        if conn.holds_association:
             return True
+        try:
+            if not self.counts.claim():
+                return False
+        except CountsUnavailable:
+            return False  # logged as counts.link_failed; the process dies with the first one
+        conn.holds_association = True
+        return True
 
     def release_association(self) -> None:
-        with self._lock:
-            self._associations -= 1
-
-    def connections(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._per_host)
+        try:
+            self.counts.unclaim()
+        except CountsUnavailable:
+            pass
 
     def report(self, refusal: Refusal) -> None:
         try:

@@ -18,6 +18,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from . import recovery
 from .assembly import Assembler
 from .config import Settings
+from .connection_counts import Counts
 from .frontdoor import FrontDoor, Limits, Refusal, spool_synced
 from .http_api import ASSOCIATIONS, INSTANCES, StatusServer
 from .index import Index
@@ -83,6 +84,7 @@ class DicomNode:
 
     settings: Settings
     listener_only: bool = False
+    counts: Counts | None = None  # an extra SCP process: the first process's counts (connection_counts.py)
     index: Index = field(init=False)
     store: InstanceStore = field(init=False)
     ingestor: Ingestor = field(init=False)
@@ -110,6 +112,7 @@ class DicomNode:
                 max_associations=s.max_associations,
             ),
             self._on_refusal,
+            self.counts,
         )
 
     # --- lifecycle --------------------------------------------------------------------

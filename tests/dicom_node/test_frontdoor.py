@@ -22,9 +22,12 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 
 from dicom_node import frontdoor
+from dicom_node.connection_counts import RemoteCounts
+from dicom_node.scp import DicomNode
 from dicom_node.scu import Peer, _make_ae, associate
 from dicom_node.synthetic import ct_slice, write_ct_study
 from tests.support.dicom import stored_files
+from tests.support.node import node_settings
 from tests.support.pki import make_pki
 from tests.support.procs import free_port
 from tests.support.waiting import wait_until
@@ -226,7 +229,7 @@ def test_too_many_connections_from_one_host(guarded):
     run_tool("echoscu", "-aec", NODE_AE, "127.0.0.1", str(guarded.settings.port))
     for sock in held:
         sock.close()
-    wait_until(lambda: HOSTILE not in guarded.front_door.connections(), timeout=ACSE + SLACK, what="slots released")
+    wait_until(lambda: HOSTILE not in guarded.front_door.counts.per_host(), timeout=ACSE + SLACK, what="slots released")
 
 
 def test_max_associations_counts_associated_connections_only(make_node):
@@ -245,7 +248,7 @@ def test_max_associations_counts_associated_connections_only(make_node):
         assert "Local Limit Exceeded" in refused.stdout + refused.stderr
     finally:
         held.release()
-    wait_until(lambda: node.front_door._associations == 0, timeout=5, what="the slot released")
+    wait_until(lambda: node.front_door.counts.associations() == 0, timeout=5, what="the slot released")
     run_tool("echoscu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port))
     rows = [r for r in node.index.recent_associations(20) if "max_associations" in (r["reason"] or "")]
     assert len(rows) == 1 and rows[0]["result"] == "rejected"
@@ -398,3 +401,19 @@ def test_an_idle_association_costs_the_node_no_polling(node):
         assert assoc.send_c_echo().Status == 0x0000  # and it still answers at once
     finally:
         assoc.release()
+
+
+def test_an_extra_scp_process_without_its_counts_refuses_and_says_why(tmp_path):
+    """An extra SCP process whose link to the first one is gone cannot count connections:
+    it closes each at once, audited with the reason, rather than letting it in uncounted."""
+    ours, theirs = socket.socketpair()
+    ours.close()
+    node = DicomNode(node_settings(tmp_path, acse_timeout=ACSE), listener_only=True, counts=RemoteCounts(theirs))
+    node.start()
+    try:
+        elapsed, received = wait_closed(connect(node), 2.0)
+        assert received == b"" and elapsed < 1.0
+        row = audit_row(node, "connection limits unavailable")
+        assert row["result"] == "rejected" and "first SCP process does not answer" in row["reason"]
+    finally:
+        node.stop()

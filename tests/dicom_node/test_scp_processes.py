@@ -1,4 +1,5 @@
-"""scp_processes: several SCP processes on one port (SO_REUSEPORT), dying with the first."""
+"""scp_processes: several SCP processes on one port (SO_REUSEPORT), dying with the first, and
+the front door's limits counted for the whole node."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 
 from dicom_node.index import Index
 from dicom_node.synthetic import write_ct_study
@@ -76,3 +78,59 @@ def test_two_scp_processes_share_the_port_and_die_with_the_first(tmp_path):
         wait_until(lambda: not listening(port), timeout=10, what="nothing listening on the port")
     finally:
         stop(node)  # SIGTERM: the first process stops the others
+
+
+def still_open(sock: socket.socket, wait: float) -> bool:
+    """Whether the node keeps `sock` open for `wait` seconds (a refused one is closed at once)."""
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1) != b""
+    except TimeoutError:
+        return True
+    except ConnectionResetError:
+        return False
+
+
+def silent_connections(port: int, count: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind(("127.0.0.2", 0))
+        sock.connect(("127.0.0.1", port))
+        socks.append(sock)
+    return socks
+
+
+def test_connection_limits_count_over_all_scp_processes(tmp_path):
+    root, port = tmp_path / "node", free_port()
+    node = start_node(root, port, extra_env={
+        "DICOM_NODE_SCP_PROCESSES": "2", "DICOM_NODE_MAX_CONNECTIONS_PER_HOST": "2", "DICOM_NODE_ACSE_TIMEOUT": "60"})
+    try:
+        wait_for_port(port, proc=node)
+        wait_until(lambda: "extra SCP process" in (root / "serve.log").read_text(), timeout=20,
+                   what="the second SCP process listening")
+        # Eight silent connections from one host, which the kernel spreads over both processes:
+        # counted per process, up to four would stay open.
+        socks = silent_connections(port, 8)
+        time.sleep(0.5)
+        kept = [sock for sock in socks if still_open(sock, 1.0)]
+        assert len(kept) == 2, f"{len(kept)} connections from one host kept open, max_connections_per_host 2"
+        for sock in socks:
+            sock.close()
+
+        # An extra process killed while it holds connections: what it held is freed with it.
+        time.sleep(0.5)
+        held = silent_connections(port, 2)
+        extra = children(node.pid)[0]
+        os.kill(extra, signal.SIGKILL)
+        wait_until(lambda: not alive(extra), timeout=10, what="the second SCP process gone")
+        for sock in held:
+            sock.close()
+        time.sleep(0.5)
+        again = silent_connections(port, 2)  # only the first process listens now
+        assert all(still_open(sock, 1.0) for sock in again)
+        for sock in again:
+            sock.close()
+        assert node.poll() is None
+    finally:
+        stop(node)

@@ -1,0 +1,201 @@
+"""The front door's counts (connections per peer address, associations), one set per node.
+
+`max_connections_per_host` and `max_associations` are limits of the node, not of one process:
+with `scp_processes` N > 1 the kernel spreads connections over N processes, and counts kept per
+process would let one host hold N times its share. So the first process keeps the counts
+(`ConnectionCounts`) and serves them to each extra SCP process over a socket pair of its own
+(`serve_counts`); an extra process asks through `RemoteCounts`. When an extra process ends, or
+is killed, its socket closes and everything it held is freed.
+
+The protocol is one line per call, in the order made: ``A <host>`` (admit, answered ``1`` or
+``0``), ``R <host>`` (release), ``C`` (claim an association, answered), ``U`` (unclaim). It is
+used once or twice per connection, never per instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections import Counter
+from typing import Protocol
+
+from .logs import log_event
+
+log = logging.getLogger(__name__)
+
+LOCAL = "local"  # the owner of what the first process itself holds
+ANSWER_TIMEOUT = 10.0  # seconds an extra process waits for the first one's answer
+
+
+class CountsUnavailable(RuntimeError):
+    """An extra SCP process lost its link to the first one: it cannot admit anything."""
+
+
+class Counts(Protocol):
+    def admit(self, host: str) -> bool: ...
+    def release(self, host: str) -> None: ...
+    def claim(self) -> bool: ...
+    def unclaim(self) -> None: ...
+
+
+class ConnectionCounts:
+    """The node's counts, each also kept per owner (this process or one extra process), so that
+    what an owner held can be freed at once when it goes (`forget`)."""
+
+    def __init__(self, max_per_host: int, max_associations: int) -> None:
+        self.max_per_host = max_per_host  # 0: no limit
+        self.max_associations = max_associations  # 0: no limit
+        self._hosts: Counter[str] = Counter()
+        self._associations = 0
+        self._held_hosts: dict[str, Counter[str]] = {}
+        self._held_associations: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def admit(self, host: str, owner: str = LOCAL) -> bool:
+        with self._lock:
+            if self.max_per_host and self._hosts[host] >= self.max_per_host:
+                return False
+            self._hosts[host] += 1
+            self._held_hosts.setdefault(owner, Counter())[host] += 1
+            return True
+
+    def release(self, host: str, owner: str = LOCAL) -> None:
+        with self._lock:
+            held = self._held_hosts.get(owner)
+            if not held or held[host] <= 0:
+                return  # never admitted here (or already forgotten): nothing to free
+            held[host] -= 1
+            self._hosts[host] -= 1
+            if self._hosts[host] <= 0:
+                del self._hosts[host]
+
+    def claim(self, owner: str = LOCAL) -> bool:
+        with self._lock:
+            if self.max_associations and self._associations >= self.max_associations:
+                return False
+            self._associations += 1
+            self._held_associations[owner] += 1
+            return True
+
+    def unclaim(self, owner: str = LOCAL) -> None:
+        with self._lock:
+            if self._held_associations[owner] <= 0:
+                return
+            self._held_associations[owner] -= 1
+            self._associations -= 1
+
+    def forget(self, owner: str) -> None:
+        """`owner` is gone: free every connection and association it still held."""
+        with self._lock:
+            for host, count in self._held_hosts.pop(owner, Counter()).items():
+                self._hosts[host] -= count
+                if self._hosts[host] <= 0:
+                    del self._hosts[host]
+            self._associations -= self._held_associations.pop(owner, 0)
+
+    def per_host(self) -> dict[str, int]:
+        with self._lock:
+            return {host: count for host, count in self._hosts.items() if count > 0}
+
+    def associations(self) -> int:
+        with self._lock:
+            return self._associations
+
+    def bind(self, owner: str) -> Counts:
+        """These counts as one owner sees them."""
+        return _Owned(self, owner)
+
+
+class _Owned:
+    def __init__(self, counts: ConnectionCounts, owner: str) -> None:
+        self._counts, self._owner = counts, owner
+
+    def admit(self, host: str) -> bool:
+        return self._counts.admit(host, self._owner)
+
+    def release(self, host: str) -> None:
+        self._counts.release(host, self._owner)
+
+    def claim(self) -> bool:
+        return self._counts.claim(self._owner)
+
+    def unclaim(self) -> None:
+        self._counts.unclaim(self._owner)
+
+
+def serve_counts(counts: ConnectionCounts, link: socket.socket, owner: str) -> threading.Thread:
+    """Answer one extra SCP process's calls on `link` until it closes, then free what it held."""
+
+    def run() -> None:
+        owned = counts.bind(owner)
+        try:
+            with link, link.makefile("rb") as calls:
+                for line in calls:
+                    verb, _, host = line.decode("ascii").rstrip("\n").partition(" ")
+                    if verb == "A":
+                        link.sendall(b"1\n" if owned.admit(host) else b"0\n")
+                    elif verb == "R":
+                        owned.release(host)
+                    elif verb == "C":
+                        link.sendall(b"1\n" if owned.claim() else b"0\n")
+                    elif verb == "U":
+                        owned.unclaim()
+                    else:
+                        raise ValueError(f"unknown call {line!r}")
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            log_event(log, logging.ERROR, "counts.link_failed", process=owner, error=str(exc))
+        finally:
+            counts.forget(owner)
+
+    thread = threading.Thread(target=run, name=f"counts-{owner}", daemon=True)
+    thread.start()
+    return thread
+
+
+class RemoteCounts:
+    """The node's counts, asked of the first process over `link` (an extra SCP process's side).
+    Calls from the connection threads are serialised; once the link fails it stays failed
+    (an answer could arrive late and be taken for the next one's), and every call raises."""
+
+    def __init__(self, link: socket.socket) -> None:
+        link.settimeout(ANSWER_TIMEOUT)
+        self._link = link
+        self._answers = link.makefile("rb")
+        self._lock = threading.Lock()
+        self._failed: str | None = None
+
+    def _call(self, line: str, answered: bool) -> bool:
+        with self._lock:
+            if self._failed:
+                raise CountsUnavailable(self._failed)
+            try:
+                self._link.sendall(line.encode("ascii") + b"\n")
+                if not answered:
+                    return True
+                answer = self._answers.readline()
+                if answer not in (b"0\n", b"1\n"):
+                    raise OSError(f"answer {answer!r}")
+                return answer == b"1\n"
+            except OSError as exc:
+                self._failed = f"the first SCP process does not answer ({exc or type(exc).__name__})"
+                log_event(log, logging.ERROR, "counts.link_failed", error=self._failed)
+                raise CountsUnavailable(self._failed) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._failed = self._failed or "closed"
+            self._answers.close()
+            self._link.close()
+
+    def admit(self, host: str) -> bool:
+        return self._call(f"A {host}", answered=True)
+
+    def release(self, host: str) -> None:
+        self._call(f"R {host}", answered=False)
+
+    def claim(self) -> bool:
+        return self._call("C", answered=True)
+
+    def unclaim(self) -> None:
+        self._call("U", answered=False)

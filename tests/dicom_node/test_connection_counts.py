@@ -1,0 +1,154 @@
+"""The node's connection counts: kept in the first process, asked by the extra SCP processes
+over a real socket pair, freed when an extra process goes; and scp_processes "auto"."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from dicom_node.config import Settings
+from dicom_node.connection_counts import ConnectionCounts, CountsUnavailable, RemoteCounts, serve_counts
+from dicom_node.cpu_limit import cgroup_cpu_limit, usable_cpus
+from tests.support.waiting import wait_until
+
+
+def test_per_host_limit_counts_every_owner():
+    counts = ConnectionCounts(max_per_host=2, max_associations=0)
+    assert counts.admit("10.0.0.1")
+    assert counts.admit("10.0.0.1", owner="scp-process-2")
+    assert not counts.admit("10.0.0.1", owner="scp-process-3")  # the node's limit, not one process's
+    assert counts.admit("10.0.0.2", owner="scp-process-3")
+    counts.release("10.0.0.1")
+    assert counts.admit("10.0.0.1", owner="scp-process-3")
+    assert counts.per_host() == {"10.0.0.1": 2, "10.0.0.2": 1}
+
+
+def test_release_frees_only_what_its_owner_holds():
+    counts = ConnectionCounts(max_per_host=1, max_associations=1)
+    assert counts.admit("10.0.0.1", owner="scp-process-2") and counts.claim(owner="scp-process-2")
+    counts.release("10.0.0.1")  # this process never admitted it: a stray release frees nothing
+    counts.unclaim()
+    assert not counts.admit("10.0.0.1") and not counts.claim()
+
+
+def test_forget_frees_everything_an_owner_held():
+    counts = ConnectionCounts(max_per_host=8, max_associations=2)
+    for _ in range(3):
+        counts.admit("10.0.0.1", owner="scp-process-2")
+    counts.admit("10.0.0.1")
+    counts.claim(owner="scp-process-2")
+    counts.claim()
+    assert not counts.claim(owner="scp-process-3")
+    counts.forget("scp-process-2")
+    assert counts.per_host() == {"10.0.0.1": 1}
+    assert counts.associations() == 1
+    assert counts.claim(owner="scp-process-3")
+
+
+@pytest.fixture
+def linked():
+    counts = ConnectionCounts(max_per_host=2, max_associations=1)
+    ours, theirs = socket.socketpair()
+    thread = serve_counts(counts, ours, owner="scp-process-2")
+    remote = RemoteCounts(theirs)
+    yield counts, remote, thread
+    remote.close()
+    thread.join(5)
+
+
+def test_remote_calls_reach_the_first_process(linked):
+    counts, remote, _ = linked
+    assert remote.admit("10.0.0.1") and remote.admit("10.0.0.1")
+    assert not counts.admit("10.0.0.1")  # the first process sees what the extra one holds
+    assert not remote.admit("10.0.0.1")
+    assert remote.claim() and not remote.claim() and not counts.claim()
+    remote.release("10.0.0.1")
+    remote.unclaim()
+    assert remote.admit("10.0.0.1")  # answered after the release: the calls keep their order
+    assert counts.claim()
+
+
+def test_a_closed_link_frees_what_the_extra_process_held(linked):
+    counts, remote, thread = linked
+    assert remote.admit("10.0.0.1") and remote.claim()
+    remote.close()  # what a kill -9 of the extra process does to its end
+    thread.join(5)
+    assert not thread.is_alive()
+    assert counts.per_host() == {} and counts.associations() == 0
+
+
+def test_a_link_without_answers_fails_clearly_and_stays_failed():
+    ours, theirs = socket.socketpair()
+    remote = RemoteCounts(theirs)
+    ours.close()  # the first process's end is gone
+    with pytest.raises(CountsUnavailable, match="first SCP process does not answer"):
+        remote.admit("10.0.0.1")
+    with pytest.raises(CountsUnavailable):
+        remote.release("10.0.0.1")
+    remote.close()
+
+
+def test_a_garbled_call_ends_the_link_and_frees_its_counts():
+    counts = ConnectionCounts(max_per_host=1, max_associations=0)
+    ours, theirs = socket.socketpair()
+    thread = serve_counts(counts, ours, owner="scp-process-2")
+    theirs.sendall(b"A 10.0.0.1\n")
+    assert theirs.recv(2) == b"1\n"
+    theirs.sendall(b"X nonsense\n")
+    thread.join(5)
+    assert not thread.is_alive() and counts.per_host() == {}
+    theirs.close()
+
+
+def write_cgroup(root, **files: str):
+    for name, text in files.items():
+        path = root / name.replace("__", "/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_cgroup_v2_cpu_limit(tmp_path):
+    assert cgroup_cpu_limit(write_cgroup(tmp_path / "a", **{"cpu.max": "250000 100000\n"})) == 2.5
+    assert cgroup_cpu_limit(write_cgroup(tmp_path / "b", **{"cpu.max": "max 100000\n"})) is None
+    assert cgroup_cpu_limit(tmp_path / "none") is None
+
+
+def test_cgroup_v1_cpu_limit(tmp_path):
+    root = write_cgroup(tmp_path, **{"cpu__cpu.cfs_quota_us": "150000\n", "cpu__cpu.cfs_period_us": "100000\n"})
+    assert cgroup_cpu_limit(root) == 1.5
+    (root / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_limit(root) is None
+
+
+def test_usable_cpus_rounds_the_limit_up_and_never_exceeds_the_cpus(tmp_path):
+    cpus = len(os.sched_getaffinity(0))
+    assert usable_cpus(write_cgroup(tmp_path / "half", **{"cpu.max": "50000 100000"})) == 1
+    assert usable_cpus(write_cgroup(tmp_path / "big", **{"cpu.max": "6400000 100000"})) == cpus
+    assert usable_cpus(tmp_path / "none") == cpus
+    if cpus > 1:
+        assert usable_cpus(write_cgroup(tmp_path / "one-and-a-bit", **{"cpu.max": "110000 100000"})) == 2
+
+
+def test_scp_processes_auto_follows_the_usable_cpus(monkeypatch):
+    monkeypatch.setenv("DICOM_NODE_SCP_PROCESSES", "auto")
+    assert Settings().scp_processes == usable_cpus()
+    monkeypatch.setenv("DICOM_NODE_SCP_PROCESSES", "3")
+    assert Settings().scp_processes == 3
+    monkeypatch.setenv("DICOM_NODE_SCP_PROCESSES", "0")
+    with pytest.raises(ValueError):
+        Settings()
+
+
+def test_remote_counts_wait_is_bounded(monkeypatch):
+    """A first process that takes the call but never answers: the extra process gives up."""
+    monkeypatch.setattr("dicom_node.connection_counts.ANSWER_TIMEOUT", 0.3)
+    ours, theirs = socket.socketpair()
+    remote = RemoteCounts(theirs)
+    with pytest.raises(CountsUnavailable):
+        remote.admit("10.0.0.1")
+    wait_until(lambda: ours.recv(64) == b"A 10.0.0.1\n", timeout=2, what="the call sent")
+    ours.close()
+    remote.close()
