@@ -34,7 +34,7 @@ from dicom_node.index import Index  # noqa: E402
 from dicom_node.ingest import Ingestor  # noqa: E402
 from dicom_node.storage import InstanceStore  # noqa: E402
 from dicom_node.synthetic import write_ct_study  # noqa: E402
-from tests.support.procs import free_port, start_node, start_storescp, wait_for_port  # noqa: E402
+from tests.support.procs import child_pids, free_port, start_node, start_storescp, wait_for_port  # noqa: E402
 
 
 def memory_mb(pid: int, field: str = "VmRSS") -> float:
@@ -171,11 +171,7 @@ def process_tree(pid: int) -> list[int]:
     while todo:
         current = todo.pop()
         pids.append(current)
-        try:
-            with open(f"/proc/{current}/task/{current}/children") as f:
-                todo += [int(child) for child in f.read().split()]
-        except OSError:
-            pass
+        todo += child_pids(current)
     return pids
 
 

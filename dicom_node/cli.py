@@ -47,11 +47,17 @@ def serve(
     dispatch: Annotated[bool, typer.Option(help="coordinate the pipeline: create jobs, republish stalled ones (Redis)")] = True,
 ) -> None:
     """Run the DICOM SCP (C-ECHO, C-STORE), the study assembler and the pipeline coordinator until SIGTERM/SIGINT."""
-    from .scp import DicomNode
-    from .startup import freeze_startup_heap, prepare, warn_about_configuration
+    import shutil
+
+    from .scp_processes import ExtraListeners, share_metrics
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
+    metrics_dir = share_metrics() if settings.scp_processes > 1 else None  # before prometheus_client loads
+
+    from .scp import DicomNode
+    from .startup import freeze_startup_heap, prepare, warn_about_configuration
+
     prepare(settings)
     warn_about_configuration(settings)
     node = DicomNode(settings)
@@ -65,18 +71,19 @@ def serve(
         # Built (Celery and the stages imported, ~0.3 s of CPU) before the port opens: the first
         # images after a start-up must not wait on it.
         coordinator = Coordinator(node.index, settings)
-    from .scp_processes import start_listeners, stop_listeners
-
     node.start()
-    listeners = start_listeners(settings, node.front_door.counts)  # scp_processes - 1 more on the same port
+    listeners = ExtraListeners(settings, node.front_door.counts)  # scp_processes - 1 more on the same port
+    listeners.start()
     if coordinator:
         coordinator.start()
     freeze_startup_heap()
     stop.wait()
     if coordinator:
         coordinator.stop()
-    stop_listeners(listeners)
+    listeners.stop()
     node.stop()
+    if metrics_dir:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @app.command("scp-listener", hidden=True)

@@ -4,10 +4,11 @@ thread of the SCP process. This module keeps the process-wide counters (web/stat
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, multiprocess
 
 from .config import Settings
 from .index import Index
@@ -18,6 +19,17 @@ log = logging.getLogger(__name__)
 REGISTRY = CollectorRegistry()
 INSTANCES = Counter("dicom_node_instances_total", "C-STORE requests answered, by outcome", ["outcome"], registry=REGISTRY)
 ASSOCIATIONS = Counter("dicom_node_associations_total", "Associations, by result", ["result"], registry=REGISTRY)
+
+
+def exposition_registry() -> CollectorRegistry:
+    """What /metrics shows of the counters above: this process's, or with several SCP processes
+    (`serve` set PROMETHEUS_MULTIPROC_DIR, scp_processes.share_metrics) every process's, summed
+    from their files by prometheus_client."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
 
 
 class StatusServer:
@@ -35,7 +47,7 @@ class StatusServer:
         self.host, warning = bind_host(host, self.tokens.configured)
         self.port = port
         self.warning = warning
-        self.app = create_app(settings, index, self.tokens, REGISTRY)
+        self.app = create_app(settings, index, self.tokens, exposition_registry())
         config = uvicorn.Config(self.app, host=self.host, port=port, log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)

@@ -6,7 +6,8 @@ listeners, study assembler, pipeline coordinator, HTTP service) starts N - 1 mor
 (`dicom-node scp-listener`), each with its own application entity, front door and index
 connection, all bound to the same port with SO_REUSEPORT; the kernel hands each new connection
 to one of them. They die with the first process (PR_SET_PDEATHSIG), so a kill -9 of `serve`
-leaves nothing listening. The front door's limits (max_associations, max_connections_per_host)
+leaves nothing listening; the first process starts again one that exits on its own. Their
+counters go into prometheus_client's multiprocess folder, so /metrics counts all of them. The front door's limits (max_associations, max_connections_per_host)
 count for the whole node: the first process keeps the counts and each extra process asks it over
 a socket pair of its own (connection_counts.py).
 """
@@ -14,14 +15,22 @@ a socket pair of its own (connection_counts.py).
 from __future__ import annotations
 
 import ctypes
+import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 from .config import Settings
 from .connection_counts import ConnectionCounts, RemoteCounts, serve_counts
+from .logs import log_event
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 
@@ -30,31 +39,102 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def start_listeners(settings: Settings, counts: ConnectionCounts) -> list[subprocess.Popen]:
-    """The extra SCP processes (same environment, so the same settings), each asking `counts`."""
-    processes = []
-    for number in range(2, settings.scp_processes + 1):
-        ours, theirs = socket.socketpair()
-        with theirs:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node", "scp-listener", "--counts-fd", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                preexec_fn=_die_with_parent,
-            )
-        serve_counts(counts, ours, owner=f"scp-process-{number}")
-        processes.append(process)
-    return processes
+RESTART_DELAY = 1.0  # seconds before an extra process that exited is started again; doubles to
+MAX_RESTART_DELAY = 30.0  # while it keeps exiting within STABLE_SECONDS of its start
+STABLE_SECONDS = 60.0
+METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def stop_listeners(processes: list[subprocess.Popen], timeout: float = 10.0) -> None:
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def share_metrics() -> Path:
+    """Counters summed over all SCP processes (prometheus_client's multiprocess mode): a fresh
+    folder named in the environment, which the extra processes inherit. Call before
+    prometheus_client is imported; http_api.exposition_registry then reads every process's."""
+    folder = Path(tempfile.mkdtemp(prefix="dicom-node-metrics-"))
+    os.environ[METRICS_DIR_VARIABLE] = str(folder)
+    return folder
+
+
+class ExtraListeners:
+    """The extra SCP processes (same environment, so the same settings), each asking `counts`;
+    one that exits on its own (a crash, the OOM killer) is started again, and what it held in
+    `counts` was freed when its link closed."""
+
+    def __init__(self, settings: Settings, counts: ConnectionCounts) -> None:
+        self.settings = settings
+        self.counts = counts
+        self._processes: dict[int, subprocess.Popen] = {}
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        for number in range(2, self.settings.scp_processes + 1):
+            thread = threading.Thread(target=self._supervise, args=(number,), name=f"scp-process-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [process.pid for process in self._processes.values()]
+
+    def _spawn(self, number: int, generation: int) -> subprocess.Popen | None:
+        with self._lock:
+            if self._stopping.is_set():
+                return None
+            ours, theirs = socket.socketpair()
+            with theirs:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "dicom_node", "scp-listener", "--counts-fd", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),),
+                    preexec_fn=_die_with_parent,
+                )
+            # Its own owner name per start: the last one's counts are freed when its link closes.
+            serve_counts(self.counts, ours, owner=f"scp-process-{number}.{generation}")
+            self._processes[number] = process
+            return process
+
+    def _supervise(self, number: int) -> None:
+        delay, generation = RESTART_DELAY, 0
+        while True:
+            generation += 1
+            started = time.monotonic()
+            try:
+                process = self._spawn(number, generation)
+            except OSError as exc:  # e.g. out of processes or memory: try again later
+                log_event(log, logging.ERROR, "scp.process_start_failed", process=number, error=str(exc),
+                          restart_in_seconds=delay)
+                process = None
+                if self._stopping.wait(delay):
+                    return
+                delay = min(delay * 2, MAX_RESTART_DELAY)
+                continue
+            if process is None:
+                return
+            code = process.wait()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started > STABLE_SECONDS:
+                delay = RESTART_DELAY
+            log_event(log, logging.ERROR, "scp.process_exited", process=number, pid=process.pid, exit_code=code,
+                      restart_in_seconds=delay)
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, MAX_RESTART_DELAY)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stopping.set()
+            processes = list(self._processes.values())
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for thread in self._threads:
+            thread.join(timeout)
 
 
 def run_listener(settings: Settings, counts_fd: int) -> None:

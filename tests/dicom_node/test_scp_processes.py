@@ -8,19 +8,15 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 
 from dicom_node.index import Index
 from dicom_node.synthetic import write_ct_study
 from tests.support.dicom import stored_files
-from tests.support.procs import free_port, start_node, stop, wait_for_port
+from tests.support.procs import child_pids, free_port, start_node, stop, wait_for_port
 from tests.support.waiting import wait_until
 
 from .conftest import NODE_AE, require_tool
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(child) for child in f.read().split()]
 
 
 def alive(pid: int) -> bool:
@@ -40,22 +36,23 @@ def test_two_scp_processes_share_the_port_and_die_with_the_first(tmp_path):
     require_tool("storescu")
     _, paths = write_ct_study(tmp_path / "input", 40, rows=64, cols=64)
     folders = []
-    for part in range(4):
+    for part in range(8):
         folder = tmp_path / f"part{part}"
         folder.mkdir()
-        for path in paths[part::4]:
+        for path in paths[part::8]:
             os.link(path, folder / path.name)
         folders.append(folder)
     root, port = tmp_path / "node", free_port()
-    node = start_node(root, port, extra_env={"DICOM_NODE_SCP_PROCESSES": "2"})
+    http_port = free_port()
+    node = start_node(root, port, extra_env={"DICOM_NODE_SCP_PROCESSES": "2", "DICOM_NODE_HTTP_PORT": str(http_port)})
     try:
         wait_for_port(port, proc=node)
-        extra = wait_until(lambda: children(node.pid), timeout=20, what="the second SCP process")
+        extra = wait_until(lambda: child_pids(node.pid), timeout=20, what="the second SCP process")
         assert len(extra) == 1
         wait_until(lambda: "extra SCP process" in (root / "serve.log").read_text(), timeout=20,
                    what="the second SCP process listening")
 
-        # Four associations at once; the kernel hands each to one of the two processes.
+        # Eight associations at once; the kernel hands each to one of the two processes.
         senders = [
             subprocess.Popen(["storescu", "-aec", NODE_AE, "+sd", "127.0.0.1", str(port), str(folder)],
                              env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -70,6 +67,10 @@ def test_two_scp_processes_share_the_port_and_die_with_the_first(tmp_path):
             assert index.counts()["instances"] == 40
         finally:
             index.dispose()
+        # /metrics (served by the first process) counts the instances both processes took.
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        assert 'dicom_node_instances_total{outcome="accepted"} 40.0' in metrics, metrics
 
         node.send_signal(signal.SIGKILL)
         node.wait()
@@ -118,17 +119,24 @@ def test_connection_limits_count_over_all_scp_processes(tmp_path):
         for sock in socks:
             sock.close()
 
-        # An extra process killed while it holds connections: what it held is freed with it.
+        # An extra process killed while it holds connections: what it held is freed with it...
         time.sleep(0.5)
         held = silent_connections(port, 2)
-        extra = children(node.pid)[0]
+        extra = child_pids(node.pid)[0]
         os.kill(extra, signal.SIGKILL)
         wait_until(lambda: not alive(extra), timeout=10, what="the second SCP process gone")
         for sock in held:
             sock.close()
+        # ...and the first process starts it again.
+        restarted = wait_until(lambda: [pid for pid in child_pids(node.pid) if pid != extra], timeout=20,
+                               what="the second SCP process started again")
+        wait_until(lambda: (root / "serve.log").read_text().count("extra SCP process") == 2, timeout=20,
+                   what="the restarted process listening")
+        assert "scp.process_exited" in (root / "serve.log").read_text()
+        assert len(restarted) == 1
+        again = silent_connections(port, 4)
         time.sleep(0.5)
-        again = silent_connections(port, 2)  # only the first process listens now
-        assert all(still_open(sock, 1.0) for sock in again)
+        assert sum(still_open(sock, 1.0) for sock in again) == 2
         for sock in again:
             sock.close()
         assert node.poll() is None

@@ -13,6 +13,23 @@ from dicom_node.local_stack.procs import free_port, stop, wait_for_port  # noqa:
 REPO = Path(__file__).resolve().parents[2]
 
 
+def child_pids(pid: int) -> list[int]:
+    """Children of every thread of `pid`, from /proc (`serve` starts each extra SCP process
+    from a thread of its own, and /proc lists a child under the thread that started it)."""
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(child) for child in f.read().split()]
+        except OSError:
+            pass  # a thread that ended meanwhile
+    return found
+
+
 def node_env(root: Path, port: int, extra_env: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
