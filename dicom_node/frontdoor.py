@@ -879,7 +879,8 @@ class SharedPortServer(GuardedAssociationServer):
 
 
 class FrontDoor:
-    """One per node: its limits, the per-host counts shared by its listeners, the refusal sink."""
+    """One per SCP process: its limits, the node's counts (shared by its listeners, and by its
+    other SCP processes), the refusal sink."""
 
     def __init__(self, limits: Limits, on_refusal: Callable[[Refusal], None], counts: Counts | None = None) -> None:
         """`counts`: the node's connection and association counts, when they are kept elsewhere
@@ -888,7 +889,8 @@ class FrontDoor:
         install()
         self.limits = limits
         self._on_refusal = on_refusal
-        self.counts: Counts = counts or ConnectionCounts(limits.max_connections_per_host, limits.max_associations)
+        self.counts: Counts = counts if counts is not None else ConnectionCounts(
+            limits.max_connections_per_host, limits.max_associations)
 
     def serve(self, ae, address, evt_handlers, ssl_context: ssl.SSLContext | None = None,
               shared_port: bool = False) -> GuardedAssociationServer:

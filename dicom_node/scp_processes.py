@@ -6,10 +6,11 @@ listeners, study assembler, pipeline coordinator, HTTP service) starts N - 1 mor
 (`dicom-node scp-listener`), each with its own application entity, front door and index
 connection, all bound to the same port with SO_REUSEPORT; the kernel hands each new connection
 to one of them. They die with the first process (PR_SET_PDEATHSIG), so a kill -9 of `serve`
-leaves nothing listening; the first process starts again one that exits on its own. Their
-counters go into prometheus_client's multiprocess folder, so /metrics counts all of them. The front door's limits (max_associations, max_connections_per_host)
-count for the whole node: the first process keeps the counts and each extra process asks it over
-a socket pair of its own (connection_counts.py).
+leaves nothing listening; the first process starts again one that exits on its own. The front
+door's limits (max_associations, max_connections_per_host) count for the whole node: the first
+process keeps the counts and each extra process asks it over a socket pair of its own
+(connection_counts.py). Their counters go into prometheus_client's multiprocess folder, so
+/metrics counts all of them.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ from .logs import log_event
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: no dlopen between fork and exec
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec. The "parent" is the thread that started it: each
+    supervising thread lives until the process it started has ended."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 RESTART_DELAY = 1.0  # seconds before an extra process that exited is started again; doubles to
@@ -73,10 +77,6 @@ class ExtraListeners:
             thread.start()
             self._threads.append(thread)
 
-    def pids(self) -> list[int]:
-        with self._lock:
-            return [process.pid for process in self._processes.values()]
-
     def _spawn(self, number: int, generation: int) -> subprocess.Popen | None:
         with self._lock:
             if self._stopping.is_set():
@@ -103,7 +103,6 @@ class ExtraListeners:
             except OSError as exc:  # e.g. out of processes or memory: try again later
                 log_event(log, logging.ERROR, "scp.process_start_failed", process=number, error=str(exc),
                           restart_in_seconds=delay)
-                process = None
                 if self._stopping.wait(delay):
                     return
                 delay = min(delay * 2, MAX_RESTART_DELAY)

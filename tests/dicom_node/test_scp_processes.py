@@ -3,6 +3,7 @@ the front door's limits counted for the whole node."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -10,9 +11,12 @@ import subprocess
 import time
 import urllib.request
 
+from dicom_node import scp_processes
+from dicom_node.connection_counts import ConnectionCounts
 from dicom_node.index import Index
 from dicom_node.synthetic import write_ct_study
 from tests.support.dicom import stored_files
+from tests.support.node import node_settings
 from tests.support.procs import child_pids, free_port, start_node, stop, wait_for_port
 from tests.support.waiting import wait_until
 
@@ -142,3 +146,20 @@ def test_connection_limits_count_over_all_scp_processes(tmp_path):
         assert node.poll() is None
     finally:
         stop(node)
+
+
+def test_an_extra_process_that_cannot_start_is_tried_again_with_a_back_off(tmp_path, monkeypatch, caplog):
+    """No real process here: an interpreter that is not there makes each start fail (OSError)."""
+    monkeypatch.setattr(scp_processes.sys, "executable", str(tmp_path / "no-such-python"))
+    monkeypatch.setattr(scp_processes, "RESTART_DELAY", 0.05)
+    caplog.set_level(logging.ERROR, logger="dicom_node.scp_processes")
+    listeners = scp_processes.ExtraListeners(node_settings(tmp_path, scp_processes=2), ConnectionCounts(8, 16))
+    listeners.start()
+    try:
+        wait_until(lambda: sum(r.getMessage() == "scp.process_start_failed" for r in caplog.records) >= 3,
+                   timeout=10, what="three failed starts, each logged")
+    finally:
+        started = time.monotonic()
+        listeners.stop()
+    assert time.monotonic() - started < 2  # stop does not wait out a back-off
+    assert not any(thread.is_alive() for thread in listeners._threads)
