@@ -40,107 +40,74 @@ class Counts(Protocol):
 
 
 class ConnectionCounts:
-    """The node's counts, each also kept per owner (this process or one extra process), so that
-    what an owner held can be freed at once when it goes (`forget`)."""
+    """The node's counts, kept per owner (this process or one extra process), so that what an
+    owner held can be freed at once when it goes (`forget`); the totals are summed over owners
+    (a handful: one per SCP process)."""
 
     def __init__(self, max_per_host: int, max_associations: int) -> None:
         self.max_per_host = max_per_host  # 0: no limit
         self.max_associations = max_associations  # 0: no limit
-        self._hosts: Counter[str] = Counter()
-        self._associations = 0
-        self._held_hosts: dict[str, Counter[str]] = {}
-        self._held_associations: Counter[str] = Counter()
+        self._hosts: dict[str, Counter[str]] = {}  # owner -> connections per host
+        self._associations: Counter[str] = Counter()  # owner -> associations
         self._lock = threading.Lock()
 
     def admit(self, host: str, owner: str = LOCAL) -> bool:
         with self._lock:
-            if self.max_per_host and self._hosts[host] >= self.max_per_host:
+            if self.max_per_host and sum(held[host] for held in self._hosts.values()) >= self.max_per_host:
                 return False
-            self._hosts[host] += 1
-            self._held_hosts.setdefault(owner, Counter())[host] += 1
+            self._hosts.setdefault(owner, Counter())[host] += 1
             return True
 
     def release(self, host: str, owner: str = LOCAL) -> None:
         with self._lock:
-            held = self._held_hosts.get(owner)
-            if not held or held[host] <= 0:
-                return  # never admitted here (or already forgotten): nothing to free
-            held[host] -= 1
-            self._hosts[host] -= 1
-            if self._hosts[host] <= 0:
-                del self._hosts[host]
+            held = self._hosts.get(owner)
+            if held and held[host] > 0:  # else never admitted here (or already forgotten)
+                held[host] -= 1
 
     def claim(self, owner: str = LOCAL) -> bool:
         with self._lock:
-            if self.max_associations and self._associations >= self.max_associations:
+            if self.max_associations and self._associations.total() >= self.max_associations:
                 return False
-            self._associations += 1
-            self._held_associations[owner] += 1
+            self._associations[owner] += 1
             return True
 
     def unclaim(self, owner: str = LOCAL) -> None:
         with self._lock:
-            if self._held_associations[owner] <= 0:
-                return
-            self._held_associations[owner] -= 1
-            self._associations -= 1
+            if self._associations[owner] > 0:
+                self._associations[owner] -= 1
 
     def forget(self, owner: str) -> None:
         """`owner` is gone: free every connection and association it still held."""
         with self._lock:
-            for host, count in self._held_hosts.pop(owner, Counter()).items():
-                self._hosts[host] -= count
-                if self._hosts[host] <= 0:
-                    del self._hosts[host]
-            self._associations -= self._held_associations.pop(owner, 0)
+            self._hosts.pop(owner, None)
+            self._associations.pop(owner, None)
 
     def per_host(self) -> dict[str, int]:
         with self._lock:
-            return {host: count for host, count in self._hosts.items() if count > 0}
+            total: Counter[str] = sum(self._hosts.values(), Counter())  # + drops hosts at 0
+            return dict(total)
 
     def associations(self) -> int:
         with self._lock:
-            return self._associations
-
-    def bind(self, owner: str) -> Counts:
-        """These counts as one owner sees them."""
-        return _Owned(self, owner)
-
-
-class _Owned:
-    def __init__(self, counts: ConnectionCounts, owner: str) -> None:
-        self._counts, self._owner = counts, owner
-
-    def admit(self, host: str) -> bool:
-        return self._counts.admit(host, self._owner)
-
-    def release(self, host: str) -> None:
-        self._counts.release(host, self._owner)
-
-    def claim(self) -> bool:
-        return self._counts.claim(self._owner)
-
-    def unclaim(self) -> None:
-        self._counts.unclaim(self._owner)
+            return self._associations.total()
 
 
 def serve_counts(counts: ConnectionCounts, link: socket.socket, owner: str) -> threading.Thread:
     """Answer one extra SCP process's calls on `link` until it closes, then free what it held."""
 
     def run() -> None:
-        owned = counts.bind(owner)
         try:
             with link, link.makefile("rb") as calls:
                 for line in calls:
                     verb, _, host = line.decode("ascii").rstrip("\n").partition(" ")
                     if verb == "A":
-                        link.sendall(b"1\n" if owned.admit(host) else b"0\n")
+                        link.sendall(b"1\n" if counts.admit(host, owner) else b"0\n")
                     elif verb == "R":
-                        owned.release(host)
+                        counts.release(host, owner)
                     elif verb == "C":
-                        link.sendall(b"1\n" if owned.claim() else b"0\n")
+                        link.sendall(b"1\n" if counts.claim(owner) else b"0\n")
                     elif verb == "U":
-                        owned.unclaim()
+                        counts.unclaim(owner)
                     else:
                         raise ValueError(f"unknown call {line!r}")
         except (OSError, ValueError, UnicodeDecodeError) as exc:

@@ -46,7 +46,6 @@ def _die_with_parent() -> None:
 RESTART_DELAY = 1.0  # seconds before an extra process that exited is started again; doubles to
 MAX_RESTART_DELAY = 30.0  # while it keeps exiting within STABLE_SECONDS of its start
 STABLE_SECONDS = 60.0
-METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def share_metrics() -> Path:
@@ -54,7 +53,7 @@ def share_metrics() -> Path:
     folder named in the environment, which the extra processes inherit. Call before
     prometheus_client is imported; http_api.exposition_registry then reads every process's."""
     folder = Path(tempfile.mkdtemp(prefix="dicom-node-metrics-"))
-    os.environ[METRICS_DIR_VARIABLE] = str(folder)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
     return folder
 
 
