@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 import ssl
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -93,7 +94,10 @@ _CONTEXT_RESULTS = {
 }
 
 
-def _make_ae(calling_ae: str, timeouts: float = 30.0) -> AE:
+DEFAULT_TIMEOUT = 30.0  # seconds
+
+
+def _make_ae(calling_ae: str, timeouts: float = DEFAULT_TIMEOUT) -> AE:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeouts
     ae.dimse_timeout = timeouts
@@ -240,7 +244,7 @@ def _meta_without_preamble(path: Path) -> bool:
 
 
 def send(peer: Peer, paths: Iterable[Path], calling_ae: str = "DICOM_NODE", tls_context=None,
-         decompress: bool = True) -> SendReport:
+         decompress: bool = True, timeout: float = DEFAULT_TIMEOUT) -> SendReport:
     """C-STORE every DICOM file under `paths`; never stops at a refusal: every file ends up sent,
     failed (with the reason) or skipped in the report.
 
@@ -248,7 +252,8 @@ def send(peer: Peer, paths: Iterable[Path], calling_ae: str = "DICOM_NODE", tls_
     Endian; it is sent as stored (streamed from disk) where the peer accepts its syntax. Where the peer
     accepts only a fallback, an uncompressed file is re-encoded by pynetdicom and a compressed one is
     decoded first (`decompress`; false: it fails as refused). Files needing more than 128 presentation
-    contexts in all are split over several associations.
+    contexts in all are split over several associations. `timeout`: seconds to wait for the
+    association, and for each C-STORE response.
     """
     report = SendReport()
     pending = _inspect(paths, report)
@@ -262,14 +267,14 @@ def send(peer: Peer, paths: Iterable[Path], calling_ae: str = "DICOM_NODE", tls_
                 batch.append(item)
             else:
                 rest.append(item)
-        _send_batch(peer, batch, contexts, calling_ae, tls_context, decompress, report)
+        _send_batch(peer, batch, contexts, calling_ae, tls_context, decompress, timeout, report)
         pending = rest
     return report
 
 
 def _send_batch(peer: Peer, batch: list[_FileToSend], contexts: list[tuple[str, tuple[str, ...]]], calling_ae: str,
-                tls_context, decompress: bool, report: SendReport) -> None:
-    ae = _make_ae(calling_ae)
+                tls_context, decompress: bool, timeout: float, report: SendReport) -> None:
+    ae = _make_ae(calling_ae, timeout)
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, list(syntaxes))
     # Always offered too, so a peer refusing every SOP class offered still accepts the association
@@ -300,6 +305,7 @@ def _send_one(assoc: Association, item: _FileToSend, decompress: bool, report: S
     exact = any(cx.transfer_syntax[0] == syntax for cx in accepted)
     fallback = next((UID(cx.transfer_syntax[0]) for cx in accepted if cx.transfer_syntax[0] in UNCOMPRESSED), None)
     how = None  # set when the file is not sent byte for byte as stored
+    started = time.monotonic()
     try:
         if exact and item.meta_matches:
             status = assoc.send_c_store(item.path)  # straight from disk, as stored
@@ -337,7 +343,7 @@ def _send_one(assoc: Association, item: _FileToSend, decompress: bool, report: S
         report.failed.append((path, f"not sent: {exc}"))
         return
     if not status or "Status" not in status:
-        report.failed.append((path, "no C-STORE response (timeout or abort)"))
+        report.failed.append((path, _no_response(assoc, time.monotonic() - started)))
         return
     code = int(status.Status)
     comment = str(status.get("ErrorComment", "")).strip()
@@ -351,6 +357,15 @@ def _send_one(assoc: Association, item: _FileToSend, decompress: bool, report: S
         report.warned.append((path, f"status 0x{code:04X} {comment}".strip()))
     else:
         report.failed.append((path, f"refused with status 0x{code:04X} {comment}".strip()))
+
+
+def _no_response(assoc: Association, waited: float) -> str:
+    """Why a C-STORE got no response: pynetdicom aborts the association itself when the wait
+    runs out, so the time waited tells a silent peer from one that aborted."""
+    limit = assoc.dimse_timeout
+    if limit is not None and waited >= limit:
+        return f"no C-STORE response within {limit:g}s (dimse timeout): the association was aborted"
+    return f"no C-STORE response: the peer aborted the association or closed the connection {waited:.1f}s after the request"
 
 
 def _sop_name(item: _FileToSend) -> str:

@@ -142,6 +142,13 @@ class Orthanc:
                 time.sleep(0.1)
         raise TimeoutError("Orthanc REST API did not come up")
 
+    def log_tail(self, lines: int = 15) -> str:
+        """The end of Orthanc's log: what it said about a transfer that failed."""
+        try:
+            return "\n".join((self.root / "orthanc.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(no Orthanc log: {exc})"
+
     def stop(self) -> None:
         if self.proc is not None:
             stop(self.proc)

@@ -120,14 +120,14 @@ def seed_pacs(orthanc: Orthanc, scenario: Scenario) -> None:
     history = [path for label, paths in scenario.files.items() if label != "current" for path in paths]
     report = send(Peer("127.0.0.1", orthanc.dicom_port, orthanc.aet), history, ARCHIVE_LOADER_AE)
     if report.failed:
-        raise RuntimeError(f"seeding the PACS failed: {report.failed}")
+        raise RuntimeError(f"seeding the PACS failed: {report.failed}\nOrthanc's log ends:\n{orthanc.log_tail()}")
 
 
 def acquire(orthanc: Orthanc, scenario: Scenario) -> None:
     """The modality sends the new study to the PACS, whose routing rule forwards it to the node."""
     report = send(Peer("127.0.0.1", orthanc.dicom_port, orthanc.aet), scenario.files["current"], MODALITY_AE)
     if report.failed:
-        raise RuntimeError(f"acquisition failed: {report.failed}")
+        raise RuntimeError(f"acquisition failed: {report.failed}\nOrthanc's log ends:\n{orthanc.log_tail()}")
 
 
 def wait_for_report(orthanc: Orthanc, study_uid: str, timeout: float = 180.0) -> Dataset:

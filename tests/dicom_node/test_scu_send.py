@@ -206,3 +206,45 @@ def test_unreachable_peer_fails_every_file_and_exits_2(tmp_path):
     assert result.returncode == 2
     assert "send failed: could not connect" in result.stderr
     assert "failures by reason:\n  2 x not sent: could not connect" in result.stdout
+
+
+@pytest.fixture
+def misbehaving_scp():
+    """A pynetdicom storage SCP whose C-STORE handler `behaviour` decides: yields (peer, set behaviour)."""
+    from pynetdicom import AE, evt
+
+    behaviour = {"on_store": None}
+
+    def handle_store(event):
+        return behaviour["on_store"](event)
+
+    ae = AE(ae_title="ODD")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+    try:
+        yield Peer("127.0.0.1", port, "ODD"), behaviour
+    finally:
+        server.shutdown()
+
+
+def test_a_peer_that_never_answers_is_told_from_one_that_aborts(misbehaving_scp, tmp_path):
+    import time
+
+    peer, behaviour = misbehaving_scp
+    first, _ = instance(tmp_path / "src", "1.dcm")
+    second, _ = instance(tmp_path / "src", "2.dcm")
+
+    behaviour["on_store"] = lambda event: time.sleep(3) or 0x0000  # answers after the SCU stopped waiting
+    silent = send(peer, [first, second], timeout=1)
+    assert reasons(silent)["1.dcm"] == "no C-STORE response within 1s (dimse timeout): the association was aborted"
+    assert reasons(silent)["2.dcm"].startswith("not sent: the association was aborted")
+
+    def abort(event):
+        event.assoc.abort()
+        return 0x0000
+
+    behaviour["on_store"] = abort
+    aborted = send(peer, [first], timeout=10)
+    reason = reasons(aborted)["1.dcm"]
+    assert reason.startswith("no C-STORE response: the peer aborted the association or closed the connection ") and "s after the request" in reason

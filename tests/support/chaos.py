@@ -600,7 +600,7 @@ def seed_priors(stack: LocalStack, cohort: Cohort) -> None:
     """The patients' history, straight into the PACS with an AE title it does not route to the node."""
     report = send(Peer("127.0.0.1", stack.orthanc.dicom_port, stack.orthanc.aet), list(cohort.priors), ARCHIVE_LOADER_AE)
     if report.failed or report.sent != len(cohort.priors):
-        raise RuntimeError(f"seeding the PACS failed: {report.failed}")
+        raise RuntimeError(f"seeding the PACS failed: {report.failed}\nOrthanc's log ends:\n{stack.orthanc.log_tail()}")
 
 
 def wait_workers_ready(stack: LocalStack, timeout: float = 90.0) -> None:
