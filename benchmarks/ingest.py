@@ -223,12 +223,12 @@ class Receiver:
         time.sleep(0.5)
 
     def _wait_for_listeners(self, processes: int, timeout: float = 60) -> None:
-        """Until every SCP process listens: the port opens with the first, and connections made
-        before the others bind all go to it (which measured scp_processes 2 as 1)."""
+        """Until every SCP process takes connections: the port opens with the first, which serves
+        every connection made before the others are ready (which measured scp_processes 2 as 1)."""
         log, deadline = self.root / "serve.log", time.monotonic() + timeout
-        while log.read_text(errors="replace").count('"event": "scp.listening"') < processes:
+        while log.read_text(errors="replace").count('"event": "scp.process_ready"') < processes - 1:
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"not all {processes} SCP processes listening; see {log}")
+                raise RuntimeError(f"not all {processes} SCP processes ready; see {log}")
             time.sleep(0.1)
 
     def rss_mb(self) -> float:

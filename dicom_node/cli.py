@@ -72,15 +72,18 @@ def serve(
         # images after a start-up must not wait on it.
         coordinator = Coordinator(node.index, settings)
     node.start()
-    listeners = ExtraListeners(settings, node.front_door.counts)  # scp_processes - 1 more on the same port
-    listeners.start()
+    listeners = None
+    if node.front_door.handoff is not None:  # scp_processes > 1: start the other scp_processes - 1
+        listeners = ExtraListeners(settings, node.front_door.counts, node.front_door.handoff)
+        listeners.start()
     if coordinator:
         coordinator.start()
     freeze_startup_heap()
     stop.wait()
     if coordinator:
         coordinator.stop()
-    listeners.stop()
+    if listeners:
+        listeners.stop()
     node.stop()
     if metrics_dir:
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -89,13 +92,14 @@ def serve(
 @app.command("scp-listener", hidden=True)
 def scp_listener(
     counts_fd: Annotated[int, typer.Option(help="the socket to the first process, which keeps the connection counts")],
+    connections_fd: Annotated[int, typer.Option(help="the socket the first process passes connections over")],
 ) -> None:
     """One of the extra SCP processes `serve` starts when scp_processes > 1 (not for direct use)."""
     from .scp_processes import run_listener
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
-    run_listener(settings, counts_fd)
+    run_listener(settings, counts_fd, connections_fd)
 
 
 @app.command()

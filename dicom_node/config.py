@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     check_called_ae: bool = True
     max_associations: int = 16
     max_connections_per_host: int = 8  # concurrent connections from one peer address, associated or not; 0: no limit
-    # SCP processes sharing the DICOM port (SO_REUSEPORT; limits count for the whole node); "auto":
+    # SCP processes behind the DICOM port (the first accepts and passes each connection to the one
+    # holding the fewest; limits count for the whole node); "auto":
     # the container's CPU limit, rounded up, else the CPUs this process may run on (cpu_limit.py)
     scp_processes: int = Field(1, ge=1)
     refusal_audit_limit: int = 20  # audit rows (and log lines) per peer address per window for refused connections; the rest counted; 0: no limit

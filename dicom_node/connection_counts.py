@@ -1,15 +1,17 @@
 """The front door's counts (connections per peer address, associations), one set per node.
 
 `max_connections_per_host` and `max_associations` are limits of the node, not of one process:
-with `scp_processes` N > 1 the kernel spreads connections over N processes, and counts kept per
-process would let one host hold N times its share. So the first process keeps the counts
-(`ConnectionCounts`) and serves them to each extra SCP process over a socket pair of its own
-(`serve_counts`); an extra process asks through `RemoteCounts`. When an extra process ends, or
-is killed, its socket closes and everything it held is freed.
+with `scp_processes` N > 1 counts kept per process would let one host hold N times its share.
+So the first process, which accepts every connection, keeps the counts (`ConnectionCounts`):
+it admits each connection to the SCP process that holds the fewest (connection_handoff.py
+passes it there), and serves the counts to each extra process over a socket pair of its own
+(`serve_counts`); an extra process releases its connections and claims its associations
+through `RemoteCounts`. When an extra process ends, or is killed, its socket closes and
+everything it held is freed.
 
-The protocol is one line per call, in the order made: ``A <host>`` (admit, answered ``1`` or
-``0``), ``R <host>`` (release), ``C`` (claim an association, answered), ``U`` (unclaim). It is
-used once or twice per connection, never per instance.
+The protocol is one line per call, in the order made: ``R <host>`` (release a connection),
+``C`` (claim an association, answered ``1`` or ``0``), ``U`` (unclaim). It is used once or
+twice per connection, never per instance.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ ANSWER_TIMEOUT = 10.0  # seconds an extra process waits for the first one's answ
 
 
 class CountsUnavailable(RuntimeError):
-    """An extra SCP process lost its link to the first one: it cannot admit anything."""
+    """An extra SCP process lost its link to the first one: it can claim no association."""
 
 
 class Counts(Protocol):
-    def admit(self, host: str) -> bool: ...
+    """What an SCP process's front door does with the counts once a connection is in it."""
+
     def release(self, host: str) -> None: ...
     def claim(self) -> bool: ...
     def unclaim(self) -> None: ...
@@ -42,21 +45,41 @@ class Counts(Protocol):
 class ConnectionCounts:
     """The node's counts, kept per owner (this process or one extra process), so that what an
     owner held can be freed at once when it goes (`forget`); the totals are summed over owners
-    (a handful: one per SCP process)."""
+    (a handful: one per SCP process). New connections go only to owners that have joined and
+    not been forgotten: one forgotten is never counted again."""
 
     def __init__(self, max_per_host: int, max_associations: int) -> None:
         self.max_per_host = max_per_host  # 0: no limit
         self.max_associations = max_associations  # 0: no limit
         self._hosts: dict[str, Counter[str]] = {}  # owner -> connections per host
         self._associations: Counter[str] = Counter()  # owner -> associations
+        self._serving: list[str] = [LOCAL]  # owners that take new connections, in the order joined
         self._lock = threading.Lock()
 
-    def admit(self, host: str, owner: str = LOCAL) -> bool:
+    def join(self, owner: str) -> None:
+        """An extra SCP process is ready for connections."""
+        with self._lock:
+            if owner not in self._serving:
+                self._serving.insert(-1, owner)  # before LOCAL: ties go to an extra process
+
+    def admit(self, host: str) -> str | None:
+        """Admit a connection from `host` to the owner holding the fewest connections; None
+        when `host` holds max_per_host already. The first process, which also runs the
+        assembler and the HTTP service, takes one only when no extra process holds fewer."""
         with self._lock:
             if self.max_per_host and sum(held[host] for held in self._hosts.values()) >= self.max_per_host:
-                return False
+                return None
+            owner = min(self._serving, key=lambda o: self._hosts[o].total() if o in self._hosts else 0)
             self._hosts.setdefault(owner, Counter())[host] += 1
-            return True
+            return owner
+
+    def move(self, host: str, owner: str, to: str = LOCAL) -> None:
+        """A connection admitted to `owner` is served by `to` instead (it could not be passed on)."""
+        with self._lock:
+            held = self._hosts.get(owner)
+            if held and held[host] > 0:
+                held[host] -= 1
+            self._hosts.setdefault(to, Counter())[host] += 1
 
     def release(self, host: str, owner: str = LOCAL) -> None:
         with self._lock:
@@ -77,10 +100,16 @@ class ConnectionCounts:
                 self._associations[owner] -= 1
 
     def forget(self, owner: str) -> None:
-        """`owner` is gone: free every connection and association it still held."""
+        """`owner` is gone: free every connection and association it still held; it takes no more."""
         with self._lock:
             self._hosts.pop(owner, None)
             self._associations.pop(owner, None)
+            if owner != LOCAL and owner in self._serving:
+                self._serving.remove(owner)
+
+    def held_by(self, owner: str) -> int:
+        with self._lock:
+            return self._hosts[owner].total() if owner in self._hosts else 0
 
     def per_host(self) -> dict[str, int]:
         with self._lock:
@@ -100,9 +129,7 @@ def serve_counts(counts: ConnectionCounts, link: socket.socket, owner: str) -> t
             with link, link.makefile("rb") as calls:
                 for line in calls:
                     verb, _, host = line.decode("ascii").rstrip("\n").partition(" ")
-                    if verb == "A":
-                        link.sendall(b"1\n" if counts.admit(host, owner) else b"0\n")
-                    elif verb == "R":
+                    if verb == "R":
                         counts.release(host, owner)
                     elif verb == "C":
                         link.sendall(b"1\n" if counts.claim(owner) else b"0\n")
@@ -154,9 +181,6 @@ class RemoteCounts:
             self._failed = self._failed or "closed"
             self._answers.close()
             self._link.close()
-
-    def admit(self, host: str) -> bool:
-        return self._call(f"A {host}", answered=True)
 
     def release(self, host: str) -> None:
         self._call(f"R {host}", answered=False)

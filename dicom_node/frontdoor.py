@@ -72,7 +72,8 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.timer import Timer
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from .connection_counts import ConnectionCounts, Counts, CountsUnavailable
+from .connection_counts import LOCAL, ConnectionCounts, Counts, CountsUnavailable
+from .connection_handoff import Handoff
 from .logs import log_event
 from .storage import InstanceStore
 
@@ -815,11 +816,18 @@ class _GuardedRequestHandler(RequestHandler):
 
 
 class GuardedAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server: per-host limit and TLS handshake in the connection's thread."""
+    """pynetdicom's threaded server: per-host limit and TLS handshake in the connection's thread.
+    In the first (or only) SCP process it accepts; each connection is served here or passed to
+    the extra SCP process holding the fewest (connection_handoff.py)."""
 
     daemon_threads = True
     block_on_close = False  # a connection thread lives as long as its association
     front_door: FrontDoor
+
+    @property
+    def listener(self) -> str:
+        """Which of the node's listeners this is, the same name in every SCP process."""
+        return "tls" if self.ssl_context is not None else "plain"
 
     def get_request(self):
         # No TLS handshake here: pynetdicom does it in the accept loop, without a timeout.
@@ -829,18 +837,22 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def process_request_thread(self, request, client_address) -> None:
         door = self.front_door
         host, port = client_address[0], client_address[1]
-        try:
-            admitted = door.admit(host)
-        except CountsUnavailable as exc:
-            door.report(Refusal("rejected", f"connection limits unavailable: {exc}", host, port))
-            self.shutdown_request(request)
-            return
-        if not admitted:
+        owner = door.admit(host)
+        if owner is None:
             door.report(Refusal(
                 "rejected", f"more than max_connections_per_host ({door.limits.max_connections_per_host}) "
                 f"connections from {host}", host, port))
             self.shutdown_request(request)
             return
+        if owner != LOCAL and door.pass_on(owner, host, request, self.listener, client_address):
+            request.close()  # not shutdown: the extra process serves the same connection
+            return
+        self.serve_admitted(request, client_address)
+
+    def serve_admitted(self, request, client_address) -> None:
+        """Serve a connection admitted for this process, until its association ends."""
+        door = self.front_door
+        host, port = client_address[0], client_address[1]
         try:
             if self.ssl_context is not None:
                 request = self._handshake(request, host, port)
@@ -868,51 +880,76 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             return None
 
 
-class SharedPortServer(GuardedAssociationServer):
-    """Binds with SO_REUSEPORT: several SCP processes listen on one port and the kernel spreads
-    the incoming connections over them (scp_processes)."""
+class PassedConnectionServer(GuardedAssociationServer):
+    """An extra SCP process's listener: it binds nothing and accepts nothing; the first process
+    passes it connections it has admitted (`serve_passed`)."""
 
     def server_bind(self) -> None:
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def serve_passed(self, connection: socket.socket, client_address: tuple[str, int]) -> None:
+        threading.Thread(target=self.serve_admitted, args=(connection, client_address), daemon=True).start()
+
+    def shutdown(self) -> None:
+        # No serve_forever loop to stop (BaseServer.shutdown would wait for one).
+        self.server_close()
+        self.ae._servers.remove(self)
 
 
 class FrontDoor:
     """One per SCP process: its limits, the node's counts (shared by its listeners, and by its
     other SCP processes), the refusal sink."""
 
-    def __init__(self, limits: Limits, on_refusal: Callable[[Refusal], None], counts: Counts | None = None) -> None:
+    def __init__(self, limits: Limits, on_refusal: Callable[[Refusal], None], counts: Counts | None = None,
+                 handoff: Handoff | None = None) -> None:
         """`counts`: the node's connection and association counts, when they are kept elsewhere
-        (an extra SCP process asks the first one: connection_counts.py); by default, here."""
+        (an extra SCP process asks the first one: connection_counts.py); by default, here.
+        `handoff`: the first process's links to the extra SCP processes, which it passes
+        connections to (connection_handoff.py); None: it serves every connection itself."""
         check_pynetdicom()
         install()
         self.limits = limits
         self._on_refusal = on_refusal
         self.counts: Counts = counts if counts is not None else ConnectionCounts(
             limits.max_connections_per_host, limits.max_associations)
+        self.handoff = handoff
 
     def serve(self, ae, address, evt_handlers, ssl_context: ssl.SSLContext | None = None,
-              shared_port: bool = False) -> GuardedAssociationServer:
-        """``ae.start_server(address, block=False, ...)``, through the front door; `shared_port`:
-        with SO_REUSEPORT, so that other processes may listen on the same port."""
+              passed_only: bool = False) -> GuardedAssociationServer:
+        """``ae.start_server(address, block=False, ...)``, through the front door; `passed_only`:
+        an extra SCP process's listener, which serves only connections the first one passes it."""
         server = ae.make_server(
             address,
             ssl_context=ssl_context,
             evt_handlers=evt_handlers,
-            server_class=SharedPortServer if shared_port else GuardedAssociationServer,
+            server_class=PassedConnectionServer if passed_only else GuardedAssociationServer,
             request_handler=_GuardedRequestHandler,
         )
         server.front_door = self
-        thread = threading.Thread(target=server.serve_forever, name=f"FrontDoor@{address[1]}", daemon=True)
-        thread.start()
+        if not passed_only:
+            thread = threading.Thread(target=server.serve_forever, name=f"FrontDoor@{address[1]}", daemon=True)
+            thread.start()
         ae._servers.append(server)  # as start_server does: AssociationServer.shutdown removes it
         return server
 
-    def admit(self, host: str) -> bool:
-        """May another connection from `host` in (``max_connections_per_host``)? Raises
-        CountsUnavailable where the counts cannot be asked."""
+    def admit(self, host: str) -> str | None:
+        """The SCP process (owner) to serve another connection from `host`; None when `host`
+        holds ``max_connections_per_host`` already. Only the process that accepts asks."""
+        assert isinstance(self.counts, ConnectionCounts), "only the first SCP process admits"
         return self.counts.admit(host)
+
+    def pass_on(self, owner: str, host: str, connection: socket.socket, listener: str,
+                address: tuple[str, int]) -> bool:
+        """Pass a connection admitted for the extra process `owner` to it; False when that
+        fails: it is counted for this process instead, which serves it."""
+        if self.handoff is not None and self.handoff.pass_connection(owner, connection, listener, address):
+            return True
+        assert isinstance(self.counts, ConnectionCounts)
+        self.counts.move(host, owner, LOCAL)
+        return False
 
     def release(self, host: str) -> None:
         try:
@@ -923,17 +960,15 @@ class FrontDoor:
     def claim_association(self, assoc) -> bool:
         """At its A-ASSOCIATE-RQ: may this connection become an association (``max_associations``)?
         Only connections that asked are counted, so silent ones (bounded by the per-host limit
-        and the deadlines) cannot use up the slots; counted until the connection ends."""
+        and the deadlines) cannot use up the slots; counted until the connection ends. Raises
+        CountsUnavailable in an extra SCP process whose link to the first one failed."""
         conn = getattr(assoc.dul, "_front_door", None)
         if not isinstance(conn, _Connection):
             return True
         if conn.holds_association:
             return True
-        try:
-            if not self.counts.claim():
-                return False
-        except CountsUnavailable:
-            return False  # logged as counts.link_failed; the process dies with the first one
+        if not self.counts.claim():  # CountsUnavailable: an extra process cut off from the first
+            return False
         conn.holds_association = True
         return True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from . import recovery
 from .assembly import Assembler
 from .config import Settings
-from .connection_counts import Counts
+from .connection_counts import Counts, CountsUnavailable
+from .connection_handoff import Handoff, receive_connections
 from .frontdoor import FrontDoor, Limits, Refusal, spool_synced
 from .http_api import ASSOCIATIONS, INSTANCES, StatusServer
 from .index import Index
@@ -79,12 +81,13 @@ class DicomNode:
     """The SCP process: listeners, ingest, and the study assembler.
 
     `listener_only`: one of the extra SCP processes of `scp_processes` (scp_processes.py): its own
-    listeners on the shared port, ingest and index connection; no assembler, status page or
-    start-up clean-up (those belong to the first process)."""
+    listeners, serving the connections the first process passes it, ingest and index connection;
+    no assembler, status page or start-up clean-up (those belong to the first process)."""
 
     settings: Settings
     listener_only: bool = False
     counts: Counts | None = None  # an extra SCP process: the first process's counts (connection_counts.py)
+    passed_connections: socket.socket | None = None  # an extra SCP process: its link from the first one
     index: Index = field(init=False)
     store: InstanceStore = field(init=False)
     ingestor: Ingestor = field(init=False)
@@ -113,6 +116,7 @@ class DicomNode:
             ),
             self._on_refusal,
             self.counts,
+            Handoff() if s.scp_processes > 1 and not self.listener_only else None,
         )
 
     # --- lifecycle --------------------------------------------------------------------
@@ -127,16 +131,20 @@ class DicomNode:
         if s.http_port and not self.listener_only:  # first: a port in use stops the node before it accepts images
             self._status = StatusServer(self.index, s.http_host, s.http_port, s)
             self._status.start()
-        shared = s.scp_processes > 1  # SO_REUSEPORT: the kernel spreads connections over the processes
+        passed_only = self.listener_only  # an extra process serves what the first one accepted
         if s.port:  # 0: TLS only, no plain listener
-            self._servers.append(self.front_door.serve(self.ae, (s.host, s.port), handlers, shared_port=shared))
+            self._servers.append(self.front_door.serve(self.ae, (s.host, s.port), handlers, passed_only=passed_only))
         if s.tls_enabled:
             if not (s.tls_cert and s.tls_key):
                 raise ValueError("tls_enabled needs tls_cert and tls_key")
             context = server_tls_context(s.tls_cert, s.tls_key, s.tls_ca, s.tls_require_client_cert)
-            self._servers.append(self.front_door.serve(self.ae, (s.host, s.tls_port), handlers, ssl_context=context, shared_port=shared))
+            self._servers.append(self.front_door.serve(self.ae, (s.host, s.tls_port), handlers, ssl_context=context, passed_only=passed_only))
         if self.listener_only:
-            log_event(log, logging.INFO, "scp.listening", host=s.host, port=s.port, role="extra SCP process")
+            assert self.passed_connections is not None, "an extra SCP process needs its link from the first"
+            listeners = {server.listener: server for server in self._servers}
+            receive_connections(self.passed_connections, lambda name, connection, address:
+                                listeners[name].serve_passed(connection, address))
+            log_event(log, logging.INFO, "scp.serving_passed_connections")  # an extra SCP process
             return
         self._assembler = Assembler(self.index, s)
         self._assembler.start()
@@ -219,11 +227,18 @@ class DicomNode:
             self._reject(
                 assoc, REJECT_CALLED_AE, calling, called, host, port, f"called AE {called!r} is not this node ({self.settings.ae_title!r})"
             )
-        elif not self.front_door.claim_association(assoc):
-            self._reject(
-                assoc, REJECT_LOCAL_LIMIT, calling, called, host, port,
-                f"local limit exceeded (max_associations: {self.settings.max_associations} associations open)",
-            )
+        else:
+            try:
+                claimed = self.front_door.claim_association(assoc)
+            except CountsUnavailable as exc:  # rather than an association the limit does not count
+                self._reject(assoc, REJECT_LOCAL_LIMIT, calling, called, host, port,
+                             f"connection limits unavailable: {exc}")
+                return
+            if not claimed:
+                self._reject(
+                    assoc, REJECT_LOCAL_LIMIT, calling, called, host, port,
+                    f"local limit exceeded (max_associations: {self.settings.max_associations} associations open)",
+                )
 
     def _reject(self, assoc, rsd: tuple[int, int, int], calling: str, called: str, host: str, port: int, reason: str) -> None:
         ASSOCIATIONS.labels("rejected").inc()

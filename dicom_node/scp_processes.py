@@ -4,13 +4,13 @@ pynetdicom is pure Python and one process runs one thread at a time, so the asso
 SCP process share one core. With `scp_processes` N > 1, `dicom-node serve` (the first process:
 listeners, study assembler, pipeline coordinator, HTTP service) starts N - 1 more processes
 (`dicom-node scp-listener`), each with its own application entity, front door and index
-connection, all bound to the same port with SO_REUSEPORT; the kernel hands each new connection
-to one of them. They die with the first process (PR_SET_PDEATHSIG), so a kill -9 of `serve`
-leaves nothing listening; the first process starts again one that exits on its own. The front
-door's limits (max_associations, max_connections_per_host) count for the whole node: the first
-process keeps the counts and each extra process asks it over a socket pair of its own
-(connection_counts.py). Their counters go into prometheus_client's multiprocess folder, so
-/metrics counts all of them.
+connection. The first process accepts every connection and serves it itself or passes it to
+the extra process holding the fewest (connection_handoff.py). They die with the first process
+(PR_SET_PDEATHSIG), so a kill -9 of `serve` leaves nothing serving; the first process starts
+again one that exits on its own. The front door's limits (max_associations,
+max_connections_per_host) count for the whole node: the first process keeps the counts and each
+extra process releases and claims through a socket pair of its own (connection_counts.py).
+Their counters go into prometheus_client's multiprocess folder, so /metrics counts all of them.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .config import Settings
 from .connection_counts import ConnectionCounts, RemoteCounts, serve_counts
+from .connection_handoff import Handoff, link_pair
 from .logs import log_event
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,14 @@ def share_metrics() -> Path:
 
 
 class ExtraListeners:
-    """The extra SCP processes (same environment, so the same settings), each asking `counts`;
-    one that exits on its own (a crash, the OOM killer) is started again, and what it held in
-    `counts` was freed when its link closed."""
+    """The extra SCP processes (same environment, so the same settings), each passed connections
+    through `handoff` once ready and asking `counts`; one that exits on its own (a crash, the
+    OOM killer) is started again, and what it held in `counts` is freed."""
 
-    def __init__(self, settings: Settings, counts: ConnectionCounts) -> None:
+    def __init__(self, settings: Settings, counts: ConnectionCounts, handoff: Handoff) -> None:
         self.settings = settings
         self.counts = counts
+        self.handoff = handoff
         self._processes: dict[int, subprocess.Popen] = {}
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -76,29 +78,36 @@ class ExtraListeners:
             thread.start()
             self._threads.append(thread)
 
-    def _spawn(self, number: int, generation: int) -> subprocess.Popen | None:
+    def _spawn(self, owner: str, number: int) -> tuple[subprocess.Popen, socket.socket] | None:
         with self._lock:
             if self._stopping.is_set():
                 return None
-            ours, theirs = socket.socketpair()
-            with theirs:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "dicom_node", "scp-listener", "--counts-fd", str(theirs.fileno())],
-                    pass_fds=(theirs.fileno(),),
-                    preexec_fn=_die_with_parent,
-                )
-            # Its own owner name per start: the last one's counts are freed when its link closes.
-            serve_counts(self.counts, ours, owner=f"scp-process-{number}.{generation}")
+            counts_ours, counts_theirs = socket.socketpair()
+            passing_ours, passing_theirs = link_pair()
+            with counts_theirs, passing_theirs:
+                try:
+                    process = subprocess.Popen(
+                        [sys.executable, "-m", "dicom_node", "scp-listener", "--counts-fd", str(counts_theirs.fileno()),
+                         "--connections-fd", str(passing_theirs.fileno())],
+                        pass_fds=(counts_theirs.fileno(), passing_theirs.fileno()),
+                        preexec_fn=_die_with_parent,
+                    )
+                except OSError:
+                    counts_ours.close()
+                    passing_ours.close()
+                    raise
+            serve_counts(self.counts, counts_ours, owner=owner)
             self._processes[number] = process
-            return process
+            return process, passing_ours
 
     def _supervise(self, number: int) -> None:
         delay, generation = RESTART_DELAY, 0
         while True:
             generation += 1
             started = time.monotonic()
+            owner = f"scp-process-{number}.{generation}"  # one per start: never counted again once gone
             try:
-                process = self._spawn(number, generation)
+                started_process = self._spawn(owner, number)
             except OSError as exc:  # e.g. out of processes or memory: try again later
                 log_event(log, logging.ERROR, "scp.process_start_failed", process=number, error=str(exc),
                           restart_in_seconds=delay)
@@ -106,9 +115,15 @@ class ExtraListeners:
                     return
                 delay = min(delay * 2, MAX_RESTART_DELAY)
                 continue
-            if process is None:
+            if started_process is None:
                 return
+            process, passing = started_process
+            if self.handoff.wait_ready(owner, passing):
+                self.counts.join(owner)
+                log_event(log, logging.INFO, "scp.process_ready", process=number, pid=process.pid)
             code = process.wait()
+            self.handoff.remove(owner)
+            self.counts.forget(owner)  # also what was passed to it after its counts link closed
             if self._stopping.is_set():
                 return
             if time.monotonic() - started > STABLE_SECONDS:
@@ -123,6 +138,7 @@ class ExtraListeners:
         with self._lock:
             self._stopping.set()
             processes = list(self._processes.values())
+        self.handoff.remove_all()  # what arrives meanwhile is served by the first process
         for process in processes:
             process.terminate()
         for process in processes:
@@ -135,12 +151,14 @@ class ExtraListeners:
             thread.join(timeout)
 
 
-def run_listener(settings: Settings, counts_fd: int) -> None:
-    """One extra SCP process, until SIGTERM; `counts_fd`: its end of the link to the first one."""
+def run_listener(settings: Settings, counts_fd: int, connections_fd: int) -> None:
+    """One extra SCP process, until SIGTERM; `counts_fd`, `connections_fd`: its ends of the links
+    to the first one (the counts; the connections passed to it)."""
     from .scp import DicomNode
     from .startup import freeze_startup_heap
 
-    node = DicomNode(settings, listener_only=True, counts=RemoteCounts(socket.socket(fileno=counts_fd)))
+    node = DicomNode(settings, listener_only=True, counts=RemoteCounts(socket.socket(fileno=counts_fd)),
+                     passed_connections=socket.socket(fileno=connections_fd))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

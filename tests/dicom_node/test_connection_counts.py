@@ -1,5 +1,6 @@
-"""The node's connection counts: kept in the first process, asked by the extra SCP processes
-over a real socket pair, freed when an extra process goes; and scp_processes "auto"."""
+"""The node's connection counts: kept in the first process, which admits each connection to the
+SCP process holding the fewest; released and claimed by the extra SCP processes over a real
+socket pair; freed when an extra process goes; and scp_processes "auto"."""
 
 from __future__ import annotations
 
@@ -9,47 +10,75 @@ import socket
 import pytest
 
 from dicom_node.config import Settings
-from dicom_node.connection_counts import ConnectionCounts, CountsUnavailable, RemoteCounts, serve_counts
+from dicom_node.connection_counts import LOCAL, ConnectionCounts, CountsUnavailable, RemoteCounts, serve_counts
 from dicom_node.cpu_limit import cgroup_cpu_limit, usable_cpus
 from tests.support.waiting import wait_until
 
 
+def two_extra_processes(**limits) -> ConnectionCounts:
+    counts = ConnectionCounts(**{"max_per_host": 0, "max_associations": 0, **limits})
+    counts.join("scp-process-2")
+    counts.join("scp-process-3")
+    return counts
+
+
+def test_each_connection_goes_to_the_process_holding_the_fewest():
+    counts = two_extra_processes()
+    owners = [counts.admit(f"10.0.0.{n}") for n in range(6)]
+    # Ties go to an extra process (the first also runs the assembler and the HTTP service).
+    assert owners == ["scp-process-2", "scp-process-3", LOCAL] * 2
+    counts.release("10.0.0.1", owner="scp-process-3")
+    counts.release("10.0.0.4", owner="scp-process-3")
+    assert counts.admit("10.0.0.9") == "scp-process-3"
+    assert {o: counts.held_by(o) for o in ("scp-process-2", "scp-process-3", LOCAL)} == {
+        "scp-process-2": 2, "scp-process-3": 1, LOCAL: 2}
+
+
 def test_per_host_limit_counts_every_owner():
-    counts = ConnectionCounts(max_per_host=2, max_associations=0)
-    assert counts.admit("10.0.0.1")
-    assert counts.admit("10.0.0.1", owner="scp-process-2")
-    assert not counts.admit("10.0.0.1", owner="scp-process-3")  # the node's limit, not one process's
-    assert counts.admit("10.0.0.2", owner="scp-process-3")
-    counts.release("10.0.0.1")
-    assert counts.admit("10.0.0.1", owner="scp-process-3")
+    counts = two_extra_processes(max_per_host=2)
+    assert counts.admit("10.0.0.1") == "scp-process-2"
+    assert counts.admit("10.0.0.1") == "scp-process-3"
+    assert counts.admit("10.0.0.1") is None  # the node's limit, not one process's
+    assert counts.admit("10.0.0.2") == LOCAL
+    counts.release("10.0.0.1", owner="scp-process-2")
+    assert counts.admit("10.0.0.1") == "scp-process-2"
     assert counts.per_host() == {"10.0.0.1": 2, "10.0.0.2": 1}
 
 
 def test_release_frees_only_what_its_owner_holds():
-    counts = ConnectionCounts(max_per_host=1, max_associations=1)
-    assert counts.admit("10.0.0.1", owner="scp-process-2") and counts.claim(owner="scp-process-2")
+    counts = two_extra_processes(max_per_host=1, max_associations=1)
+    assert counts.admit("10.0.0.1") == "scp-process-2" and counts.claim(owner="scp-process-2")
     counts.release("10.0.0.1")  # this process never admitted it: a stray release frees nothing
     counts.unclaim()
-    assert not counts.admit("10.0.0.1") and not counts.claim()
+    assert counts.admit("10.0.0.1") is None and not counts.claim()
 
 
-def test_forget_frees_everything_an_owner_held():
-    counts = ConnectionCounts(max_per_host=8, max_associations=2)
+def test_a_forgotten_process_is_freed_and_takes_no_more():
+    counts = two_extra_processes(max_per_host=8, max_associations=2)
     for _ in range(3):
-        counts.admit("10.0.0.1", owner="scp-process-2")
-    counts.admit("10.0.0.1")
+        counts.admit("10.0.0.1")
     counts.claim(owner="scp-process-2")
     counts.claim()
     assert not counts.claim(owner="scp-process-3")
     counts.forget("scp-process-2")
-    assert counts.per_host() == {"10.0.0.1": 1}
+    assert counts.per_host() == {"10.0.0.1": 2}
     assert counts.associations() == 1
     assert counts.claim(owner="scp-process-3")
+    assert {counts.admit("10.0.0.1") for _ in range(4)} == {"scp-process-3", LOCAL}
+
+
+def test_a_connection_that_could_not_be_passed_on_is_counted_here():
+    counts = two_extra_processes(max_per_host=2)
+    owner = counts.admit("10.0.0.1")
+    counts.move("10.0.0.1", owner)
+    assert counts.held_by(owner) == 0 and counts.held_by(LOCAL) == 1
+    assert counts.per_host() == {"10.0.0.1": 1}
 
 
 @pytest.fixture
 def linked():
     counts = ConnectionCounts(max_per_host=2, max_associations=1)
+    counts.join("scp-process-2")
     ours, theirs = socket.socketpair()
     thread = serve_counts(counts, ours, owner="scp-process-2")
     remote = RemoteCounts(theirs)
@@ -60,23 +89,22 @@ def linked():
 
 def test_remote_calls_reach_the_first_process(linked):
     counts, remote, _ = linked
-    assert remote.admit("10.0.0.1") and remote.admit("10.0.0.1")
-    assert not counts.admit("10.0.0.1")  # the first process sees what the extra one holds
-    assert not remote.admit("10.0.0.1")
+    assert counts.admit("10.0.0.1") == "scp-process-2" and counts.admit("10.0.0.1") == LOCAL
     assert remote.claim() and not remote.claim() and not counts.claim()
     remote.release("10.0.0.1")
     remote.unclaim()
-    assert remote.admit("10.0.0.1")  # answered after the release: the calls keep their order
-    assert counts.claim()
+    assert remote.claim()  # answered after the release and the unclaim: the calls keep their order
+    assert counts.per_host() == {"10.0.0.1": 1} and counts.admit("10.0.0.1") == "scp-process-2"
 
 
 def test_a_closed_link_frees_what_the_extra_process_held(linked):
     counts, remote, thread = linked
-    assert remote.admit("10.0.0.1") and remote.claim()
+    assert counts.admit("10.0.0.1") == "scp-process-2" and remote.claim()
     remote.close()  # what a kill -9 of the extra process does to its end
     thread.join(5)
     assert not thread.is_alive()
     assert counts.per_host() == {} and counts.associations() == 0
+    assert counts.admit("10.0.0.1") == LOCAL  # it takes no more connections
 
 
 def test_a_link_without_answers_fails_clearly_and_stays_failed():
@@ -84,7 +112,7 @@ def test_a_link_without_answers_fails_clearly_and_stays_failed():
     remote = RemoteCounts(theirs)
     ours.close()  # the first process's end is gone
     with pytest.raises(CountsUnavailable, match="first SCP process does not answer"):
-        remote.admit("10.0.0.1")
+        remote.claim()
     with pytest.raises(CountsUnavailable):
         remote.release("10.0.0.1")
     remote.close()
@@ -94,11 +122,11 @@ def test_a_garbled_call_ends_the_link_and_frees_its_counts():
     counts = ConnectionCounts(max_per_host=1, max_associations=0)
     ours, theirs = socket.socketpair()
     thread = serve_counts(counts, ours, owner="scp-process-2")
-    theirs.sendall(b"A 10.0.0.1\n")
-    assert theirs.recv(2) == b"1\n"
-    theirs.sendall(b"X nonsense\n")
+    theirs.sendall(b"C\n")
+    assert theirs.recv(2) == b"1\n" and counts.associations() == 1
+    theirs.sendall(b"A 10.0.0.1\n")  # not a call any longer: admitting is the first process's
     thread.join(5)
-    assert not thread.is_alive() and counts.per_host() == {}
+    assert not thread.is_alive() and counts.associations() == 0
     theirs.close()
 
 
@@ -148,7 +176,7 @@ def test_remote_counts_wait_is_bounded(monkeypatch):
     ours, theirs = socket.socketpair()
     remote = RemoteCounts(theirs)
     with pytest.raises(CountsUnavailable):
-        remote.admit("10.0.0.1")
-    wait_until(lambda: ours.recv(64) == b"A 10.0.0.1\n", timeout=2, what="the call sent")
+        remote.claim()
+    wait_until(lambda: ours.recv(64) == b"C\n", timeout=2, what="the call sent")
     ours.close()
     remote.close()

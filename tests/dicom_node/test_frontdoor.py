@@ -16,13 +16,14 @@ import time
 import pynetdicom
 import pytest
 from pydicom.uid import generate_uid
-from pynetdicom import _config
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 
 from dicom_node import frontdoor
 from dicom_node.connection_counts import RemoteCounts
+from dicom_node.connection_handoff import Handoff, link_pair
 from dicom_node.scp import DicomNode
 from dicom_node.scu import Peer, _make_ae, associate
 from dicom_node.synthetic import ct_slice, write_ct_study
@@ -404,16 +405,33 @@ def test_an_idle_association_costs_the_node_no_polling(node):
 
 
 def test_an_extra_scp_process_without_its_counts_refuses_and_says_why(tmp_path):
-    """An extra SCP process whose link to the first one is gone cannot count connections:
-    it closes each at once, audited with the reason, rather than letting it in uncounted."""
-    ours, theirs = socket.socketpair()
-    ours.close()
-    node = DicomNode(node_settings(tmp_path, acse_timeout=ACSE), listener_only=True, counts=RemoteCounts(theirs))
+    """An extra SCP process whose counts link to the first one is gone cannot count associations:
+    a connection passed to it is rejected at its A-ASSOCIATE-RQ, audited with the reason, rather
+    than let in uncounted."""
+    counts_ours, counts_theirs = socket.socketpair()
+    counts_ours.close()
+    first_end, extra_end = link_pair()
+    node = DicomNode(node_settings(tmp_path, acse_timeout=ACSE), listener_only=True,
+                     counts=RemoteCounts(counts_theirs), passed_connections=extra_end)
     node.start()
+    handoff = Handoff()
+    listener = socket.create_server(("127.0.0.1", 0))
     try:
-        elapsed, received = wait_closed(connect(node), 2.0)
-        assert received == b"" and elapsed < 1.0
-        row = audit_row(node, "connection limits unavailable")
+        assert handoff.wait_ready("scp-process-2", first_end)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        result = {}
+        client = threading.Thread(target=lambda: result.update(assoc=ae.associate(
+            "127.0.0.1", listener.getsockname()[1], ae_title=NODE_AE)))
+        client.start()
+        connection, address = listener.accept()  # accepted here, as the first process does
+        assert handoff.pass_connection("scp-process-2", connection, "plain", address)
+        connection.close()
+        client.join(10)
+        assert result["assoc"].is_rejected
+        row = audit_row(node, "connection limits unavailable", host="127.0.0.1")
         assert row["result"] == "rejected" and "first SCP process does not answer" in row["reason"]
     finally:
+        listener.close()
+        handoff.remove("scp-process-2")
         node.stop()

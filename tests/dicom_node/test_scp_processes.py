@@ -1,5 +1,6 @@
-"""scp_processes: several SCP processes on one port (SO_REUSEPORT), dying with the first, and
-the front door's limits counted for the whole node."""
+"""scp_processes: several SCP processes behind one port (the first accepts and passes each
+connection to the one holding the fewest), dying with the first, and the front door's limits
+counted for the whole node."""
 
 from __future__ import annotations
 
@@ -11,12 +12,19 @@ import subprocess
 import time
 import urllib.request
 
+import psutil
+from pynetdicom.sop_class import Verification
+
 from dicom_node import scp_processes
 from dicom_node.connection_counts import ConnectionCounts
+from dicom_node.connection_handoff import Handoff
+from dicom_node.netutil import client_tls_context
+from dicom_node.scu import Peer, _make_ae, associate
 from dicom_node.index import Index
 from dicom_node.synthetic import write_ct_study
 from tests.support.dicom import stored_files
 from tests.support.node import node_settings
+from tests.support.pki import make_pki
 from tests.support.procs import child_pids, free_port, start_node, stop, wait_for_port
 from tests.support.waiting import wait_until
 
@@ -53,10 +61,10 @@ def test_two_scp_processes_share_the_port_and_die_with_the_first(tmp_path):
         wait_for_port(port, proc=node)
         extra = wait_until(lambda: child_pids(node.pid), timeout=20, what="the second SCP process")
         assert len(extra) == 1
-        wait_until(lambda: "extra SCP process" in (root / "serve.log").read_text(), timeout=20,
+        wait_until(lambda: "scp.process_ready" in (root / "serve.log").read_text(), timeout=20,
                    what="the second SCP process listening")
 
-        # Eight associations at once; the kernel hands each to one of the two processes.
+        # Eight associations at once; the first process serves some and passes the others on.
         senders = [
             subprocess.Popen(["storescu", "-aec", NODE_AE, "+sd", "127.0.0.1", str(port), str(folder)],
                              env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -106,16 +114,50 @@ def silent_connections(port: int, count: int) -> list[socket.socket]:
     return socks
 
 
+def established(pid: int, ports: tuple[int, ...]) -> int:
+    return sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port in ports
+               for c in psutil.Process(pid).net_connections(kind="tcp"))
+
+
+def test_connections_are_spread_evenly_over_the_scp_processes(tmp_path):
+    """The kernel's SO_REUSEPORT hash put 3 of 4 connections on one of 2 processes in 13 of 20
+    trials; passed by the first process, each goes to the one holding the fewest, TLS included
+    (the handshake is the serving process's)."""
+    pki = make_pki(tmp_path / "pki")
+    root, port, tls_port = tmp_path / "node", free_port(), free_port()
+    node = start_node(root, port, extra_env={
+        "DICOM_NODE_SCP_PROCESSES": "2", "DICOM_NODE_TLS_ENABLED": "true", "DICOM_NODE_TLS_PORT": str(tls_port),
+        "DICOM_NODE_TLS_CERT": str(pki["server.pem"]), "DICOM_NODE_TLS_KEY": str(pki["server.key"])})
+    associations = []
+    try:
+        wait_for_port(tls_port, proc=node)
+        extra = wait_until(lambda: child_pids(node.pid), timeout=20, what="the second SCP process")[0]
+        wait_until(lambda: "scp.process_ready" in (root / "serve.log").read_text(), timeout=20,
+                   what="the second SCP process ready")
+        for peer_port, tls in ((port, None), (port, None), (tls_port, client_tls_context(pki["ca.pem"])),
+                               (tls_port, client_tls_context(pki["ca.pem"]))):
+            ae = _make_ae("MODALITY")
+            ae.add_requested_context(Verification)
+            associations.append(associate(ae, Peer("127.0.0.1", peer_port, NODE_AE), tls))
+        assert all(assoc.send_c_echo().Status == 0x0000 for assoc in associations)
+        assert (established(node.pid, (port, tls_port)), established(extra, (port, tls_port))) == (2, 2)
+        assert established(extra, (tls_port,)) == 1
+    finally:
+        for assoc in associations:
+            assoc.release()
+        stop(node)
+
+
 def test_connection_limits_count_over_all_scp_processes(tmp_path):
     root, port = tmp_path / "node", free_port()
     node = start_node(root, port, extra_env={
         "DICOM_NODE_SCP_PROCESSES": "2", "DICOM_NODE_MAX_CONNECTIONS_PER_HOST": "2", "DICOM_NODE_ACSE_TIMEOUT": "60"})
     try:
         wait_for_port(port, proc=node)
-        wait_until(lambda: "extra SCP process" in (root / "serve.log").read_text(), timeout=20,
+        wait_until(lambda: "scp.process_ready" in (root / "serve.log").read_text(), timeout=20,
                    what="the second SCP process listening")
-        # Eight silent connections from one host, which the kernel spreads over both processes:
-        # counted per process, up to four would stay open.
+        # Eight silent connections from one host, spread over both processes: counted per
+        # process, four would stay open.
         socks = silent_connections(port, 8)
         time.sleep(0.5)
         kept = [sock for sock in socks if still_open(sock, 1.0)]
@@ -134,7 +176,7 @@ def test_connection_limits_count_over_all_scp_processes(tmp_path):
         # ...and the first process starts it again.
         restarted = wait_until(lambda: [pid for pid in child_pids(node.pid) if pid != extra], timeout=20,
                                what="the second SCP process started again")
-        wait_until(lambda: (root / "serve.log").read_text().count("extra SCP process") == 2, timeout=20,
+        wait_until(lambda: (root / "serve.log").read_text().count("scp.process_ready") == 2, timeout=20,
                    what="the restarted process listening")
         assert "scp.process_exited" in (root / "serve.log").read_text()
         assert len(restarted) == 1
@@ -153,7 +195,8 @@ def test_an_extra_process_that_cannot_start_is_tried_again_with_a_back_off(tmp_p
     monkeypatch.setattr(scp_processes.sys, "executable", str(tmp_path / "no-such-python"))
     monkeypatch.setattr(scp_processes, "RESTART_DELAY", 0.05)
     caplog.set_level(logging.ERROR, logger="dicom_node.scp_processes")
-    listeners = scp_processes.ExtraListeners(node_settings(tmp_path, scp_processes=2), ConnectionCounts(8, 16))
+    listeners = scp_processes.ExtraListeners(node_settings(tmp_path, scp_processes=2), ConnectionCounts(8, 16),
+                                             Handoff())
     listeners.start()
     try:
         wait_until(lambda: sum(r.getMessage() == "scp.process_start_failed" for r in caplog.records) >= 3,
