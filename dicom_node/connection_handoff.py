@@ -122,9 +122,16 @@ def receive_connections(link: socket.socket,
                 connection = socket.socket(fileno=fds[0])
                 try:
                     call = json.loads(message)
-                    serve(str(call["listener"]), connection, (str(call["host"]), int(call["port"])))
+                    listener, address = str(call["listener"]), (str(call["host"]), int(call["port"]))
                 except (ValueError, KeyError, TypeError) as exc:
                     log_event(log, logging.ERROR, "handoff.bad_message", error=str(exc), message=message[:200])
+                    connection.close()
+                    continue
+                try:
+                    serve(listener, connection, address)
+                except Exception as exc:  # noqa: BLE001 - e.g. no thread to be had: drop this one, keep receiving
+                    log_event(log, logging.ERROR, "handoff.serve_failed", peer=f"{address[0]}:{address[1]}",
+                              listener=listener, error=str(exc) or type(exc).__name__)
                     connection.close()
 
     thread = threading.Thread(target=run, name="handoff-receiver", daemon=True)

@@ -87,3 +87,36 @@ def test_a_bad_message_is_logged_and_the_receiver_goes_on(linked, tcp_pair, capl
     assert (listener, peer) == ("plain", address)
     assert passed.empty()
     assert caplog.text.count("handoff.bad_message") == 2
+
+
+def test_a_connection_that_cannot_be_served_is_closed_and_the_receiver_goes_on(caplog):
+    first_end, extra_end = link_pair()
+    served: queue.Queue = queue.Queue()
+
+    def serve(listener, connection, peer):
+        if listener == "gone":  # e.g. a listener this process does not have
+            raise KeyError(listener)
+        served.put((listener, connection))
+
+    thread = receive_connections(extra_end, serve)
+    handoff = Handoff()
+    assert handoff.wait_ready("scp-process-2", first_end)
+    listener = socket.create_server(("127.0.0.1", 0))
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(2)]
+    try:
+        with caplog.at_level(logging.ERROR, logger="dicom_node.connection_handoff"):
+            for name in ("gone", "plain"):
+                accepted, address = listener.accept()
+                assert handoff.pass_connection("scp-process-2", accepted, name, address)
+                accepted.close()
+            name, connection = served.get(timeout=5)
+        connection.close()
+        assert name == "plain" and "handoff.serve_failed" in caplog.text
+        clients[0].settimeout(5)
+        assert clients[0].recv(1) == b""  # the one that could not be served was closed, not left hanging
+    finally:
+        for client in clients:
+            client.close()
+        listener.close()
+        handoff.remove_all()
+        thread.join(5)
