@@ -52,7 +52,6 @@ import struct
 import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +73,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from .connection_counts import LOCAL, ConnectionCounts, Counts, CountsUnavailable
 from .connection_handoff import Handoff
+from . import incoming_owner
 from .logs import log_event
 from .storage import InstanceStore
 
@@ -186,7 +186,7 @@ class _SpoolHandle:
     @classmethod
     def create(cls, directory: Path) -> _SpoolHandle:
         while True:
-            path = Path(directory) / f"rx-{uuid.uuid4().hex}.dcm"
+            path = incoming_owner.new_path(directory, ".rx.dcm")
             try:
                 return cls(path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except FileExistsError:  # practically never: 122 random bits

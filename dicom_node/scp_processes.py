@@ -30,7 +30,9 @@ from pathlib import Path
 from .config import Settings
 from .connection_counts import ConnectionCounts, RemoteCounts, serve_counts
 from .connection_handoff import Handoff, link_pair
+from .incoming_owner import remove_leftovers
 from .logs import log_event
+from .storage import INCOMING
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,7 @@ class ExtraListeners:
             code = process.wait()
             self.handoff.remove(owner)
             self.counts.forget(owner)  # also what was passed to it after its counts link closed
+            remove_leftovers(Path(self.settings.storage_dir) / INCOMING)  # its half-received files
             if self._stopping.is_set():
                 return
             if time.monotonic() - started > STABLE_SECONDS:

@@ -3,25 +3,22 @@
 A file is written under <root>/.incoming, fsynced, then hard-linked into place (which
 fails instead of overwriting), and the directory entry is fsynced. A crash therefore
 leaves either the complete file or nothing at its final path; leftovers in .incoming
-are removed at start-up.
+are removed at start-up, those of processes that are gone only (incoming_owner.py).
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-import logging
 import os
 import shutil
 import threading
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .logs import log_event
+from . import incoming_owner
 
-log = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
 CONFLICTS = ".conflicts"
@@ -60,14 +57,9 @@ class InstanceStore:
         self._incoming_resolved = self.incoming.resolve()
 
     def remove_partial_writes(self) -> int:
-        """Delete files a crash left in .incoming; none of them was ever acknowledged."""
-        removed = 0
-        for leftover in self.incoming.iterdir():
-            leftover.unlink(missing_ok=True)
-            removed += 1
-        if removed:
-            log_event(log, logging.WARNING, "store.partial_writes_removed", count=removed)
-        return removed
+        """Delete the files processes that are gone (a crash, a kill) left in .incoming; none of
+        them was ever acknowledged. What live processes are writing there stays."""
+        return incoming_owner.remove_leftovers(self.incoming)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         # UIDs are validated by the caller (uids.check_uid): digits and dots only.
@@ -144,7 +136,7 @@ class InstanceStore:
             temp.unlink(missing_ok=True)
 
     def _adopt_synced(self, source: Path, synced: Future | None = None) -> Path:
-        temp = self.incoming / f"{uuid.uuid4().hex}.part"
+        temp = incoming_owner.new_path(self.incoming, ".part")
         if synced is not None:
             os.link(source, temp)  # begin_sync only takes files in .incoming
             try:
@@ -198,7 +190,7 @@ class InstanceStore:
         return conflict_copy
 
     def _write_synced(self, data: bytes) -> Path:
-        temp = self.incoming / f"{uuid.uuid4().hex}.part"
+        temp = incoming_owner.new_path(self.incoming, ".part")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             view = memoryview(data)

@@ -106,7 +106,7 @@ class DeliveryQueue:
         self.settings = settings
         self.ae_title = ae_title  # our calling AE title (Settings.ae_title)
         self.store = InstanceStore(Path(store_dir), duplicate_policy="keep_first")
-        _remove_stale_partial_writes(self.store.incoming)
+        self.store.remove_partial_writes()  # of processes that are gone: other workers may be writing
         self.rng = rng or random.Random()
 
     # --- outbox -----------------------------------------------------------------------------
@@ -407,17 +407,6 @@ class DeliveryQueue:
                 continue
             warnings = [int(i.WarningReason) for i in response.get("ReferencedSOPSequence", []) if "WarningReason" in i]
             self._accepted(row, 0, f"STOW-RS warning 0x{warnings[0]:04X}" if warnings else "", summary)
-
-
-def _remove_stale_partial_writes(incoming: Path, older_than_s: float = 3600.0) -> None:
-    """Leftovers of a crash mid-write (never queued). Only old ones: other workers may be writing now."""
-    cutoff = time.time() - older_than_s
-    for leftover in incoming.iterdir():
-        try:
-            if leftover.stat().st_mtime < cutoff:
-                leftover.unlink()
-        except FileNotFoundError:
-            continue
 
 
 def delivery_counts(index: Index) -> dict[str, int]:

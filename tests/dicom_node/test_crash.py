@@ -11,7 +11,7 @@ from pydicom import dcmread
 
 from dicom_node.index import Index
 from dicom_node.synthetic import write_ct_study
-from tests.support.dicom import dataset_bytes, stored_files
+from tests.support.dicom import dataset_bytes, incoming_files, stored_files
 from tests.support.procs import free_port, start_node, stop, wait_for_port
 
 from .conftest import NODE_AE, require_tool
@@ -49,7 +49,7 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(tmp_path):
         node = start_node(root, port)
         wait_for_port(port, proc=node)
         store = root / "store"
-        assert list((store / ".incoming").iterdir()) == []
+        assert incoming_files(store) == []
         index = Index(f"sqlite:///{root / 'index.db'}")
         indexed = {row["sop_instance_uid"] for row in index.study_instances(dcmread(paths[0]).StudyInstanceUID)}
         index.dispose()

@@ -15,7 +15,6 @@ import time
 
 import pynetdicom
 import pytest
-from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
@@ -26,8 +25,9 @@ from dicom_node.connection_counts import RemoteCounts
 from dicom_node.connection_handoff import Handoff, link_pair
 from dicom_node.scp import DicomNode
 from dicom_node.scu import Peer, _make_ae, associate
-from dicom_node.synthetic import ct_slice, write_ct_study
-from tests.support.dicom import stored_files
+from dicom_node.synthetic import write_ct_study
+from tests.support.dicom import incoming_files, stored_files
+from tests.support.halfstore import half_a_c_store
 from tests.support.node import node_settings
 from tests.support.pki import make_pki
 from tests.support.procs import free_port
@@ -318,39 +318,12 @@ def test_silent_tls_client_does_not_block_the_tls_listener(make_node, tmp_path):
 
 def test_aborted_transfer_leaves_no_spool_file(guarded, tmp_path):
     """A C-STORE whose association is cut half-way: its spool file in .incoming is removed."""
-    ds = ct_slice(generate_uid(), generate_uid(), 1)
-    path = tmp_path / "a.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    ae = _make_ae("HALFSTORE")
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = associate(ae, Peer("127.0.0.1", guarded.settings.port, NODE_AE))
-    # The command set and the first data fragment, then a P-DATA-TF that never ends.
-    from pynetdicom.dimse_primitives import C_STORE
-    from pynetdicom.dimse_messages import C_STORE_RQ
-
-    req = C_STORE()
-    req.MessageID, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = 1, ds.SOPClassUID, ds.SOPInstanceUID
-    req.Priority = 2
-    req.DataSet = __import__("io").BytesIO(path.read_bytes()[200:])
-    message = C_STORE_RQ()
-    message.primitive_to_message(req)
-    context_id = assoc.accepted_contexts[0].context_id
-    pdus = list(message.encode_msg(context_id, 4000))
-    sock = assoc.dul.socket.socket
-    for pdu in pdus[:2]:  # command, then one data fragment
-        sock.sendall(pdu_bytes(pdu))
-    wait_until(lambda: list(guarded.store.incoming.glob("rx-*")), timeout=3, what="spool file")
-    sock.sendall(struct.pack(">BBL", 0x04, 0, 1000) + b"\x00" * 10)
+    assoc = half_a_c_store(Peer("127.0.0.1", guarded.settings.port, NODE_AE), tmp_path)
+    wait_until(lambda: list(guarded.store.incoming.glob("*.rx.dcm")), timeout=3, what="spool file")
+    # Then a P-DATA-TF that never ends.
+    assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, 1000) + b"\x00" * 10)
     wait_until(lambda: assoc.is_aborted, timeout=NETWORK + SLACK, what="connection cut")
-    wait_until(lambda: not list(guarded.store.incoming.iterdir()), timeout=3, what="spool file removed")
-
-
-def pdu_bytes(primitive) -> bytes:
-    from pynetdicom.pdu import P_DATA_TF
-
-    pdu = P_DATA_TF()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
+    wait_until(lambda: not incoming_files(guarded.store.root), timeout=3, what="spool file removed")
 
 
 def test_a_received_data_set_is_streamed_to_incoming_not_kept_in_memory(node, tmp_path, monkeypatch):
@@ -367,7 +340,7 @@ def test_a_received_data_set_is_streamed_to_incoming_not_kept_in_memory(node, tm
     run_tool("storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))
     assert seen == [node.store.incoming] * 2
     assert len(stored_files(node.settings.storage_dir)) == 2
-    assert list(node.store.incoming.iterdir()) == []
+    assert incoming_files(node.store.root) == []
     # Only the node's own connections stream: the process-wide switch (our C-GET handlers) is off.
     assert _config.STORE_RECV_CHUNKED_DATASET is False
 

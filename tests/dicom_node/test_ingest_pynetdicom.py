@@ -19,7 +19,7 @@ from dicom_node import dimse_status as st
 from dicom_node.scu import Peer, _make_ae, associate, send
 from dicom_node.synthetic import ct_slice
 
-from tests.support.dicom import dataset_bytes, stored_files
+from tests.support.dicom import dataset_bytes, incoming_files, stored_files
 from tests.support.waiting import wait_until
 
 from .conftest import NODE_AE
@@ -207,7 +207,7 @@ def test_disk_guard_answers_out_of_resources(make_node, tmp_path, ct):
     assert status == st.OUT_OF_RESOURCES
     assert "free space" in comment
     assert stored(node) == []
-    assert list((node.settings.storage_dir / ".incoming").iterdir()) == []
+    assert incoming_files(node.settings.storage_dir) == []
 
 
 def test_echo_with_pynetdicom(node):

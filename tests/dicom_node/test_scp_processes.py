@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import signal
 import socket
 import subprocess
@@ -22,10 +23,11 @@ from dicom_node.netutil import client_tls_context
 from dicom_node.scu import Peer, _make_ae, associate
 from dicom_node.index import Index
 from dicom_node.synthetic import write_ct_study
-from tests.support.dicom import stored_files
+from tests.support.dicom import incoming_files, stored_files
+from tests.support.halfstore import half_a_c_store
 from tests.support.node import node_settings
 from tests.support.pki import make_pki
-from tests.support.procs import child_pids, free_port, start_node, stop, wait_for_port
+from tests.support.procs import REPO, child_pids, free_port, start_node, stop, wait_for_port
 from tests.support.waiting import wait_until
 
 from .conftest import NODE_AE, require_tool
@@ -188,6 +190,50 @@ def test_connection_limits_count_over_all_scp_processes(tmp_path):
         assert node.poll() is None
     finally:
         stop(node)
+
+
+def test_a_killed_extra_process_leaves_no_spool_file_and_a_workers_files_are_kept(tmp_path):
+    """What a killed extra process was receiving is removed when it is started again; files of
+    another live process in the same .incoming (an io worker retrieving priors) are never touched,
+    neither then nor by a start of serve."""
+    root, port = tmp_path / "node", free_port()
+    incoming = root / "store" / ".incoming"
+    incoming.mkdir(parents=True)
+    worker = subprocess.Popen([sys.executable, "-c", WORKER_WRITING, str(incoming)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    node = None
+    try:
+        assert worker.stdout.readline().strip() == "written"
+        workers_files = set(incoming_files(root / "store"))
+        node = start_node(root, port, extra_env={"DICOM_NODE_SCP_PROCESSES": "2", "DICOM_NODE_NETWORK_TIMEOUT": "120"})
+        wait_for_port(port, proc=node)
+        wait_until(lambda: "scp.process_ready" in (root / "serve.log").read_text(), timeout=20,
+                   what="the second SCP process ready")
+        assert set(incoming_files(root / "store")) == workers_files  # serve's start left them alone
+        extra = child_pids(node.pid)[0]
+        assoc = half_a_c_store(Peer("127.0.0.1", port, NODE_AE), tmp_path)  # the first connection goes to the extra process
+        spool = wait_until(lambda: set(incoming.glob("*.rx.dcm")) - workers_files, timeout=5, what="its spool file")
+        os.kill(extra, signal.SIGKILL)
+        wait_until(lambda: (root / "serve.log").read_text().count("scp.process_ready") == 2, timeout=20,
+                   what="the extra process started again")
+        wait_until(lambda: not any(path.exists() for path in spool), timeout=5, what="its spool file removed")
+        assert set(incoming_files(root / "store")) == workers_files
+        assoc.abort()
+    finally:
+        if node:
+            stop(node)
+        worker.kill()
+        worker.wait()
+
+
+WORKER_WRITING = """
+import sys, time
+from pathlib import Path
+from dicom_node.incoming_owner import new_path
+new_path(Path(sys.argv[1]), ".rx.dcm").write_bytes(b"a prior being retrieved")
+print("written", flush=True)
+time.sleep(600)
+"""
 
 
 def test_an_extra_process_that_cannot_start_is_tried_again_with_a_back_off(tmp_path, monkeypatch, caplog):
