@@ -20,6 +20,7 @@ import logging
 import socket
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Protocol
 
 from .logs import log_event
@@ -61,6 +62,13 @@ class ConnectionCounts:
         with self._lock:
             if owner not in self._serving:
                 self._serving.insert(-1, owner)  # before LOCAL: ties go to an extra process
+
+    def leave(self, owner: str) -> None:
+        """`owner` takes no new connections (its link failed); what it holds stays counted
+        until it releases it or is forgotten."""
+        with self._lock:
+            if owner != LOCAL and owner in self._serving:
+                self._serving.remove(owner)
 
     def admit(self, host: str) -> str | None:
         """Admit a connection from `host` to the owner holding the fewest connections; None
@@ -150,14 +158,17 @@ def serve_counts(counts: ConnectionCounts, link: socket.socket, owner: str) -> t
 class RemoteCounts:
     """The node's counts, asked of the first process over `link` (an extra SCP process's side).
     Calls from the connection threads are serialised; once the link fails it stays failed
-    (an answer could arrive late and be taken for the next one's), and every call raises."""
+    (an answer could arrive late and be taken for the next one's), and every call raises. The
+    link is then shut down, so the first process frees what this one held (it cannot release
+    any more), and `on_failure` runs: the extra process ends, and is started again."""
 
-    def __init__(self, link: socket.socket) -> None:
+    def __init__(self, link: socket.socket, on_failure: Callable[[], None] | None = None) -> None:
         link.settimeout(ANSWER_TIMEOUT)
         self._link = link
         self._answers = link.makefile("rb")
         self._lock = threading.Lock()
         self._failed: str | None = None
+        self._on_failure = on_failure
 
     def _call(self, line: str, answered: bool) -> bool:
         with self._lock:
@@ -174,6 +185,12 @@ class RemoteCounts:
             except OSError as exc:
                 self._failed = f"the first SCP process does not answer ({exc or type(exc).__name__})"
                 log_event(log, logging.ERROR, "counts.link_failed", error=self._failed)
+                try:
+                    self._link.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # gone already
+                if self._on_failure is not None:
+                    self._on_failure()
                 raise CountsUnavailable(self._failed) from exc
 
     def close(self) -> None:

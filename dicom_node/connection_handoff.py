@@ -100,40 +100,48 @@ class Handoff:
             return False
 
 
-def receive_connections(link: socket.socket,
-                        serve: Callable[[str, socket.socket, tuple[str, int]], None]) -> threading.Thread:
+def receive_connections(link: socket.socket, serve: Callable[[str, socket.socket, tuple[str, int]], None],
+                        on_end: Callable[[], None] | None = None) -> threading.Thread:
     """The extra process's side: say READY, then hand each connection passed to `serve`
-    (listener name, socket, peer address) until the first process closes the link."""
+    (listener name, socket, peer address) until the first process closes the link (it stops,
+    or it dropped the link after a failed pass); then `on_end`: the extra process ends, and
+    is started again if the first one still runs."""
 
     def run() -> None:
-        with link:
-            link.sendall(READY)
-            while True:
-                try:
-                    message, fds, _flags, _address = socket.recv_fds(link, 1024, 1)
-                except OSError as exc:
-                    log_event(log, logging.ERROR, "handoff.link_failed", error=str(exc))
-                    return
-                if not message and not fds:
-                    return  # the first process closed the link: it is stopping
-                if not fds:
-                    log_event(log, logging.ERROR, "handoff.bad_message", error="no descriptor", message=message[:200])
-                    continue
-                connection = socket.socket(fileno=fds[0])
-                try:
-                    call = json.loads(message)
-                    listener, address = str(call["listener"]), (str(call["host"]), int(call["port"]))
-                except (ValueError, KeyError, TypeError) as exc:
-                    log_event(log, logging.ERROR, "handoff.bad_message", error=str(exc), message=message[:200])
-                    connection.close()
-                    continue
-                try:
-                    serve(listener, connection, address)
-                except Exception as exc:  # noqa: BLE001 - e.g. no thread to be had: drop this one, keep receiving
-                    log_event(log, logging.ERROR, "handoff.serve_failed", peer=f"{address[0]}:{address[1]}",
-                              listener=listener, error=str(exc) or type(exc).__name__)
-                    connection.close()
+        try:
+            with link:
+                link.sendall(READY)
+                _receive(link, serve)
+        except OSError as exc:
+            log_event(log, logging.ERROR, "handoff.link_failed", error=str(exc))
+        finally:
+            if on_end is not None:
+                on_end()
 
     thread = threading.Thread(target=run, name="handoff-receiver", daemon=True)
     thread.start()
     return thread
+
+
+def _receive(link: socket.socket, serve: Callable[[str, socket.socket, tuple[str, int]], None]) -> None:
+    while True:
+        message, fds, _flags, _address = socket.recv_fds(link, 1024, 1)
+        if not message and not fds:
+            return  # the first process closed the link
+        if not fds:
+            log_event(log, logging.ERROR, "handoff.bad_message", error="no descriptor", message=message[:200])
+            continue
+        connection = socket.socket(fileno=fds[0])
+        try:
+            call = json.loads(message)
+            listener, address = str(call["listener"]), (str(call["host"]), int(call["port"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            log_event(log, logging.ERROR, "handoff.bad_message", error=str(exc), message=message[:200])
+            connection.close()
+            continue
+        try:
+            serve(listener, connection, address)
+        except Exception as exc:  # noqa: BLE001 - e.g. no thread to be had: drop this one, keep receiving
+            log_event(log, logging.ERROR, "handoff.serve_failed", peer=f"{address[0]}:{address[1]}",
+                      listener=listener, error=str(exc) or type(exc).__name__)
+            connection.close()

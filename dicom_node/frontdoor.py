@@ -948,6 +948,7 @@ class FrontDoor:
         if self.handoff is not None and self.handoff.pass_connection(owner, connection, listener, address):
             return True
         assert isinstance(self.counts, ConnectionCounts)
+        self.counts.leave(owner)  # no new ones for it: it ends once it sees its link closed
         self.counts.move(host, owner, LOCAL)
         return False
 
@@ -955,7 +956,7 @@ class FrontDoor:
         try:
             self.counts.release(host)
         except CountsUnavailable:
-            pass  # the first process frees what this one held when the link closes
+            pass  # the failed link was shut down: the first process freed what this one held
 
     def claim_association(self, assoc) -> bool:
         """At its A-ASSOCIATE-RQ: may this connection become an association (``max_associations``)?

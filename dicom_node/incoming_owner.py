@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 OWNER_SUFFIX = ".owner"
 CLAIMING_SUFFIX = ".claiming"  # an owner file being created: renamed within microseconds
 CLAIMING_GRACE_SECONDS = 60.0
+UNOWNED_GRACE_SECONDS = 3600.0  # a file named without a token: an older version's, maybe still writing
 _OWNED_NAME = re.compile(r"^([0-9a-f]{16})-")
 
 _tokens: dict[tuple[str, int], str] = {}  # (folder, pid) -> this process's token there
@@ -83,7 +84,9 @@ def remove_leftovers(incoming: Path) -> int:
                     checked[token] = _owner_gone(incoming / f"{token}{OWNER_SUFFIX}", held)
                 if not checked[token]:
                     continue
-            removed += _unlink(path)  # a dead owner's, or named before owners (an older version)
+            elif not _older_than(path, UNOWNED_GRACE_SECONDS):
+                continue  # during a rolling upgrade an older pod may be writing it
+            removed += _unlink(path)
         for path in list(incoming.glob(f"*{OWNER_SUFFIX}")):
             token = path.name[: -len(OWNER_SUFFIX)]
             if checked.get(token, False) or (token not in checked and _owner_gone(path, held)):
@@ -103,6 +106,8 @@ def _owner_gone(owner_file: Path, held: list[int]) -> bool:
         fd = os.open(owner_file, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return True
+    except OSError:  # unreadable: whoever owns it, leave it
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # held (BlockingIOError), or a filesystem without locks: leave it
@@ -115,15 +120,20 @@ def _owner_gone(owner_file: Path, held: list[int]) -> bool:
 def _older_than(path: Path, seconds: float) -> bool:
     try:
         return time.time() - path.stat().st_mtime > seconds
-    except FileNotFoundError:
+    except OSError:
         return False
 
 
 def _unlink(path: Path) -> int:
+    """1 if `path` was removed; what cannot be removed (a folder, no permission, an NFS
+    silly-rename file still open) is logged and left, and the clean-up goes on."""
     try:
         path.unlink()
         return 1
     except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        log_event(log, logging.WARNING, "incoming.leftover_not_removed", path=str(path), error=str(exc))
         return 0
 
 

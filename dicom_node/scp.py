@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class DicomNode:
     listener_only: bool = False
     counts: Counts | None = None  # an extra SCP process: the first process's counts (connection_counts.py)
     passed_connections: socket.socket | None = None  # an extra SCP process: its link from the first one
+    on_link_lost: Callable[[], None] | None = None  # an extra SCP process: that link ended
     index: Index = field(init=False)
     store: InstanceStore = field(init=False)
     ingestor: Ingestor = field(init=False)
@@ -141,9 +143,7 @@ class DicomNode:
             self._servers.append(self.front_door.serve(self.ae, (s.host, s.tls_port), handlers, ssl_context=context, passed_only=passed_only))
         if self.listener_only:
             assert self.passed_connections is not None, "an extra SCP process needs its link from the first"
-            listeners = {server.listener: server for server in self._servers}
-            receive_connections(self.passed_connections, lambda name, connection, address:
-                                listeners[name].serve_passed(connection, address))
+            receive_connections(self.passed_connections, self._serve_passed, self.on_link_lost)
             log_event(log, logging.INFO, "scp.serving_passed_connections")  # an extra SCP process
             return
         self._assembler = Assembler(self.index, s)
@@ -160,6 +160,18 @@ class DicomNode:
             tls_port=s.tls_port if s.tls_enabled else None,
             storage_dir=str(s.storage_dir),
         )
+
+    def _serve_passed(self, listener: str, connection: socket.socket, address: tuple[str, int]) -> None:
+        """A connection the first process admitted for this one; if it cannot be served, its
+        count is released here (it was counted for this process)."""
+        try:
+            servers = [server for server in self._servers if server.listener == listener]
+            if not servers:
+                raise LookupError(f"no {listener} listener in this process")
+            servers[0].serve_passed(connection, address)
+        except BaseException:
+            self.front_door.release(address[0])
+            raise
 
     def stop(self) -> None:
         if self._assembler:

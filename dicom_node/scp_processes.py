@@ -49,6 +49,7 @@ def _die_with_parent() -> None:
 RESTART_DELAY = 1.0  # seconds before an extra process that exited is started again; doubles to
 MAX_RESTART_DELAY = 30.0  # while it keeps exiting within STABLE_SECONDS of its start
 STABLE_SECONDS = 60.0
+DRAIN_SECONDS = 300.0  # an extra process whose link failed waits this long for its associations to end
 
 
 def share_metrics() -> Path:
@@ -121,8 +122,12 @@ class ExtraListeners:
                 return
             process, passing = started_process
             if self.handoff.wait_ready(owner, passing):
-                self.counts.join(owner)
-                log_event(log, logging.INFO, "scp.process_ready", process=number, pid=process.pid)
+                with self._lock:  # not once stop() has begun: it dropped the links already
+                    ready = not self._stopping.is_set()
+                    if ready:
+                        self.counts.join(owner)
+                if ready:
+                    log_event(log, logging.INFO, "scp.process_ready", process=number, pid=process.pid)
             code = process.wait()
             self.handoff.remove(owner)
             self.counts.forget(owner)  # also what was passed to it after its counts link closed
@@ -160,12 +165,26 @@ def run_listener(settings: Settings, counts_fd: int, connections_fd: int) -> Non
     from .scp import DicomNode
     from .startup import freeze_startup_heap
 
-    node = DicomNode(settings, listener_only=True, counts=RemoteCounts(socket.socket(fileno=counts_fd)),
-                     passed_connections=socket.socket(fileno=connections_fd))
-    stop = threading.Event()
+    stop, link_lost = threading.Event(), threading.Event()
+
+    def lose_link() -> None:  # a link to the first process failed: end, to be started again
+        link_lost.set()
+        stop.set()
+
+    node = DicomNode(settings, listener_only=True,
+                     counts=RemoteCounts(socket.socket(fileno=counts_fd), on_failure=lose_link),
+                     passed_connections=socket.socket(fileno=connections_fd), on_link_lost=lose_link)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     node.start()
     freeze_startup_heap()
     stop.wait()
+    if link_lost.is_set():
+        # Nothing new comes in any more; let the associations in progress finish first.
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while node.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.5)
     node.stop()
+    if link_lost.is_set():
+        log_event(log, logging.ERROR, "scp.process_lost_its_link", pid=os.getpid())
+        sys.exit(1)

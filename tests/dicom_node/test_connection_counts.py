@@ -11,7 +11,9 @@ import pytest
 
 from dicom_node.config import Settings
 from dicom_node.connection_counts import LOCAL, ConnectionCounts, CountsUnavailable, RemoteCounts, serve_counts
+from dicom_node.connection_handoff import Handoff
 from dicom_node.cpu_limit import cgroup_cpu_limit, usable_cpus
+from dicom_node.frontdoor import FrontDoor, Limits
 from tests.support.waiting import wait_until
 
 
@@ -67,6 +69,27 @@ def test_a_forgotten_process_is_freed_and_takes_no_more():
     assert {counts.admit("10.0.0.1") for _ in range(4)} == {"scp-process-3", LOCAL}
 
 
+def test_a_process_that_left_takes_no_new_connections_and_keeps_what_it_holds():
+    counts = two_extra_processes()
+    assert counts.admit("10.0.0.1") == "scp-process-2"
+    counts.leave("scp-process-2")
+    assert {counts.admit("10.0.0.1") for _ in range(4)} == {"scp-process-3", LOCAL}
+    assert counts.held_by("scp-process-2") == 1
+    counts.release("10.0.0.1", owner="scp-process-2")
+    assert counts.held_by("scp-process-2") == 0
+
+
+def test_a_failed_pass_counts_the_connection_here_and_sends_no_more_there(tmp_path):
+    """The link to an extra process is gone: FrontDoor.pass_on serves it in this process."""
+    door = FrontDoor(Limits(1.0, 1.0, 0, 0), lambda refusal: None, handoff=Handoff())
+    door.counts.join("scp-process-2")
+    assert door.admit("10.0.0.1") == "scp-process-2"
+    with socket.socket() as connection:
+        assert not door.pass_on("scp-process-2", "10.0.0.1", connection, "plain", ("10.0.0.1", 104))
+    assert door.counts.held_by(LOCAL) == 1 and door.counts.held_by("scp-process-2") == 0
+    assert door.admit("10.0.0.1") == LOCAL
+
+
 def test_a_connection_that_could_not_be_passed_on_is_counted_here():
     counts = two_extra_processes(max_per_host=2)
     owner = counts.admit("10.0.0.1")
@@ -115,6 +138,22 @@ def test_a_link_without_answers_fails_clearly_and_stays_failed():
         remote.claim()
     with pytest.raises(CountsUnavailable):
         remote.release("10.0.0.1")
+    remote.close()
+
+
+def test_a_failed_link_is_shut_down_and_ends_the_extra_process(monkeypatch):
+    """Shut down, the link reads as closed at the first process, which frees what the extra one
+    held (it could not release it any more); and the extra process is told to end."""
+    monkeypatch.setattr("dicom_node.connection_counts.ANSWER_TIMEOUT", 0.3)
+    ours, theirs = socket.socketpair()
+    failed = []
+    remote = RemoteCounts(theirs, on_failure=lambda: failed.append(True))
+    with pytest.raises(CountsUnavailable):
+        remote.claim()  # the first process takes the call and never answers
+    assert failed == [True]
+    ours.settimeout(2)
+    assert ours.recv(64) == b"C\n" and ours.recv(64) == b""  # then end of file
+    ours.close()
     remote.close()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import threading
 
 import pytest
 
@@ -29,13 +30,15 @@ def linked():
     """A Handoff with one extra process "scp-process-2" whose receiver puts what it is passed on a queue."""
     first_end, extra_end = link_pair()
     passed: queue.Queue = queue.Queue()
-    thread = receive_connections(extra_end, lambda *call: passed.put(call))
+    ended = threading.Event()
+    thread = receive_connections(extra_end, lambda *call: passed.put(call), on_end=ended.set)
     handoff = Handoff()
     assert handoff.wait_ready("scp-process-2", first_end)
     yield handoff, passed, first_end
     handoff.remove_all()
     thread.join(5)
-    assert not thread.is_alive()  # the receiver ends when the first process closes the link
+    # The receiver ends when the first process closes the link, and says so: the process ends.
+    assert not thread.is_alive() and ended.is_set()
 
 
 def test_a_passed_connection_is_the_same_connection_with_its_listener_and_peer(linked, tcp_pair):

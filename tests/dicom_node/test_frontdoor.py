@@ -21,7 +21,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 
 from dicom_node import frontdoor
-from dicom_node.connection_counts import RemoteCounts
+from dicom_node.connection_counts import ConnectionCounts, RemoteCounts, serve_counts
 from dicom_node.connection_handoff import Handoff, link_pair
 from dicom_node.scp import DicomNode
 from dicom_node.scu import Peer, _make_ae, associate
@@ -407,4 +407,34 @@ def test_an_extra_scp_process_without_its_counts_refuses_and_says_why(tmp_path):
     finally:
         listener.close()
         handoff.remove("scp-process-2")
+        node.stop()
+
+
+def test_a_passed_connection_the_extra_process_cannot_serve_is_released(tmp_path):
+    """Counted for the extra process when the first one passed it; if it cannot be served there
+    (here: a listener it does not have), its count is released, not held until the process ends."""
+    counts = ConnectionCounts(max_per_host=2, max_associations=0)
+    counts.join("scp-process-2")
+    counts_ours, counts_theirs = socket.socketpair()
+    serve_counts(counts, counts_ours, owner="scp-process-2")
+    first_end, extra_end = link_pair()
+    node = DicomNode(node_settings(tmp_path), listener_only=True, counts=RemoteCounts(counts_theirs),
+                     passed_connections=extra_end)
+    node.start()
+    handoff = Handoff()
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    try:
+        assert handoff.wait_ready("scp-process-2", first_end)
+        connection, address = listener.accept()
+        assert counts.admit(address[0]) == "scp-process-2"
+        assert handoff.pass_connection("scp-process-2", connection, "tls", address)  # it has no TLS listener
+        connection.close()
+        wait_until(lambda: counts.per_host() == {}, timeout=5, what="the count released")
+        client.settimeout(5)
+        assert client.recv(1) == b""
+    finally:
+        client.close()
+        listener.close()
+        handoff.remove_all()
         node.stop()

@@ -3,6 +3,7 @@ holding (or, killed, dropping) their owner locks (incoming_owner.py)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from dicom_node.incoming_owner import CLAIMING_GRACE_SECONDS, new_path, remove_leftovers
+from dicom_node.incoming_owner import CLAIMING_GRACE_SECONDS, UNOWNED_GRACE_SECONDS, new_path, remove_leftovers
 from tests.support.procs import REPO
 
 WRITER = """
@@ -60,12 +61,28 @@ def test_only_the_files_of_processes_that_are_gone_are_removed(tmp_path):
     assert names(folder) == {ours.name, f"{ours.name.split('-')[0]}.owner"}
 
 
-def test_files_named_before_owners_existed_are_leftovers(tmp_path):
+def test_files_named_before_owners_existed_are_leftovers_once_an_hour_old(tmp_path):
     folder = tmp_path / ".incoming"
     folder.mkdir()
-    (folder / "rx-0123456789abcdef0123456789abcdef.dcm").write_bytes(b"x")  # an older version's names
-    (folder / "0123456789abcdef0123456789abcdef.part").write_bytes(b"x")
+    unowned = [folder / "rx-0123456789abcdef0123456789abcdef.dcm", folder / "0123456789abcdef0123456789abcdef.part"]
+    for path in unowned:  # an older version's names: during a rolling upgrade it may be writing them
+        path.write_bytes(b"x")
+    assert remove_leftovers(folder) == 0 and len(names(folder)) == 2
+    old = time.time() - UNOWNED_GRACE_SECONDS - 5
+    for path in unowned:
+        os.utime(path, (old, old))
     assert remove_leftovers(folder) == 2 and names(folder) == set()
+
+
+def test_what_cannot_be_removed_is_left_and_the_rest_goes(tmp_path, caplog):
+    folder = tmp_path / ".incoming"
+    folder.mkdir()
+    stray = folder / "0123456789abcdef-a-folder"  # a dead owner's name, but a folder: unlink fails
+    stray.mkdir()
+    (folder / "0123456789abcdef-0123.part").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="dicom_node.incoming_owner"):
+        assert remove_leftovers(folder) == 1
+    assert names(folder) == {stray.name} and "incoming.leftover_not_removed" in caplog.text
 
 
 def test_an_owner_file_being_created_is_left_alone_until_it_is_old(tmp_path):
