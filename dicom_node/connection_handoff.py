@@ -6,8 +6,8 @@ three associations on one core while the other idled. So only the first process 
 admits each connection to the SCP process holding the fewest (ConnectionCounts.admit) and
 passes the socket to an extra one over a socket pair of its own (SCM_RIGHTS), with the name of
 the listener that accepted it ("plain" or "tls") and the peer's address. The extra process
-serves it as if it had accepted it, and releases it through its counts link when it ends. A TLS handshake happens in
-the process that serves the connection.
+serves it as if it had accepted it, TLS handshake included, and releases it through its counts
+link when it ends.
 
 Each message is one datagram (SOCK_SEQPACKET) of JSON with one descriptor. An extra process
 sends READY once its listeners are built; it is passed nothing before.
@@ -73,12 +73,6 @@ class Handoff:
         with self._lock:
             link = self._links.pop(owner, None)
         if link is not None:
-            link.close()
-
-    def remove_all(self) -> None:
-        with self._lock:
-            links, self._links = list(self._links.values()), {}
-        for link in links:
             link.close()
 
     def pass_connection(self, owner: str, connection: socket.socket, listener: str,

@@ -71,6 +71,7 @@ class ExtraListeners:
         self.counts = counts
         self.handoff = handoff
         self._processes: dict[int, subprocess.Popen] = {}
+        self._owners: dict[int, str] = {}  # process number -> the owner name of its current start
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -101,6 +102,7 @@ class ExtraListeners:
                     raise
             serve_counts(self.counts, counts_ours, owner=owner)
             self._processes[number] = process
+            self._owners[number] = owner
             return process, passing_ours
 
     def _supervise(self, number: int) -> None:
@@ -146,7 +148,9 @@ class ExtraListeners:
         with self._lock:
             self._stopping.set()
             processes = list(self._processes.values())
-        self.handoff.remove_all()  # what arrives meanwhile is served by the first process
+            owners = list(self._owners.values())
+        for owner in owners:  # what arrives meanwhile is served by the first process
+            self.counts.leave(owner)
         for process in processes:
             process.terminate()
         for process in processes:
@@ -165,26 +169,30 @@ def run_listener(settings: Settings, counts_fd: int, connections_fd: int) -> Non
     from .scp import DicomNode
     from .startup import freeze_startup_heap
 
-    stop, link_lost = threading.Event(), threading.Event()
+    stop, link_lost, terminating = threading.Event(), threading.Event(), threading.Event()
 
     def lose_link() -> None:  # a link to the first process failed: end, to be started again
         link_lost.set()
         stop.set()
 
+    def terminate(*_) -> None:
+        terminating.set()
+        stop.set()
+
     node = DicomNode(settings, listener_only=True,
                      counts=RemoteCounts(socket.socket(fileno=counts_fd), on_failure=lose_link),
                      passed_connections=socket.socket(fileno=connections_fd), on_link_lost=lose_link)
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
     node.start()
     freeze_startup_heap()
     stop.wait()
     if link_lost.is_set():
         # Nothing new comes in any more; let the associations in progress finish first.
         deadline = time.monotonic() + DRAIN_SECONDS
-        while node.ae.active_associations and time.monotonic() < deadline:
+        while node.ae.active_associations and not terminating.is_set() and time.monotonic() < deadline:
             time.sleep(0.5)
     node.stop()
-    if link_lost.is_set():
+    if link_lost.is_set() and not terminating.is_set():
         log_event(log, logging.ERROR, "scp.process_lost_its_link", pid=os.getpid())
         sys.exit(1)

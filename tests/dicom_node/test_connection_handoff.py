@@ -35,7 +35,7 @@ def linked():
     handoff = Handoff()
     assert handoff.wait_ready("scp-process-2", first_end)
     yield handoff, passed, first_end
-    handoff.remove_all()
+    handoff.remove("scp-process-2")
     thread.join(5)
     # The receiver ends when the first process closes the link, and says so: the process ends.
     assert not thread.is_alive() and ended.is_set()
@@ -121,5 +121,5 @@ def test_a_connection_that_cannot_be_served_is_closed_and_the_receiver_goes_on(c
         for client in clients:
             client.close()
         listener.close()
-        handoff.remove_all()
+        handoff.remove("scp-process-2")
         thread.join(5)

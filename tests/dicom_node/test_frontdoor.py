@@ -436,5 +436,5 @@ def test_a_passed_connection_the_extra_process_cannot_serve_is_released(tmp_path
     finally:
         client.close()
         listener.close()
-        handoff.remove_all()
+        handoff.remove("scp-process-2")
         node.stop()

@@ -116,6 +116,25 @@ def silent_connections(port: int, count: int) -> list[socket.socket]:
     return socks
 
 
+def test_serve_stops_cleanly_with_its_extra_processes(tmp_path):
+    """SIGTERM: every process stops at once and none takes the stop for a lost link (which would
+    wait for its associations, log an error and exit 1)."""
+    root, port = tmp_path / "node", free_port()
+    node = start_node(root, port, extra_env={"DICOM_NODE_SCP_PROCESSES": "2"})
+    try:
+        wait_for_port(port, proc=node)
+        wait_until(lambda: "scp.process_ready" in (root / "serve.log").read_text(), timeout=20,
+                   what="the second SCP process ready")
+        extra = child_pids(node.pid)[0]
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(timeout=10) == 0
+        assert not alive(extra)
+        log = (root / "serve.log").read_text()
+        assert "scp.process_lost_its_link" not in log and "scp.process_exited" not in log
+    finally:
+        stop(node)
+
+
 def established(pid: int, ports: tuple[int, ...]) -> int:
     return sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port in ports
                for c in psutil.Process(pid).net_connections(kind="tcp"))
