@@ -77,7 +77,7 @@ class ConnectionCounts:
         with self._lock:
             if self.max_per_host and sum(held[host] for held in self._hosts.values()) >= self.max_per_host:
                 return None
-            owner = min(self._serving, key=lambda o: self._hosts[o].total() if o in self._hosts else 0)
+            owner = min(self._serving, key=self._held)
             self._hosts.setdefault(owner, Counter())[host] += 1
             return owner
 
@@ -117,7 +117,11 @@ class ConnectionCounts:
 
     def held_by(self, owner: str) -> int:
         with self._lock:
-            return self._hosts[owner].total() if owner in self._hosts else 0
+            return self._held(owner)
+
+    def _held(self, owner: str) -> int:  # under the lock
+        held = self._hosts.get(owner)
+        return held.total() if held else 0
 
     def per_host(self) -> dict[str, int]:
         with self._lock:

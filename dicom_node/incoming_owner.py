@@ -33,7 +33,7 @@ CLAIMING_GRACE_SECONDS = 60.0
 UNOWNED_GRACE_SECONDS = 3600.0  # a file named without a token: an older version's, maybe still writing
 _OWNED_NAME = re.compile(r"^([0-9a-f]{16})-")
 
-_tokens: dict[tuple[str, int], str] = {}  # (folder, pid) -> this process's token there
+_tokens: dict[str, str] = {}  # folder -> this process's token there (a forked child starts empty)
 _lock_fds: list[int] = []  # held open for the life of the process: that is the lock
 _tokens_lock = threading.Lock()
 
@@ -44,7 +44,7 @@ def new_path(incoming: Path, suffix: str) -> Path:
 
 
 def _token(incoming: Path) -> str:
-    key = (str(incoming), os.getpid())  # a forked child takes a token of its own
+    key = str(incoming)
     with _tokens_lock:
         token = _tokens.get(key)
         if token is None:

@@ -79,7 +79,7 @@ def test_a_process_that_left_takes_no_new_connections_and_keeps_what_it_holds():
     assert counts.held_by("scp-process-2") == 0
 
 
-def test_a_failed_pass_counts_the_connection_here_and_sends_no_more_there(tmp_path):
+def test_a_failed_pass_counts_the_connection_here_and_sends_no_more_there():
     """The link to an extra process is gone: FrontDoor.pass_on serves it in this process."""
     door = FrontDoor(Limits(1.0, 1.0, 0, 0), lambda refusal: None, handoff=Handoff())
     door.counts.join("scp-process-2")
