@@ -13,6 +13,7 @@ import struct
 import threading
 import time
 
+import pydicom
 import pynetdicom
 import pytest
 from pynetdicom import AE, _config
@@ -343,6 +344,28 @@ def test_a_received_data_set_is_streamed_to_incoming_not_kept_in_memory(node, tm
     assert incoming_files(node.store.root) == []
     # Only the node's own connections stream: the process-wide switch (our C-GET handlers) is off.
     assert _config.STORE_RECV_CHUNKED_DATASET is False
+
+
+def test_storescu_requests_are_decoded_directly_and_stored_whole(node, tmp_path, monkeypatch):
+    """DCMTK's C-STORE-RQ commands take the front door's struct decoder, not pynetdicom's."""
+    decoded = []
+    original = frontdoor._store_request
+
+    def spy(command):
+        request = original(command)
+        decoded.append(request)
+        return request
+
+    monkeypatch.setattr(frontdoor, "_store_request", spy)
+    _, paths = write_ct_study(tmp_path / "ct", 3)
+    run_tool("storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))
+    assert len(decoded) == 3 and None not in decoded
+    sent = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in paths}
+    stored = [pydicom.dcmread(p) for p in stored_files(node.settings.storage_dir)]
+    assert sorted(ds.SOPInstanceUID for ds in stored) == sorted(sent)
+    for ds in stored:
+        assert ds == sent[ds.SOPInstanceUID]
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
 
 
 def test_unchecked_pynetdicom_version_refuses_to_start(monkeypatch):

@@ -3,18 +3,21 @@
 The C-STORE response and the spool file's meta header are built with struct instead of through
 pydicom Datasets (frontdoor.py, for speed); these compare them with the library's own output
 for the values a node sends, odd and even lengths, with and without a comment, and check that
-what they do not handle still goes to pynetdicom.
+what they do not handle still goes to pynetdicom. The C-STORE request's command is decoded
+with struct too; its primitive is compared with the one pynetdicom makes.
 """
 
 from __future__ import annotations
 
+import struct
 from io import BytesIO
 
 import pytest
 from pydicom.filewriter import write_file_meta_info
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
+from pynetdicom.pdu_primitives import P_DATA
 
 from dicom_node import frontdoor
 
@@ -80,3 +83,111 @@ def test_another_meta_dataset_is_written_by_pydicom():
     frontdoor._write_spool_meta(ours, meta)
     write_file_meta_info(theirs, meta)
     assert ours.getvalue() == theirs.getvalue()
+
+
+# --- the C-STORE request's command, decoded directly -------------------------------------------
+
+STORE_KEYWORDS = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
+                  "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID")
+
+
+def store_request_command(**values) -> bytes:
+    """A C-STORE-RQ command set as pynetdicom's SCU encodes it."""
+    rq = C_STORE()
+    for keyword, value in {"MessageID": 7, "AffectedSOPClassUID": CT, "AffectedSOPInstanceUID": "1.2.3.4", **values}.items():
+        setattr(rq, keyword, value)
+    rq.DataSet = BytesIO(b"\0" * 4)
+    message = C_STORE_RQ()
+    message.primitive_to_message(rq)
+    pdatas = list(message.encode_msg(1, 16384))
+    (_, fragment), = pdatas[0].presentation_data_value_list
+    assert fragment[0] == 0x03
+    return fragment[1:]
+
+
+def element(number: int, value: bytes) -> bytes:
+    return frontdoor._implicit(number, value)
+
+
+def pynetdicom_request(command: bytes) -> C_STORE:
+    """What pynetdicom makes of a command fragment (data sets in memory, the default)."""
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((1, b"\x03" + command))
+    message = DIMSEMessage()
+    assert message.decode_msg(pdata) is False  # a data set follows
+    return message.message_to_primitive()
+
+
+def same_request(ours: C_STORE, theirs: C_STORE) -> None:
+    for keyword in STORE_KEYWORDS:
+        assert getattr(ours, keyword) == getattr(theirs, keyword), keyword
+        assert type(getattr(ours, keyword)) is type(getattr(theirs, keyword)), keyword
+
+
+@pytest.mark.parametrize("values", [
+    {},
+    {"AffectedSOPClassUID": US_RETIRED, "AffectedSOPInstanceUID": "1.2.3.45", "Priority": 1, "MessageID": 65535},
+    {"MoveOriginatorApplicationEntityTitle": "PACS", "MoveOriginatorMessageID": 3},  # a C-MOVE's sub-operation
+    {"MoveOriginatorApplicationEntityTitle": "ODD", "MoveOriginatorMessageID": 0},
+])
+def test_store_request_is_decoded_as_pynetdicom_does(values):
+    command = store_request_command(**values)
+    ours = frontdoor._store_request(command)
+    assert ours is not None
+    same_request(ours, pynetdicom_request(command))
+
+
+def test_store_request_without_group_length_or_priority_and_space_padded_uids():
+    command = b"".join((
+        element(0x0002, CT.encode()),
+        element(0x0100, b"\x01\x00"),
+        element(0x0110, b"\x09\x00"),
+        element(0x0800, b"\x02\x00"),
+        element(0x1000, b"1.2.3.45 "),  # padded with a space, not a NUL
+    ))
+    ours = frontdoor._store_request(command)
+    assert ours is not None and ours.AffectedSOPInstanceUID == "1.2.3.45" and ours.Priority == 2
+    same_request(ours, pynetdicom_request(command))
+
+
+def with_element(command: bytes, number: int, value: bytes | None) -> bytes:
+    """`command` with one element replaced, added or (value None) left out; group length kept out."""
+    elements = frontdoor._command_elements(command)
+    assert elements is not None
+    elements.pop(0x0000)
+    if value is None:
+        elements.pop(number)
+    else:
+        elements[number] = value
+    return b"".join(element(n, v) for n, v in sorted(elements.items()))
+
+
+def test_what_the_direct_request_decoder_does_not_handle_is_left_to_pynetdicom():
+    command = store_request_command()
+    assert frontdoor._store_request(with_element(command, 0x0110, b"\x08\x00")).MessageID == 8  # the helper works
+    echo = b"".join((element(0x0002, b"1.2.840.10008.1.1\0"), element(0x0100, b"\x30\x00"),
+                     element(0x0110, b"\x01\x00"), element(0x0800, b"\x01\x01")))
+    cases = {
+        "a C-ECHO": echo,
+        "no data set": with_element(command, 0x0800, b"\x01\x01"),
+        "an element a request does not have": with_element(command, 0x0902, b"HI"),
+        "no instance UID": with_element(command, 0x1000, None),
+        "a group length of 2 bytes": element(0x0000, b"\x00\x00") + with_element(command, 0x0110, b"\x07\x00"),
+        "truncated": command[:-3],
+        "another group": command + struct.pack("<HHL", 8, 0x18, 2) + b"1.",
+        "two instance UIDs (VM 2)": with_element(command, 0x1000, b"1.2.3.4\\1.5\0"),
+        "a UID with a letter": with_element(command, 0x1000, b"1.2.3.a "),
+        "an empty UID": with_element(command, 0x1000, b""),
+        "a Message ID of 4 bytes": with_element(command, 0x0110, b"\x07\x00\x00\x00"),
+        "a multi-valued move originator": with_element(command, 0x1030, b"A\\B "),
+    }
+    for what, case in cases.items():
+        assert frontdoor._store_request(case) is None, what
+
+
+def test_a_non_conformant_uid_is_taken_as_pynetdicom_takes_it():
+    """'1.02' passes the character check; pynetdicom only warns about it (the ingest refuses it)."""
+    command = with_element(store_request_command(), 0x1000, b"1.02")
+    ours = frontdoor._store_request(command)
+    assert ours is not None and ours.AffectedSOPInstanceUID == "1.02"
+    same_request(ours, pynetdicom_request(command))
