@@ -308,6 +308,36 @@ _STUDY_RECEIVED = (
 )
 
 
+class _DriverStatement:
+    """A statement compiled once for the engine's dialect and run on the driver's own cursor,
+    inside the caller's transaction: for the two statements each received instance runs,
+    where SQLAlchemy's ``Connection.execute`` cost about three times the driver's own call.
+    Values go through the same type processing (``construct_params``, ``bind_processor``)."""
+
+    def __init__(self, statement, dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self._compiled = compiled
+        self._sql = str(compiled)
+        self._positions = compiled.positiontup if dialect.positional else None
+        self._processors = {
+            compiled.bind_names[bind]: processor
+            for bind in compiled.binds.values()
+            if (processor := bind.type.bind_processor(dialect)) is not None
+        }
+
+    def execute(self, conn: Connection, values: dict) -> int:
+        """Run it with `values`; the number of rows it inserted or changed."""
+        params = self._compiled.construct_params(values)
+        for name, processor in self._processors.items():
+            params[name] = processor(params[name])
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute(self._sql, [params[name] for name in self._positions] if self._positions is not None else params)
+            return cursor.rowcount
+        finally:
+            cursor.close()
+
+
 class Index:
     def __init__(self, url: str, fast_instance_commits: bool = False) -> None:
         """`fast_instance_commits`: instance rows (record_instances) are committed without
@@ -335,13 +365,11 @@ class Index:
         # Series already written by this process: their patient/study/series rows exist.
         self._known_series: set[str] = set()
         # Built once: constructing a statement per instance cost more than executing it.
-        # preserve_rowcount: PostgreSQL (psycopg 3) otherwise reports -1 for INSERT .. ON CONFLICT,
-        # and a duplicate would count as new.
-        self._insert_instance = (
-            _dialect_insert(self.engine.dialect.name, instances)
-            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-            .execution_options(preserve_rowcount=True)
+        self._insert_instance = _DriverStatement(
+            _dialect_insert(self.engine.dialect.name, instances).on_conflict_do_nothing(index_elements=["sop_instance_uid"]),
+            self.engine.dialect,
         )
+        self._study_received = _DriverStatement(_STUDY_RECEIVED, self.engine.dialect)
 
     @contextmanager
     def _write(self, fast_commit: bool = False) -> Iterator[Connection]:
@@ -421,8 +449,8 @@ class Index:
                 if rec.series_uid not in self._known_series and rec.series_uid not in written:
                     self._insert_parents(conn, rec, now)
                     written.add(rec.series_uid)
-                inserted = conn.execute(
-                    self._insert_instance,
+                inserted = self._insert_instance.execute(
+                    conn,
                     dict(
                         sop_instance_uid=rec.sop_instance_uid,
                         series_uid=rec.series_uid,
@@ -437,11 +465,10 @@ class Index:
                         size=rec.size,
                         received_at=now,
                     ),
-                ).rowcount
+                )
                 if inserted and rec.analysable:
-                    conn.execute(
-                        _STUDY_RECEIVED,
-                        dict(b_study_uid=rec.study_uid, b_now=now, b_modality=rec.modality, b_urgent=rec.urgent),
+                    self._study_received.execute(
+                        conn, dict(b_study_uid=rec.study_uid, b_now=now, b_modality=rec.modality, b_urgent=rec.urgent),
                     )
                 results.append(bool(inserted))
         if len(self._known_series) > KNOWN_SERIES_LIMIT:

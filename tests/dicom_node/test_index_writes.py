@@ -1,0 +1,76 @@
+"""The two statements each received instance runs (the instance row, its study's activity), on
+SQLite and PostgreSQL: they go through the driver directly (index._DriverStatement), so check
+what they write, duplicates and booleans included."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from sqlalchemy import select
+
+from dicom_node.index import Index, InstanceRecord, instances, studies
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index(request, tmp_path):
+    url = f"sqlite:///{tmp_path / 'index.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    index = Index(url, fast_instance_commits=True)
+    yield index
+    index.dispose()  # before postgres_url drops the database
+
+
+def record(number: int, **changes) -> InstanceRecord:
+    fields = dict(
+        patient_id="P1", issuer_of_patient_id="", patient_name="DOE^JANE", birth_date="19600101",
+        study_uid="1.2.826.0.1.1", study_date="20260101", study_time="101010", accession_number="A1",
+        study_description="CT CHEST", series_uid="1.2.826.0.1.1.1", modality="", body_part="CHEST",
+        series_number="1", series_description="AX", sop_instance_uid=f"1.2.826.0.1.1.1.{number}",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        instance_number=str(number), view_position="", laterality="", analysable=True,
+        path=f"/store/{number}.dcm", size=1000 + number,
+    )
+    return InstanceRecord(**{**fields, **changes})
+
+
+def row(index: Index, table, **where) -> dict:
+    (column, value), = where.items()
+    with index.engine.connect() as conn:
+        return dict(conn.execute(select(table).where(table.c[column] == value)).mappings().one())
+
+
+def test_an_instance_row_is_written_once_and_a_duplicate_is_told_apart(index):
+    assert index.record_instances([record(1), record(2)], now=100.0) == [True, True]
+    assert index.record_instances([record(2, path="/elsewhere"), record(3)], now=101.0) == [False, True]
+    written = row(index, instances, sop_instance_uid="1.2.826.0.1.1.1.2")
+    assert written["path"] == "/store/2.dcm" and written["size"] == 1002 and written["received_at"] == 100.0
+    assert written["analysable"] is True
+    assert row(index, instances, sop_instance_uid="1.2.826.0.1.1.1.3")["received_at"] == 101.0
+
+
+def test_a_non_image_instance_is_written_without_touching_its_study(index):
+    index.record_instances([record(1, analysable=False, modality="SR")], now=100.0)
+    assert row(index, instances, sop_instance_uid="1.2.826.0.1.1.1.1")["analysable"] is False
+    study = row(index, studies, study_uid="1.2.826.0.1.1")
+    assert study["modality"] == "" and study["last_received_at"] == 100.0
+
+
+def test_each_image_updates_its_studys_activity(index):
+    index.record_instances([record(1)], now=100.0)  # no modality yet: the next image's is taken
+    index.record_instances([record(2, modality="CT")], now=105.0)
+    index.record_instances([record(3, modality="MR", urgent=True)], now=110.0)
+    index.record_instances([record(4)], now=111.0)  # urgent stays
+    study = row(index, studies, study_uid="1.2.826.0.1.1")
+    assert (study["modality"], study["urgent"], study["state"]) == ("CT", True, "receiving")
+    assert (study["first_received_at"], study["last_received_at"], study["reanalysis"]) == (100.0, 111.0, False)
+
+
+def test_a_new_image_reopens_a_completed_study_for_reanalysis(index):
+    index.record_instances([record(1, modality="CT")], now=100.0)
+    assert index.complete_study("1.2.826.0.1.1", now=200.0) is not None
+    assert index.record_instances([record(1)], now=300.0) == [False]  # a resend reopens nothing
+    assert row(index, studies, study_uid="1.2.826.0.1.1")["state"] == "complete"
+    index.record_instances([dataclasses.replace(record(2), modality="CT")], now=400.0)
+    study = row(index, studies, study_uid="1.2.826.0.1.1")
+    assert (study["state"], study["reanalysis"], study["first_received_at"], study["last_received_at"]) == (
+        "receiving", True, 400.0, 400.0)
