@@ -309,10 +309,11 @@ _STUDY_RECEIVED = (
 
 
 class _DriverStatement:
-    """A statement compiled once for the engine's dialect and run on the driver's own cursor,
-    inside the caller's transaction: for the two statements each received instance runs,
-    where SQLAlchemy's ``Connection.execute`` cost about three times the driver's own call.
-    Values go through the same type processing (``construct_params``, ``bind_processor``)."""
+    """A statement compiled once for the engine's dialect and run as the driver's own SQL
+    (``exec_driver_sql``: errors wrapped and disconnects handled as for any statement): for
+    the two statements each received instance runs, where ``Connection.execute`` of the
+    statement object cost about three times the driver's call. Values go through the same
+    type processing (``construct_params``, ``bind_processor``)."""
 
     def __init__(self, statement, dialect) -> None:
         compiled = statement.compile(dialect=dialect)
@@ -330,12 +331,8 @@ class _DriverStatement:
         params = self._compiled.construct_params(values)
         for name, processor in self._processors.items():
             params[name] = processor(params[name])
-        cursor = conn.connection.dbapi_connection.cursor()
-        try:
-            cursor.execute(self._sql, [params[name] for name in self._positions] if self._positions is not None else params)
-            return cursor.rowcount
-        finally:
-            cursor.close()
+        ordered = tuple(params[name] for name in self._positions) if self._positions is not None else params
+        return conn.exec_driver_sql(self._sql, ordered).rowcount
 
 
 class Index:
