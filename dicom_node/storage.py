@@ -121,33 +121,38 @@ class InstanceStore:
             )
         final = self.path_for(study_uid, series_uid, sop_uid)
         self._ensure_dir(final.parent)
-        temp = self._adopt_synced(source, synced)
+        if synced is not None:
+            synced.result()  # the spool file is durable: linked into place as it is
+            temp, durable = None, source
+        else:
+            temp = durable = self._adopt(source)
         try:
             try:
-                os.link(temp, final)
+                os.link(durable, final)
             except FileExistsError:
-                if _same_content(final, temp):
+                if _same_content(final, durable):
                     return StoreResult(StoreOutcome.DUPLICATE_IDENTICAL, final)
+                if temp is None:  # "replace" moves it into place: a link of our own, not the owner's file
+                    temp = self._link_part(source)
                 return self._resolve_conflict(final, temp)  # compared and kept from disk, never read whole
             if sync_dir:
                 fsync_dir(final.parent)
             return StoreResult(StoreOutcome.STORED, final)
         finally:
-            temp.unlink(missing_ok=True)
-
-    def _adopt_synced(self, source: Path, synced: Future | None = None) -> Path:
-        temp = incoming_owner.new_path(self.incoming, ".part")
-        if synced is not None:
-            os.link(source, temp)  # begin_sync only takes files in .incoming
-            try:
-                synced.result()
-            except BaseException:
+            if temp is not None:
                 temp.unlink(missing_ok=True)
-                raise
-            return temp
+
+    def _link_part(self, source: Path) -> Path:
+        temp = incoming_owner.new_path(self.incoming, ".part")
+        os.link(source, temp)
+        return temp
+
+    def _adopt(self, source: Path) -> Path:
+        """A fsynced file in .incoming with `source`'s content: a link to it, or a copy."""
         if self.in_incoming(source):
-            os.link(source, temp)
+            temp = self._link_part(source)
         else:
+            temp = incoming_owner.new_path(self.incoming, ".part")
             with open(source, "rb") as src, open(temp, "xb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         try:

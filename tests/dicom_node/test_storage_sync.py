@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future
 
+import pytest
+
 from dicom_node import storage
-from dicom_node.storage import InstanceStore
+from dicom_node.storage import InstanceStore, StoreOutcome
 
 
 def spooled(store: InstanceStore, name: str, data: bytes = b"x" * 1000):
@@ -24,6 +26,52 @@ def test_a_spool_file_is_linked_into_place_after_its_background_fsync(tmp_path):
     assert synced.done() and synced.exception() is None
     assert result.path.read_bytes() == source.read_bytes()
     assert oct(result.path.stat().st_mode & 0o777) == oct(storage.FILE_MODE)
+
+
+def instance_files(store: InstanceStore) -> list[str]:
+    """The spool and temporary files in .incoming (not the process's owner token)."""
+    return sorted(p.name for p in store.incoming.iterdir() if p.suffix in (".dcm", ".part"))
+
+
+def test_a_synced_spool_file_becomes_the_stored_file_itself(tmp_path):
+    """No second temporary link: the stored file is the spool file's inode, which stays for its
+    owner (pynetdicom) to remove."""
+    store = InstanceStore(tmp_path / "store")
+    source = spooled(store, "rx-1.dcm")
+    result = store.store_file("1.2", "1.2.3", "1.2.3.4", source, synced=store.begin_sync(source))
+    assert result.outcome is StoreOutcome.STORED
+    assert os.path.samefile(result.path, source)
+    assert instance_files(store) == ["rx-1.dcm"]
+
+
+@pytest.mark.parametrize("policy, outcome", [
+    ("replace", StoreOutcome.CONFLICT_REPLACED),
+    ("keep_first", StoreOutcome.CONFLICT_KEPT_FIRST),
+    ("reject", StoreOutcome.CONFLICT_REJECTED),
+])
+def test_a_synced_conflicting_copy_is_handled_by_policy_and_the_spool_file_left(tmp_path, policy, outcome):
+    store = InstanceStore(tmp_path / "store", duplicate_policy=policy)
+    first = spooled(store, "rx-1.dcm", b"first" * 100)
+    store.store_file("1.2", "1.2.3", "1.2.3.4", first, synced=store.begin_sync(first))
+    first.unlink()  # as its owner does after the handler
+    second = spooled(store, "rx-2.dcm", b"second" * 100)
+    result = store.store_file("1.2", "1.2.3", "1.2.3.4", second, synced=store.begin_sync(second))
+    assert result.outcome is outcome
+    assert result.path.read_bytes() == (b"second" * 100 if policy == "replace" else b"first" * 100)
+    kept = {p.read_bytes() for p in store.conflicts.iterdir()}
+    assert kept == (set() if policy == "reject" else {b"first" * 100} if policy == "replace" else {b"second" * 100})
+    assert second.read_bytes() == b"second" * 100  # still there for its owner
+    assert instance_files(store) == ["rx-2.dcm"]  # no .part left
+
+
+def test_a_failed_fsync_stores_nothing(tmp_path):
+    store = InstanceStore(tmp_path / "store")
+    source = spooled(store, "rx-1.dcm")
+    failed: Future = Future()
+    failed.set_exception(OSError(5, "Input/output error"))
+    with pytest.raises(OSError, match="Input/output"):
+        store.store_file("1.2", "1.2.3", "1.2.3.4", source, synced=failed)
+    assert not store.path_for("1.2", "1.2.3", "1.2.3.4").exists()
 
 
 def test_stores_share_one_pool_per_process(tmp_path):
