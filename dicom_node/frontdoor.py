@@ -350,16 +350,53 @@ def _store_response_command(primitive) -> bytes | None:
 
 def _send_msg(self, primitive, context_id: int) -> None:
     """``DIMSEServiceProvider.send_msg``: a C-STORE response that fits one fragment is encoded
-    here (when nobody listens for EVT_DIMSE_SENT, which wants pynetdicom's message object)."""
+    here (when nobody listens for EVT_DIMSE_SENT, which wants pynetdicom's message object), and
+    sent at once where ``_DirectSend`` allows, else through the DUL thread."""
     if type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None and primitive.Status is not None:
         command = _store_response_command(primitive)
         limit = self.maximum_pdu_size
         if command is not None and (not limit or len(command) <= limit - 6) and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            fragment = b"\x03" + command  # the last (only) command fragment
+            direct = getattr(self.dul, "_direct_send", None)
+            if direct is not None and direct.send(self.dul, context_id, fragment):
+                return
             pdata = P_DATA()
-            pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # last command fragment
+            pdata.presentation_data_value_list.append((context_id, fragment))
             self.dul.send_pdu(pdata)
             return
     _PYNETDICOM_SEND_MSG(self, primitive, context_id)
+
+
+def _p_data_tf(context_id: int, fragment: bytes) -> bytes:
+    """A P-DATA-TF PDU of one presentation data value (PS3.8 9.3.5)."""
+    return struct.pack(">BBLLB", 0x04, 0, len(fragment) + 5, len(fragment) + 1, context_id) + fragment
+
+
+# Where pynetdicom's DUL thread would only fire events for these, nobody may listen to them.
+_DIRECT_SEND_SKIPS = (evt.EVT_PDU_SENT, evt.EVT_DATA_SENT, evt.EVT_FSM_TRANSITION)
+
+
+class _DirectSend:
+    """Sending a P-DATA-TF from the association thread, without a round through the DUL thread
+    (its queue, a wake-up, the state machine's DT-1 and pynetdicom's PDU objects): on a plain
+    socket in Sta6 (data transfer), when nothing queued earlier is still unsent. The DUL thread
+    runs every state machine action holding ``lock``, so a PDU it is sending is never overtaken
+    or interleaved; TLS sockets are left to the DUL thread (an SSL object is not for two
+    threads at once)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def send(self, dul, context_id: int, fragment: bytes) -> bool:
+        """Send it now; False where the DUL thread has to (then nothing was sent)."""
+        with self.lock:
+            sock = dul.socket
+            if (sock is None or type(sock.socket) is not socket.socket or dul.to_provider_queue.qsize()
+                    or dul.state_machine.current_state != "Sta6"
+                    or any(dul.assoc.get_handlers(event) for event in _DIRECT_SEND_SKIPS)):
+                return False
+            sock.send(_p_data_tf(context_id, fragment))  # a failure puts Evt17 on the DUL's queue
+            return True
 
 
 @dataclass(frozen=True)
@@ -812,6 +849,7 @@ def _make_event_driven(assoc, wake: _Wakeup) -> None:
     dul.stop_dul, dul.kill_dul = stop, kill
     # The DUL Thread took its target (the bound run_reactor) in __init__, so replacing
     # run_reactor would change nothing: replace what the thread runs.
+    dul._direct_send = _DirectSend()
     dul.run = functools.partial(_run_dul, dul, wake)
     assoc._run_reactor = functools.partial(_run_association, assoc, wake)
 
@@ -829,6 +867,7 @@ def _dul_idle(dul) -> bool:
 def _run_dul(dul, wake: _Wakeup) -> None:
     """``DULServiceProvider.run_reactor`` (pynetdicom 3.0.4), sleeping until there is work."""
     assoc = dul.assoc
+    direct = dul._direct_send
     dul._idle_timer.start()
     try:
         while True:
@@ -865,7 +904,8 @@ def _run_dul(dul, wake: _Wakeup) -> None:
                 if _dul_idle(dul):
                     wake.wait_dul(dul.socket.socket if dul.socket is not None else None, DUL_WAIT)
                 continue
-            dul.state_machine.do_action(event)
+            with direct.lock:  # a direct send never overtakes a PDU this action sends
+                dul.state_machine.do_action(event)
     finally:
         wake.assoc()  # the association thread checks dul.is_alive()
 

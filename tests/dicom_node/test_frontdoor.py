@@ -346,20 +346,28 @@ def test_a_received_data_set_is_streamed_to_incoming_not_kept_in_memory(node, tm
     assert _config.STORE_RECV_CHUNKED_DATASET is False
 
 
-def test_storescu_requests_are_decoded_directly_and_stored_whole(node, tmp_path, monkeypatch):
-    """DCMTK's C-STORE-RQ commands take the front door's struct decoder, not pynetdicom's."""
-    decoded = []
-    original = frontdoor._store_request
+def test_storescu_requests_are_decoded_and_answered_directly_and_stored_whole(node, tmp_path, monkeypatch):
+    """DCMTK's C-STORE-RQ commands take the front door's struct decoder, not pynetdicom's, and
+    each response is sent by the association thread itself."""
+    decoded, sent_directly = [], []
+    original_decode, original_send = frontdoor._store_request, frontdoor._DirectSend.send
 
-    def spy(command):
-        request = original(command)
+    def spy_decode(command):
+        request = original_decode(command)
         decoded.append(request)
         return request
 
-    monkeypatch.setattr(frontdoor, "_store_request", spy)
+    def spy_send(self, *args):
+        sent = original_send(self, *args)
+        sent_directly.append(sent)
+        return sent
+
+    monkeypatch.setattr(frontdoor, "_store_request", spy_decode)
+    monkeypatch.setattr(frontdoor._DirectSend, "send", spy_send)
     _, paths = write_ct_study(tmp_path / "ct", 3)
     run_tool("storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))
     assert len(decoded) == 3 and None not in decoded
+    assert sent_directly == [True] * 3
     sent = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in paths}
     stored = [pydicom.dcmread(p) for p in stored_files(node.settings.storage_dir)]
     assert sorted(ds.SOPInstanceUID for ds in stored) == sorted(sent)

@@ -17,6 +17,7 @@ from pydicom.filewriter import write_file_meta_info
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
 from dicom_node import frontdoor
@@ -191,3 +192,10 @@ def test_a_non_conformant_uid_is_taken_as_pynetdicom_takes_it():
     ours = frontdoor._store_request(command)
     assert ours is not None and ours.AffectedSOPInstanceUID == "1.02"
     same_request(ours, pynetdicom_request(command))
+
+
+def test_a_p_data_tf_is_encoded_as_pynetdicom_does():
+    pdata = P_DATA()
+    fragment = b"\x03" + frontdoor._store_response_command(response(0x0000, None, CT, "1.2.3.4"))
+    pdata.presentation_data_value_list.append((5, fragment))
+    assert frontdoor._p_data_tf(5, fragment) == P_DATA_TF(pdata).encode()
