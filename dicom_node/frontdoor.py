@@ -31,9 +31,9 @@ Each refusal is handed to ``on_refusal`` (the SCP logs and audits it) with the p
 and the reason. The reader is installed per connection (``DULServiceProvider._read_pdu_data``),
 the two ``dimse_messages`` patches (``install()``) only act on threads of connections accepted
 here (or marked by ``spool_received_datasets``); the third makes the per-connection copy of the
-presentation contexts a shallow one; the last two encode a C-STORE response and decode a C-STORE
-request's command with struct (``_send_msg``, ``_receive_primitive``). Every internal they touch is checked against
-``PYNETDICOM_VERSION`` at start-up; pyproject pins it. Upstream, this would be: timeouts on
+presentation contexts a shallow one; the last two encode (and send) a C-STORE response and decode
+a C-STORE request's command with struct (``_send_msg``, ``_receive_primitive``). Every internal
+they touch is checked against ``PYNETDICOM_VERSION`` at start-up; pyproject pins it. Upstream, this would be: timeouts on
 ``AssociationSocket.recv``, a maximum-PDU check in ``_read_pdu_data``, a per-AE chunked-receive
 switch with a spool directory, ``max_connections_per_host`` on ``AssociationServer``, waits on
 queues and sockets instead of sleeps in both reactors, no deepcopy of the contexts, and DIMSE

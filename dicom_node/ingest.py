@@ -5,9 +5,11 @@ into (preamble, file meta and the dataset exactly as received), or `Ingestor.ing
 same bytes in memory, and returns the status it gets back. Success is only returned after the
 file is fsynced in place and the index row is committed.
 
-The index is filled from a header-only parse: pydicom stops before the pixel data, whose
-element and anything after it are then walked by offset (item headers only, never the values),
-so a 1 GB instance is checked for truncation without being read into memory.
+The index is filled from a header-only parse. An instance of up to 1 MiB in the usual
+little-endian file is scanned for the elements the index reads (header_scan.py); anything else
+is parsed by pydicom, which stops before the pixel data, whose element and anything after it are
+then walked by offset (item headers only, never the values), so a 1 GB instance is checked for
+truncation without being read into memory.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pydicom.uid import (
 )
 
 from . import dimse_status as st
+from . import header_scan
 from .commit_group import CommitGroup
 from .index import Index, InstanceRecord
 from .logs import log_event, phi_hash
@@ -233,17 +236,38 @@ def _refuse(status: int, message: str, comment: str = "") -> IngestResult:
 
 
 def _parse_source(source: bytes | Path) -> tuple[Dataset, bool, int]:
-    """(dataset without its pixel data, whether it has pixel data, size in bytes)."""
+    """(dataset without its pixel data, whether it has pixel data, size in bytes); for an
+    instance in memory, maybe only the elements the index reads (`_scanned`)."""
     if isinstance(source, Path):
         size = source.stat().st_size
-        if size <= SMALL_INSTANCE:  # parsed faster from memory, and bounded all the same
-            ds, has_pixels = _parse(BytesIO(source.read_bytes()), size)
+        if size > SMALL_INSTANCE:
+            with open(source, "rb") as fp:
+                ds, has_pixels = _parse(fp, size)
             return ds, has_pixels, size
-        with open(source, "rb") as fp:
-            ds, has_pixels = _parse(fp, size)
-        return ds, has_pixels, size
+        source = source.read_bytes()  # parsed faster from memory, and bounded all the same
+    scanned = _scanned(source)
+    if scanned is not None:
+        return scanned[0], scanned[1], len(source)
     ds, has_pixels = _parse(BytesIO(source), len(source))
     return ds, has_pixels, len(source)
+
+
+def _scanned(data: bytes) -> tuple[Dataset, bool] | None:
+    """The usual file (`_plain_header`, little endian) scanned for the elements the index reads
+    (header_scan.py): a Dataset of those alone, as raw elements; None where pydicom must parse."""
+    plain = _plain_header(data[:META_PEEK])
+    if plain is None or not plain[3]:
+        return None
+    start, syntax, implicit, little = plain
+    scanned = header_scan.scan(data, start, implicit, INDEXED_TAGS)
+    if scanned is None:
+        return None
+    ds = Dataset(scanned.elements)
+    ds.set_original_encoding(implicit, little, ds.original_character_set)
+    value = syntax.encode("ascii")  # raw too: setting a UID validates it (a tenth of the scan)
+    ds.file_meta = FileMetaDataset({TRANSFER_SYNTAX_TAG: RawDataElement(
+        TRANSFER_SYNTAX_TAG, "UI", len(value), value, 0, False, True, True, False)})
+    return ds, bool(scanned.tags & PIXEL_TAG_NUMBERS)
 
 
 def _parse(fp: BinaryIO, size: int) -> tuple[Dataset, bool]:
@@ -537,3 +561,16 @@ def _is_urgent(ds: Dataset) -> bool:
     values = [_text(ds, "RequestedProcedurePriority")]
     values += [_text(item, "RequestedProcedurePriority") for item in ds.get("RequestAttributesSequence", [])]
     return any(value.upper() in URGENT_PRIORITIES for value in values)
+
+
+# Every element the UID checks, _record and _is_urgent read, and the character set their text
+# is decoded with: what _scanned keeps of a header (tests compare its records with pydicom's).
+INDEXED_KEYWORDS = (
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "StudyDate", "StudyTime",
+    "AccessionNumber", "StudyDescription", "Modality", "BodyPartExamined", "SeriesNumber", "SeriesDescription",
+    "InstanceNumber", "ViewPosition", "ImageLaterality", "Laterality", "RequestedProcedurePriority",
+    "RequestAttributesSequence",
+)
+INDEXED_TAGS = frozenset(keyword_dict[keyword] for keyword in INDEXED_KEYWORDS)
+TRANSFER_SYNTAX_TAG = keyword_dict["TransferSyntaxUID"]

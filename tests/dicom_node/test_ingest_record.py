@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
 
 from dicom_node import ingest
 from dicom_node.synthetic import ct_slice
@@ -81,6 +82,7 @@ def test_the_direct_header_read_gives_what_dcmread_gives(path, monkeypatch):
     with the direct header read (`_plain_header`) and with dcmread reading the header give the
     same dataset, element for element, or the same refusal."""
     data = open(path, "rb").read()
+    monkeypatch.setattr(ingest, "_scanned", lambda data: None)  # the whole header, as pydicom reads it
     ours = _outcome(data)
     monkeypatch.setattr(ingest, "_plain_header", lambda head: None)
     expected = _outcome(data)
@@ -108,3 +110,95 @@ def test_most_of_pydicoms_test_files_take_the_direct_header_read():
     files = _pydicom_test_files()
     direct = [path for path in files if _direct(path)]
     assert len(direct) >= len(files) // 2, f"only {len(direct)} of {len(files)}"
+
+
+# --- the scan for the indexed elements (header_scan.py) ----------------------------------------
+
+
+def _index_view(data: bytes) -> dict | str:
+    """What the ingest takes from an instance: each indexed text, urgency, pixel data, syntax;
+    or the refusal."""
+    try:
+        ds, has_pixels, size = ingest._parse_source(data)
+    except ingest.Malformed as exc:
+        return str(exc)
+    view = {keyword: ingest._text(ds, keyword) for keyword in ingest.INDEXED_KEYWORDS
+            if keyword != "RequestAttributesSequence"}
+    view.update(urgent=ingest._is_urgent(ds), has_pixels=has_pixels, size=size,
+                syntax=str(ds.file_meta.get("TransferSyntaxUID", "")))
+    return view
+
+
+def _scan_and_full_parse(data: bytes, monkeypatch) -> tuple[dict | str, dict | str]:
+    scanned = _index_view(data)
+    with monkeypatch.context() as patch:
+        patch.setattr(ingest, "_scanned", lambda data: None)
+        full = _index_view(data)
+    return scanned, full
+
+
+def _written(ds: Dataset, implicit: bool = False) -> bytes:
+    buffer = BytesIO()
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _requested(priority: str, undefined_lengths: bool) -> Dataset:
+    item = Dataset()
+    item.RequestedProcedureID = "RP1"
+    item.RequestedProcedurePriority = priority
+    nested = Dataset()
+    nested.CodeValue = "X"
+    item.ReferencedStudySequence = [nested]
+    ds = case(RequestAttributesSequence=[item])
+    if undefined_lengths:
+        ds["RequestAttributesSequence"].is_undefined_length = True
+        item["ReferencedStudySequence"].is_undefined_length = True
+        item.is_undefined_length_sequence_item = True
+    return ds
+
+
+SCAN_CASES = {
+    **{name: _written(ds) for name, ds in CASES.items()},
+    "implicit VR": _written(case(PatientName="Doe^John"), implicit=True),
+    "STAT request, undefined lengths": _written(_requested("STAT", True)),
+    "HIGH request, defined lengths": _written(_requested("HIGH", False)),
+    "routine request": _written(_requested("ROUTINE", True)),
+}
+
+
+@pytest.mark.parametrize("name", SCAN_CASES)
+def test_the_scan_gives_the_index_what_pydicoms_parse_gives(name, monkeypatch):
+    data = SCAN_CASES[name]
+    assert ingest._scanned(data) is not None  # these take the scan
+    scanned, full = _scan_and_full_parse(data, monkeypatch)
+    assert scanned == full
+
+
+def test_the_scan_reads_an_urgent_request():
+    ds, _ = ingest._scanned(SCAN_CASES["STAT request, undefined lengths"])
+    assert ingest._is_urgent(ds)
+
+
+@pytest.mark.parametrize("path", _pydicom_test_files(), ids=lambda p: p.rsplit("/", 1)[-1])
+def test_the_scan_gives_what_pydicoms_parse_gives_on_pydicoms_test_files(path, monkeypatch):
+    """Other vendors' oddities included: the same record, or (where the scan gives up, or
+    pydicom refuses) the same refusal."""
+    scanned, full = _scan_and_full_parse(open(path, "rb").read(), monkeypatch)
+    assert scanned == full
+
+
+@pytest.mark.parametrize("cut", [1, 7, 100, 200])
+def test_a_truncated_instance_is_left_to_pydicom(cut):
+    data = SCAN_CASES["plain"]
+    assert ingest._scanned(data[:-cut]) is None
+    with pytest.raises(ingest.Malformed, match="truncated"):
+        ingest._parse_source(data[:-cut])
+
+
+def test_most_of_pydicoms_test_files_take_the_scan():
+    files = _pydicom_test_files()
+    scanned = [path for path in files if ingest._scanned(open(path, "rb").read()) is not None]
+    assert len(scanned) >= len(files) // 2, f"only {len(scanned)} of {len(files)}"
