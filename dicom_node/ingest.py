@@ -512,6 +512,8 @@ def _text(ds: Dataset, keyword: str) -> str:
     # element (about 10x cheaper per element; the index reads ~20 per instance). Anything else
     # (other characters, escape sequences, several values) goes through pydicom.
     raw = ds.get_item(keyword_dict[keyword])
+    if raw is None:
+        return ""
     if isinstance(raw, RawDataElement):
         if raw.value is None:
             return ""
@@ -559,7 +561,8 @@ URGENT_PRIORITIES = frozenset({"STAT", "HIGH"})
 def _is_urgent(ds: Dataset) -> bool:
     """STAT/HIGH Requested Procedure Priority (0040,1003), at top level or in the Request Attributes Sequence."""
     values = [_text(ds, "RequestedProcedurePriority")]
-    values += [_text(item, "RequestedProcedurePriority") for item in ds.get("RequestAttributesSequence", [])]
+    if REQUEST_ATTRIBUTES_TAG in ds:
+        values += [_text(item, "RequestedProcedurePriority") for item in ds.RequestAttributesSequence or []]
     return any(value.upper() in URGENT_PRIORITIES for value in values)
 
 
@@ -574,3 +577,4 @@ INDEXED_KEYWORDS = (
 )
 INDEXED_TAGS = frozenset(keyword_dict[keyword] for keyword in INDEXED_KEYWORDS)
 TRANSFER_SYNTAX_TAG = keyword_dict["TransferSyntaxUID"]
+REQUEST_ATTRIBUTES_TAG = keyword_dict["RequestAttributesSequence"]
