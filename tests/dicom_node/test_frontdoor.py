@@ -303,7 +303,17 @@ def test_storescu_gets_through_while_hostile_sockets_are_open_and_after(make_nod
     assert len(reasons) == 6
 
 
-def test_silent_tls_client_does_not_block_the_tls_listener(make_node, tmp_path):
+def test_silent_tls_client_does_not_block_the_tls_listener(make_node, tmp_path, monkeypatch):
+    """And over TLS each response goes through the DUL thread (no direct send: an SSL object is
+    not for two threads at once)."""
+    sent_directly = []
+    original_send = frontdoor._DirectSend.send
+
+    def spy_send(self, *args):
+        sent_directly.append(original_send(self, *args))
+        return sent_directly[-1]
+
+    monkeypatch.setattr(frontdoor._DirectSend, "send", spy_send)
     pki = make_pki(tmp_path / "pki")
     node = make_node(
         acse_timeout=3.0, tls_enabled=True, tls_port=free_port(), tls_cert=pki["server.pem"], tls_key=pki["server.key"],
@@ -313,6 +323,7 @@ def test_silent_tls_client_does_not_block_the_tls_listener(make_node, tmp_path):
     run_tool("storescu", "+tla", "+cf", str(pki["ca.pem"]), "-aec", NODE_AE, "127.0.0.1", str(node.settings.tls_port),
              *map(str, paths))
     assert len(stored_files(node.settings.storage_dir)) == 2
+    assert sent_directly == [False, False]
     wait_closed(silent, 3.0 + SLACK)
     assert audit_row(node, "TLS handshake")["result"] == "rejected"
 
