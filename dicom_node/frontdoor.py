@@ -78,7 +78,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from .connection_counts import LOCAL, ConnectionCounts, Counts, CountsUnavailable
 from .connection_handoff import Handoff
-from . import incoming_owner
+from . import dimse_codec, incoming_owner
 from .logs import log_event
 from .storage import InstanceStore
 
@@ -309,44 +309,10 @@ def install() -> None:
 # is set), encodes it twice (once for the group length) and cuts it into P-DATA fragments; and
 # it writes the spool file's meta header through another Dataset. Together that was about 45 %
 # of the CPU an instance cost the front door (py-spy, 1 association, ingest stubbed out). Both
-# are a few fixed elements: written here with struct, byte for byte what pynetdicom writes
-# (tests compare the two), and anything out of the ordinary still goes to pynetdicom.
+# are a few fixed elements: written with struct (dimse_codec.py), byte for byte what pynetdicom
+# writes, and anything out of the ordinary still goes to pynetdicom.
 
 _PYNETDICOM_SEND_MSG = DIMSEServiceProvider.send_msg
-C_STORE_RSP_COMMAND = 0x8001
-NO_DATA_SET = 0x0101
-
-
-def _implicit(element: int, value: bytes) -> bytes:
-    """One group-0000 element, implicit VR little endian."""
-    return struct.pack("<HHL", 0, element, len(value)) + value
-
-
-def _uid(value) -> bytes:
-    raw = str(value).encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
-def _store_response_command(primitive) -> bytes | None:
-    """A C-STORE-RSP's command set as pynetdicom encodes it, or None where it holds what this
-    does not encode (an Offending Element, a comment that is not plain ASCII)."""
-    comment = primitive.ErrorComment
-    if primitive.OffendingElement is not None or (comment is not None and not str(comment).isascii()):
-        return None
-    parts = []
-    if primitive.AffectedSOPClassUID is not None:
-        parts.append(_implicit(0x0002, _uid(primitive.AffectedSOPClassUID)))
-    parts.append(_implicit(0x0100, struct.pack("<H", C_STORE_RSP_COMMAND)))
-    parts.append(_implicit(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)))
-    parts.append(_implicit(0x0800, struct.pack("<H", NO_DATA_SET)))
-    parts.append(_implicit(0x0900, struct.pack("<H", primitive.Status)))
-    if comment is not None:
-        text = str(comment).encode("ascii")
-        parts.append(_implicit(0x0902, text + b" " if len(text) % 2 else text))
-    if primitive.AffectedSOPInstanceUID is not None:
-        parts.append(_implicit(0x1000, _uid(primitive.AffectedSOPInstanceUID)))
-    body = b"".join(parts)
-    return _implicit(0x0000, struct.pack("<L", len(body))) + body
 
 
 def _send_msg(self, primitive, context_id: int) -> None:
@@ -354,7 +320,7 @@ def _send_msg(self, primitive, context_id: int) -> None:
     here (when nobody listens for EVT_DIMSE_SENT, which wants pynetdicom's message object), and
     sent at once where ``_DirectSend`` allows, else through the DUL thread."""
     if type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None and primitive.Status is not None:
-        command = _store_response_command(primitive)
+        command = dimse_codec.store_response_command(primitive)
         limit = self.maximum_pdu_size
         if command is not None and (not limit or len(command) <= limit - 6) and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
             fragment = b"\x03" + command  # the last (only) command fragment
@@ -366,11 +332,6 @@ def _send_msg(self, primitive, context_id: int) -> None:
             self.dul.send_pdu(pdata)
             return
     _PYNETDICOM_SEND_MSG(self, primitive, context_id)
-
-
-def _p_data_tf(context_id: int, fragment: bytes) -> bytes:
-    """A P-DATA-TF PDU of one presentation data value (PS3.8 9.3.5)."""
-    return struct.pack(">BBLLB", 0x04, 0, len(fragment) + 5, len(fragment) + 1, context_id) + fragment
 
 
 # Where pynetdicom's DUL thread would only fire events for these, nobody may listen to them.
@@ -396,46 +357,19 @@ class _DirectSend:
                     or dul.state_machine.current_state != "Sta6"
                     or any(dul.assoc.get_handlers(event) for event in _DIRECT_SEND_SKIPS)):
                 return False
-            sock.send(_p_data_tf(context_id, fragment))  # a failure puts Evt17 on the DUL's queue
+            sock.send(dimse_codec.p_data_tf(context_id, fragment))  # a failure puts Evt17 on the DUL's queue
             return True
 
 
-@dataclass(frozen=True)
-class _SpoolMeta:
-    """What ``create_file_meta`` is given for a spool file; written by ``_write_spool_meta``."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-    implementation_uid: str = pynetdicom.PYNETDICOM_IMPLEMENTATION_UID
-    implementation_version: str = pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION
-
-
-def _spool_meta(**kwargs) -> _SpoolMeta:
-    return _SpoolMeta(**kwargs)
-
-
-def _explicit(element: int, vr: bytes, value: bytes) -> bytes:
-    """One group-0002 element, explicit VR little endian (short-length VRs but OB)."""
-    if vr == b"OB":
-        return struct.pack("<HH2s2xL", 2, element, vr, len(value)) + value
-    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
+def _spool_meta(**kwargs) -> dimse_codec.SpoolMeta:
+    return dimse_codec.SpoolMeta(**kwargs)
 
 
 def _write_spool_meta(fp, meta, enforce_standard: bool = True) -> None:
     """``write_file_meta_info`` for the spool file's header, as pydicom writes it."""
-    if not isinstance(meta, _SpoolMeta):
+    if not isinstance(meta, dimse_codec.SpoolMeta):
         return _PYDICOM_WRITE_FILE_META(fp, meta, enforce_standard)
-    version = meta.implementation_version.encode("ascii")
-    body = b"".join((
-        _explicit(0x0001, b"OB", b"\x00\x01"),
-        _explicit(0x0002, b"UI", _uid(meta.sop_class_uid)),
-        _explicit(0x0003, b"UI", _uid(meta.sop_instance_uid)),
-        _explicit(0x0010, b"UI", _uid(meta.transfer_syntax)),
-        _explicit(0x0012, b"UI", _uid(meta.implementation_uid)),
-        _explicit(0x0013, b"SH", version + b" " if len(version) % 2 else version),
-    ))
-    fp.write(_explicit(0x0000, b"UL", struct.pack("<L", len(body))) + body)
+    fp.write(dimse_codec.spool_meta_header(meta))
 
 
 _PYDICOM_WRITE_FILE_META = pydicom.filewriter.write_file_meta_info
@@ -445,80 +379,16 @@ _PYDICOM_WRITE_FILE_META = pydicom.filewriter.write_file_meta_info
 #
 # pynetdicom decodes each command set into a pydicom Dataset, then walks its elements into the
 # primitive: about 150 us of the DUL thread per instance. A C-STORE-RQ command is a handful of
-# fixed elements; decoded here with struct into the same primitive, through the primitive's own
-# setters (which validate), about 30 us. Anything unusual goes to pynetdicom.
+# fixed elements; decoded with struct (dimse_codec.py) into the same primitive, through the
+# primitive's own setters (which validate), about 30 us. Anything unusual goes to pynetdicom.
 
 _PYNETDICOM_RECEIVE_PRIMITIVE = DIMSEServiceProvider.receive_primitive
-C_STORE_RQ_COMMAND = 0x0001
-_STORE_REQUEST_REQUIRED = {0x0002, 0x0100, 0x0110, 0x0800, 0x1000}
-_STORE_REQUEST_OPTIONAL = {0x0000, 0x0700, 0x1030, 0x1031}
-_UID_CHARACTERS = frozenset(b"0123456789.")
-
-
-def _command_elements(command: bytes) -> dict[int, bytes] | None:
-    """Group-0000 elements (implicit VR little endian) by element number; None if malformed."""
-    elements: dict[int, bytes] = {}
-    offset, end = 0, len(command)
-    while offset < end:
-        if end - offset < 8:
-            return None
-        group, element, length = struct.unpack_from("<HHL", command, offset)
-        offset += 8
-        if group != 0 or element in elements or offset + length > end:
-            return None
-        elements[element] = command[offset:offset + length]
-        offset += length
-    return elements
-
-
-def _us(value: bytes) -> int | None:
-    return struct.unpack("<H", value)[0] if len(value) == 2 else None
-
-
-def _plain_uid(value: bytes) -> str | None:
-    """A UI value as pydicom decodes it (trailing NULs and spaces dropped), if only digits and dots."""
-    value = value.rstrip(b"\0 ")
-    return value.decode("ascii") if value and _UID_CHARACTERS.issuperset(value) else None
-
-
-def _store_request(command: bytes) -> C_STORE | None:
-    """The C_STORE primitive pynetdicom makes of a C-STORE-RQ command set with a data set, or
-    None for anything else (another command, an element it does not expect, odd values)."""
-    elements = _command_elements(command)
-    if elements is None or not _STORE_REQUEST_REQUIRED <= elements.keys() <= _STORE_REQUEST_REQUIRED | _STORE_REQUEST_OPTIONAL:
-        return None
-    if _us(elements[0x0100]) != C_STORE_RQ_COMMAND or _us(elements[0x0800]) in (None, NO_DATA_SET):
-        return None
-    if 0x0000 in elements and len(elements[0x0000]) != 4:
-        return None
-    values: dict[str, object] = {
-        "MessageID": _us(elements[0x0110]),
-        "AffectedSOPClassUID": _plain_uid(elements[0x0002]),
-        "AffectedSOPInstanceUID": _plain_uid(elements[0x1000]),
-    }
-    if 0x0700 in elements:
-        values["Priority"] = _us(elements[0x0700])
-    if 0x1031 in elements:
-        values["MoveOriginatorMessageID"] = _us(elements[0x1031])
-    if 0x1030 in elements:
-        title = elements[0x1030]
-        values["MoveOriginatorApplicationEntityTitle"] = (
-            title.decode("ascii").strip() if title.isascii() and b"\\" not in title and b"\0" not in title else None)
-    if any(value is None for value in values.values()):
-        return None
-    request = C_STORE()
-    try:
-        for keyword, value in values.items():
-            setattr(request, keyword, value)
-    except (TypeError, ValueError):
-        return None  # pynetdicom decodes it again and reports it
-    return request
 
 
 class _DecodedStoreRequest(pynetdicom.dimse_messages.C_STORE_RQ):
-    """A C-STORE-RQ message whose command ``_store_request`` decoded: its data set fragments go
-    through pynetdicom's ``decode_msg`` into the spool file as usual, and it hands over the
-    primitive made from the command."""
+    """A C-STORE-RQ message whose command ``dimse_codec.store_request`` decoded: its data set
+    fragments go through pynetdicom's ``decode_msg`` into the spool file as usual, and it hands
+    over the primitive made from the command."""
 
     def __init__(self, request: C_STORE, context_id: int, transfer_syntax: str) -> None:
         # DIMSEMessage.__init__'s members, without its per-keyword command Dataset (which looks
@@ -530,7 +400,7 @@ class _DecodedStoreRequest(pynetdicom.dimse_messages.C_STORE_RQ):
         self._request = request
         handle = _spool_file()
         handle.write(b"\x00" * 128 + b"DICM")
-        _write_spool_meta(handle, _SpoolMeta(
+        _write_spool_meta(handle, dimse_codec.SpoolMeta(
             sop_class_uid=str(request.AffectedSOPClassUID),
             sop_instance_uid=str(request.AffectedSOPInstanceUID),
             transfer_syntax=transfer_syntax,
@@ -549,8 +419,8 @@ class _DecodedStoreRequest(pynetdicom.dimse_messages.C_STORE_RQ):
 
 def _receive_primitive(self, primitive) -> None:
     """``DIMSEServiceProvider.receive_primitive``: a P-DATA that is one whole C-STORE-RQ command,
-    on a connection of ours that spools, is decoded by ``_store_request`` (when nobody listens
-    for EVT_DIMSE_RECV, which wants pynetdicom's message object)."""
+    on a connection of ours that spools, is decoded by ``dimse_codec.store_request`` (when nobody
+    listens for EVT_DIMSE_RECV, which wants pynetdicom's message object)."""
     pdvs = primitive.presentation_data_value_list
     if self.message is None and type(primitive) is P_DATA and len(pdvs) == 1 and pdvs[0][1][:1] == b"\x03":
         conn = _connection()
@@ -558,7 +428,7 @@ def _receive_primitive(self, primitive) -> None:
         context = self.assoc._accepted_cx.get(context_id)
         if (conn is not None and conn.limits.spool_dir is not None and context is not None
                 and not self.assoc.get_handlers(evt.EVT_DIMSE_RECV)):
-            request = _store_request(bytes(data[1:]))
+            request = dimse_codec.store_request(bytes(data[1:]))
             if request is not None:
                 self.message = _DecodedStoreRequest(request, context_id, context.transfer_syntax[0])
                 return

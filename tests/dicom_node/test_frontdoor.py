@@ -21,7 +21,7 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 
-from dicom_node import frontdoor
+from dicom_node import dimse_codec, frontdoor
 from dicom_node.connection_counts import ConnectionCounts, RemoteCounts, serve_counts
 from dicom_node.connection_handoff import Handoff, link_pair
 from dicom_node.scp import DicomNode
@@ -361,7 +361,7 @@ def test_storescu_requests_are_decoded_and_answered_directly_and_stored_whole(no
     """DCMTK's C-STORE-RQ commands take the front door's struct decoder, not pynetdicom's, and
     each response is sent by the association thread itself."""
     decoded, sent_directly = [], []
-    original_decode, original_send = frontdoor._store_request, frontdoor._DirectSend.send
+    original_decode, original_send = dimse_codec.store_request, frontdoor._DirectSend.send
 
     def spy_decode(command):
         request = original_decode(command)
@@ -373,7 +373,7 @@ def test_storescu_requests_are_decoded_and_answered_directly_and_stored_whole(no
         sent_directly.append(sent)
         return sent
 
-    monkeypatch.setattr(frontdoor, "_store_request", spy_decode)
+    monkeypatch.setattr(dimse_codec, "store_request", spy_decode)
     monkeypatch.setattr(frontdoor._DirectSend, "send", spy_send)
     _, paths = write_ct_study(tmp_path / "ct", 3)
     run_tool("storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))

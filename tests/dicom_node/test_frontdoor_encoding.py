@@ -1,7 +1,7 @@
 """The front door's direct encodings are byte for byte what pynetdicom and pydicom write.
 
 The C-STORE response and the spool file's meta header are built with struct instead of through
-pydicom Datasets (frontdoor.py, for speed); these compare them with the library's own output
+pydicom Datasets (dimse_codec.py, for speed); these compare them with the library's own output
 for the values a node sends, odd and even lengths, with and without a comment, and check that
 what they do not handle still goes to pynetdicom. The C-STORE request's command is decoded
 with struct too; its primitive is compared with the one pynetdicom makes.
@@ -20,7 +20,7 @@ from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from dicom_node import frontdoor
+from dicom_node import dimse_codec, frontdoor
 
 CT = "1.2.840.10008.5.1.4.1.1.2"  # even length
 US_RETIRED = "1.2.840.10008.5.1.4.1.1.6"  # odd length
@@ -55,14 +55,14 @@ def pynetdicom_command(rsp: C_STORE) -> bytes:
 @pytest.mark.parametrize("sop_class, sop_instance", [(CT, "1.2.3.4"), (US_RETIRED, "1.2.3.45")])
 def test_store_response_is_encoded_as_pynetdicom_does(status, comment, sop_class, sop_instance):
     rsp = response(status, comment, sop_class, sop_instance)
-    assert frontdoor._store_response_command(rsp) == pynetdicom_command(rsp)
+    assert dimse_codec.store_response_command(rsp) == pynetdicom_command(rsp)
 
 
 def test_what_the_direct_response_does_not_encode_is_left_to_pynetdicom():
     rsp = response(0xA900, None, CT, "1.2.3.4")
     rsp.OffendingElement = [0x00080018]
-    assert frontdoor._store_response_command(rsp) is None
-    assert frontdoor._store_response_command(response(0xC000, "Fehler: Größe", CT, "1.2.3.4")) is None
+    assert dimse_codec.store_response_command(rsp) is None
+    assert dimse_codec.store_response_command(response(0xC000, "Fehler: Größe", CT, "1.2.3.4")) is None
 
 
 @pytest.mark.parametrize("sop_class, sop_instance, syntax", [
@@ -107,7 +107,7 @@ def store_request_command(**values) -> bytes:
 
 
 def element(number: int, value: bytes) -> bytes:
-    return frontdoor._implicit(number, value)
+    return dimse_codec.implicit_element(number, value)
 
 
 def pynetdicom_request(command: bytes) -> C_STORE:
@@ -133,7 +133,7 @@ def same_request(ours: C_STORE, theirs: C_STORE) -> None:
 ])
 def test_store_request_is_decoded_as_pynetdicom_does(values):
     command = store_request_command(**values)
-    ours = frontdoor._store_request(command)
+    ours = dimse_codec.store_request(command)
     assert ours is not None
     same_request(ours, pynetdicom_request(command))
 
@@ -146,14 +146,14 @@ def test_store_request_without_group_length_or_priority_and_space_padded_uids():
         element(0x0800, b"\x02\x00"),
         element(0x1000, b"1.2.3.45 "),  # padded with a space, not a NUL
     ))
-    ours = frontdoor._store_request(command)
+    ours = dimse_codec.store_request(command)
     assert ours is not None and ours.AffectedSOPInstanceUID == "1.2.3.45" and ours.Priority == 2
     same_request(ours, pynetdicom_request(command))
 
 
 def with_element(command: bytes, number: int, value: bytes | None) -> bytes:
     """`command` with one element replaced, added or (value None) left out; group length kept out."""
-    elements = frontdoor._command_elements(command)
+    elements = dimse_codec.command_elements(command)
     assert elements is not None
     elements.pop(0x0000)
     if value is None:
@@ -165,7 +165,7 @@ def with_element(command: bytes, number: int, value: bytes | None) -> bytes:
 
 def test_what_the_direct_request_decoder_does_not_handle_is_left_to_pynetdicom():
     command = store_request_command()
-    assert frontdoor._store_request(with_element(command, 0x0110, b"\x08\x00")).MessageID == 8  # the helper works
+    assert dimse_codec.store_request(with_element(command, 0x0110, b"\x08\x00")).MessageID == 8  # the helper works
     echo = b"".join((element(0x0002, b"1.2.840.10008.1.1\0"), element(0x0100, b"\x30\x00"),
                      element(0x0110, b"\x01\x00"), element(0x0800, b"\x01\x01")))
     cases = {
@@ -183,19 +183,19 @@ def test_what_the_direct_request_decoder_does_not_handle_is_left_to_pynetdicom()
         "a multi-valued move originator": with_element(command, 0x1030, b"A\\B "),
     }
     for what, case in cases.items():
-        assert frontdoor._store_request(case) is None, what
+        assert dimse_codec.store_request(case) is None, what
 
 
 def test_a_non_conformant_uid_is_taken_as_pynetdicom_takes_it():
     """'1.02' passes the character check; pynetdicom only warns about it (the ingest refuses it)."""
     command = with_element(store_request_command(), 0x1000, b"1.02")
-    ours = frontdoor._store_request(command)
+    ours = dimse_codec.store_request(command)
     assert ours is not None and ours.AffectedSOPInstanceUID == "1.02"
     same_request(ours, pynetdicom_request(command))
 
 
 def test_a_p_data_tf_is_encoded_as_pynetdicom_does():
     pdata = P_DATA()
-    fragment = b"\x03" + frontdoor._store_response_command(response(0x0000, None, CT, "1.2.3.4"))
+    fragment = b"\x03" + dimse_codec.store_response_command(response(0x0000, None, CT, "1.2.3.4"))
     pdata.presentation_data_value_list.append((5, fragment))
-    assert frontdoor._p_data_tf(5, fragment) == P_DATA_TF(pdata).encode()
+    assert dimse_codec.p_data_tf(5, fragment) == P_DATA_TF(pdata).encode()
