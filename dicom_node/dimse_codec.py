@@ -146,3 +146,36 @@ def store_request(command: bytes) -> C_STORE | None:
     except (TypeError, ValueError):
         return None  # pynetdicom decodes it again and reports it
     return request
+
+
+
+@dataclass(frozen=True)
+class DataFragments:
+    """Where the data of each fragment lies in a P-DATA-TF PDU, and whether it ends the data set."""
+
+    spans: tuple[tuple[int, int], ...]
+    last: bool
+
+
+def data_fragments(pdu: bytes | bytearray, context_id: int) -> DataFragments | None:
+    """The data-set fragments of a whole P-DATA-TF PDU (``pdu`` with its 6-byte header), when
+    every item is a data-set fragment on ``context_id`` and only the last item may be the
+    message's last fragment; None for anything else (a command fragment, another context, an
+    item whose length does not add up, a last fragment followed by more), which pynetdicom then
+    decodes as usual."""
+    end = len(pdu)
+    if end < 12 or pdu[0] != 0x04 or struct.unpack_from(">L", pdu, 2)[0] != end - 6:
+        return None
+    spans = []
+    offset, last = 6, False
+    while offset < end:
+        if last or offset + 6 > end:
+            return None
+        length, item_context, control = struct.unpack_from(">LBB", pdu, offset)
+        item_end = offset + 4 + length
+        if length < 2 or item_end > end or item_context != context_id or control & 1:
+            return None
+        last = bool(control & 2)
+        spans.append((offset + 6, item_end))
+        offset = item_end
+    return DataFragments(tuple(spans), last)

@@ -387,6 +387,31 @@ def test_storescu_requests_are_decoded_and_answered_directly_and_stored_whole(no
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
 
 
+def test_storescu_data_sets_are_written_straight_to_the_spool_file(node, tmp_path, monkeypatch):
+    """Cut into 4 KB PDUs, each data set goes from the received PDU to its spool file without
+    pynetdicom's P-DATA decoding, and is stored whole."""
+    taken = []
+    original = dimse_codec.data_fragments
+
+    def spy(pdu, context_id):
+        fragments = original(pdu, context_id)
+        taken.append(fragments)
+        return fragments
+
+    monkeypatch.setattr(dimse_codec, "data_fragments", spy)
+    _, paths = write_ct_study(tmp_path / "ct", 3)
+    run_tool("storescu", "--max-send-pdu", "4096", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port),
+             *map(str, paths))
+    assert None not in taken
+    assert [f.last for f in taken].count(True) == 3
+    assert len(taken) >= 3 * (min(p.stat().st_size for p in paths) // 4096)
+    sent = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in paths}
+    stored = [pydicom.dcmread(p) for p in stored_files(node.settings.storage_dir)]
+    assert sorted(ds.SOPInstanceUID for ds in stored) == sorted(sent)
+    for ds in stored:
+        assert ds == sent[ds.SOPInstanceUID]
+
+
 def test_unchecked_pynetdicom_version_refuses_to_start(monkeypatch):
     monkeypatch.setattr(pynetdicom, "__version__", "3.0.5")
     with pytest.raises(frontdoor.UnsupportedPynetdicom, match="3.0.5"):

@@ -199,3 +199,35 @@ def test_a_p_data_tf_is_encoded_as_pynetdicom_does():
     fragment = b"\x03" + dimse_codec.store_response_command(response(0x0000, None, CT, "1.2.3.4"))
     pdata.presentation_data_value_list.append((5, fragment))
     assert dimse_codec.p_data_tf(5, fragment) == P_DATA_TF(pdata).encode()
+
+
+def p_data_tf(*items: tuple[int, bytes]) -> bytes:
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.extend(items)
+    return P_DATA_TF(pdata).encode()
+
+
+def test_data_fragments_lie_where_pynetdicom_decodes_them():
+    pdu = p_data_tf((3, b"\x00" + b"a" * 101), (3, b"\x00"), (3, b"\x02" + b"b" * 7))
+    fragments = dimse_codec.data_fragments(bytearray(pdu), 3)
+    decoded = P_DATA_TF()
+    decoded.decode(pdu)
+    assert [pdu[start:end] for start, end in fragments.spans] == [data[1:] for _, data in decoded.to_primitive().presentation_data_value_list]
+    assert fragments.last is True
+    assert dimse_codec.data_fragments(p_data_tf((3, b"\x00" + b"a" * 10)), 3).last is False
+
+
+@pytest.mark.parametrize("pdu", [
+    p_data_tf((3, b"\x03" + b"c" * 10)),                   # a command fragment
+    p_data_tf((3, b"\x00" + b"a" * 10), (3, b"\x01c")),    # a command fragment after data
+    p_data_tf((5, b"\x02" + b"a" * 10)),                   # another presentation context
+    p_data_tf((3, b"\x02a"), (3, b"\x00b")),              # more after the last fragment
+    p_data_tf((3, b"\x00" + b"a" * 10))[:-1],              # shorter than it declares
+    p_data_tf((3, b"\x00" + b"a" * 10)) + b"x",            # longer than it declares
+    struct.pack(">BBL", 0x04, 0, 8) + struct.pack(">LBB", 1, 3, 0) + b"\x00\x00",   # item length 1
+    struct.pack(">BBL", 0x04, 0, 10) + struct.pack(">LBB", 8, 3, 0) + b"\x00" * 4,  # item past the PDU
+    struct.pack(">BBL", 0x04, 0, 0),                         # no item at all
+    b"\x05" + p_data_tf((3, b"\x00a"))[1:],                # not a P-DATA-TF
+])
+def test_what_the_data_fast_path_does_not_handle_is_left_to_pynetdicom(pdu):
+    assert dimse_codec.data_fragments(bytearray(pdu), 3) is None
