@@ -32,13 +32,16 @@ and the reason. The reader is installed per connection (``DULServiceProvider._re
 the two ``dimse_messages`` patches (``install()``) only act on threads of connections accepted
 here (or marked by ``spool_received_datasets``); the third makes the per-connection copy of the
 presentation contexts a shallow one; the last two encode (and send) a C-STORE response and decode
-a C-STORE request's command with struct (``_send_msg``, ``_receive_primitive``). Every internal
+a C-STORE request's command with struct (``_send_msg``, ``_receive_primitive``); the reader
+writes the data-set fragments of a request so decoded to its spool file itself
+(``_spool_data_fragments``). Every internal
 they touch is checked against ``PYNETDICOM_VERSION`` at start-up; pyproject pins it. Upstream,
 this would be: timeouts on ``AssociationSocket.recv``, a maximum-PDU check in
 ``_read_pdu_data``, a per-AE chunked-receive switch with a spool directory,
 ``max_connections_per_host`` on ``AssociationServer``, waits on queues and sockets instead of
 sleeps in both reactors, no deepcopy of the contexts, DIMSE command sets of the common messages
-encoded and decoded without a Dataset, and small PDUs sent by the thread that made them.
+encoded and decoded without a Dataset, small PDUs sent by the thread that made them, and data
+fragments written from the PDU without PDV objects.
 """
 
 from __future__ import annotations
