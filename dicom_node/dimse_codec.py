@@ -148,7 +148,6 @@ def store_request(command: bytes) -> C_STORE | None:
     return request
 
 
-
 @dataclass(frozen=True)
 class DataFragments:
     """Where the data of each fragment lies in a P-DATA-TF PDU, and whether it ends the data set."""

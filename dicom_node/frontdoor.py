@@ -318,6 +318,12 @@ def install() -> None:
 _PYNETDICOM_SEND_MSG = DIMSEServiceProvider.send_msg
 
 
+def _listened(assoc, *events) -> bool:
+    """Whether a handler is bound to any of ``events``: those want pynetdicom's own objects
+    (or its events fired), so the shortcuts here step aside."""
+    return any(assoc.get_handlers(event) for event in events)
+
+
 def _send_msg(self, primitive, context_id: int) -> None:
     """``DIMSEServiceProvider.send_msg``: a C-STORE response that fits one fragment is encoded
     here (when nobody listens for EVT_DIMSE_SENT, which wants pynetdicom's message object), and
@@ -325,7 +331,7 @@ def _send_msg(self, primitive, context_id: int) -> None:
     if type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None and primitive.Status is not None:
         command = dimse_codec.store_response_command(primitive)
         limit = self.maximum_pdu_size
-        if command is not None and (not limit or len(command) <= limit - 6) and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        if command is not None and (not limit or len(command) <= limit - 6) and not _listened(self.assoc, evt.EVT_DIMSE_SENT):
             fragment = b"\x03" + command  # the last (only) command fragment
             direct = getattr(self.dul, "_direct_send", None)
             if direct is not None and direct.send(self.dul, context_id, fragment):
@@ -358,7 +364,7 @@ class _DirectSend:
             sock = dul.socket
             if (sock is None or type(sock.socket) is not socket.socket or dul.to_provider_queue.qsize()
                     or dul.state_machine.current_state != "Sta6"
-                    or any(dul.assoc.get_handlers(event) for event in _DIRECT_SEND_SKIPS)):
+                    or _listened(dul.assoc, *_DIRECT_SEND_SKIPS)):
                 return False
             sock.send(dimse_codec.p_data_tf(context_id, fragment))  # a failure puts Evt17 on the DUL's queue
             return True
@@ -430,7 +436,7 @@ def _receive_primitive(self, primitive) -> None:
         context_id, data = pdvs[0]
         context = self.assoc._accepted_cx.get(context_id)
         if (conn is not None and conn.limits.spool_dir is not None and context is not None
-                and not self.assoc.get_handlers(evt.EVT_DIMSE_RECV)):
+                and not _listened(self.assoc, evt.EVT_DIMSE_RECV)):
             request = dimse_codec.store_request(bytes(data[1:]))
             if request is not None:
                 self.message = _DecodedStoreRequest(request, context_id, context.transfer_syntax[0])
@@ -457,7 +463,7 @@ def _spool_data_fragments(dul, pdu: bytearray) -> bool:
     message = dimse.message
     if (type(message) is not _DecodedStoreRequest or dul.event_queue.qsize() or dul._recv_pdu.qsize()
             or dul.state_machine.current_state != "Sta6"
-            or any(dul.assoc.get_handlers(event) for event in _DATA_FAST_PATH_SKIPS)):
+            or _listened(dul.assoc, *_DATA_FAST_PATH_SKIPS)):
         return False
     fragments = dimse_codec.data_fragments(pdu, message.context_id)
     if fragments is None:
