@@ -506,12 +506,15 @@ class _Connection:
 
     # The replacement for DULServiceProvider._read_pdu_data (same contract: put the FSM event on
     # dul.event_queue and the decoded PDU on dul._recv_pdu).
-    def read_pdu(self) -> None:
+    def read_pdu(self, only_if_arrived: bool = False) -> bool:
+        """Read one PDU, or cut the connection trying; `only_if_arrived`: return False at once,
+        nothing read, when no byte of one has arrived (the DUL loop's "anything on the socket?",
+        without a select of its own on a plain socket). True: the DUL has an event to act on."""
         dul = self.assoc.dul
         sock = dul.socket.socket if dul.socket else None
         if sock is None:
             dul.event_queue.put("Evt17")
-            return
+            return True
         before_association = _awaiting_request(dul)
         deadline = time.monotonic() + self.limits.network_timeout
         if before_association:
@@ -519,8 +522,12 @@ class _Connection:
         # Not idle while a PDU arrives: its own deadline applies (pynetdicom's network idle timer
         # would abort the association first, from the other thread, without saying why).
         idle, dul._idle_timer = dul._idle_timer, _NEVER_EXPIRES
+        arrived = True
         try:
-            header = self._recv(sock, 6, deadline, before_association, what="a PDU header")
+            header = self._recv(sock, 6, deadline, before_association, what="a PDU header", only_if_arrived=only_if_arrived)
+            if header is None:
+                arrived = False
+                return False
             pdu_type, _, length = struct.unpack(">BBL", header)
             name = PDU_NAMES.get(pdu_type)
             if name is None:
@@ -534,39 +541,61 @@ class _Connection:
             pdu[:6] = header
             self._recv(sock, length, deadline, before_association, what=f"the {length}-byte {name}", into=memoryview(pdu)[6:])
         except _Closed:
-            return
+            return True
         finally:
             dul._idle_timer = idle
-            idle.restart()
-            if dul.socket is not None and dul.socket.socket is not None:
-                _settimeout(dul.socket.socket, self.limits.network_timeout)  # bounds every send too
+            if arrived:
+                idle.restart()
+                now_open = dul.socket.socket if dul.socket is not None else None
+                if now_open is not None and not _is_plain(now_open):
+                    _settimeout(now_open, self.limits.network_timeout)  # bounds every send too
         if pdu_type == 0x04 and _spool_data_fragments(dul, pdu):
-            return
+            return True
         try:
             decoded, event = dul._decode_pdu(pdu)
         except Exception as exc:
             try:
                 self._cut(f"undecodable {name}: {type(exc).__name__}: {exc}"[:300], ABORT_INVALID_PARAMETER)
             except _Closed:
-                return
+                return True
         dul.event_queue.put(event)
         dul._recv_pdu.put(decoded)
+        return True
 
     def _cap(self, pdu_type: int) -> int:
         if pdu_type == 0x04:
             return self.limits.max_pdu_size or UNLIMITED_PDU_CAP
         return MAX_CONTROL_PDU
 
-    def _recv(self, sock, count: int, deadline: float, before_association: bool, what: str, into=None) -> bytes:
+    def _recv(self, sock, count: int, deadline: float, before_association: bool, what: str, into=None,
+              only_if_arrived: bool = False) -> bytes | None:
+        """`count` bytes by `deadline`, or the connection is cut; None (only_if_arrived) when not
+        one has arrived yet. A plain socket is read without waiting (MSG_DONTWAIT), and waited
+        for in poll() only when empty: one system call for data already there, where a socket
+        timeout costs a poll and two ioctls around every recv."""
         buffer = into if into is not None else memoryview(bytearray(count))
+        plain = _is_plain(sock)
         got = 0
         while got < count:
-            remaining = deadline - time.monotonic()
             try:
-                if remaining <= 0:
-                    raise TimeoutError
-                sock.settimeout(remaining)
-                n = sock.recv_into(buffer[got:], count - got)
+                if plain:
+                    try:
+                        n = sock.recv_into(buffer[got:], count - got, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        if only_if_arrived and got == 0:
+                            return None
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0 or not _wait_readable(sock, remaining):
+                            raise TimeoutError from None
+                        continue
+                else:
+                    if only_if_arrived and got == 0 and not self.assoc.dul.socket.ready:
+                        return None
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    sock.settimeout(remaining)
+                    n = sock.recv_into(buffer[got:], count - got)
             except TimeoutError:
                 if before_association and deadline >= self.acse_deadline:
                     reason = f"no complete A-ASSOCIATE-RQ within acse_timeout ({self.limits.acse_timeout:g} s)"
@@ -651,6 +680,35 @@ def _settimeout(sock, seconds: float) -> None:
         sock.settimeout(seconds)
     except OSError:
         pass
+
+
+def _is_plain(sock) -> bool:
+    """A plain TCP socket (not TLS: an SSL socket takes no recv flags and buffers on its own)."""
+    return type(sock) is socket.socket
+
+
+def _prepare_socket(sock, network_timeout: float) -> None:
+    """A connection's socket before its association starts. A TLS one gets `network_timeout` as
+    its timeout (every send and receive bounded). A plain one is left blocking with the kernel's
+    send timeout (SO_SNDTIMEO) at `network_timeout`: sends stay bounded, and reads go without a
+    socket timeout (``_Connection._recv`` keeps the deadlines)."""
+    if not _is_plain(sock):
+        _settimeout(sock, network_timeout)
+        return
+    seconds = max(network_timeout, 0.001) if network_timeout else 0.0
+    try:
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000)))
+    except OSError:
+        pass
+
+
+def _wait_readable(sock, seconds: float) -> bool:
+    """Whether `sock` has data (or an error, or end of file) within `seconds`."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(seconds * 1000))
 
 
 # --- event-driven waits ------------------------------------------------------------------
@@ -771,6 +829,14 @@ def _make_event_driven(assoc, wake: _Wakeup) -> None:
     assoc._run_reactor = functools.partial(_run_association, assoc, wake)
 
 
+def _transport_event(dul, conn: _Connection) -> bool:
+    """``DULServiceProvider._is_transport_event``: a PDU read if one has begun to arrive. In
+    data transfer the read itself finds out, without pynetdicom's select() before it."""
+    if dul.state_machine.current_state == "Sta13" or not dul.socket or dul.socket._is_connected is False:
+        return dul._is_transport_event()
+    return conn.read_pdu(only_if_arrived=True)
+
+
 def _dul_idle(dul) -> bool:
     """Nothing for the DUL thread to do until a wake-up or data on the socket."""
     if dul._kill_thread or dul.to_provider_queue.qsize() or dul.event_queue.qsize():
@@ -785,6 +851,7 @@ def _run_dul(dul, wake: _Wakeup) -> None:
     """``DULServiceProvider.run_reactor`` (pynetdicom 3.0.4), sleeping until there is work."""
     assoc = dul.assoc
     direct = dul._direct_send
+    conn = dul._front_door
     dul._idle_timer.start()
     try:
         while True:
@@ -797,7 +864,7 @@ def _run_dul(dul, wake: _Wakeup) -> None:
             try:
                 if dul._process_recv_primitive():
                     pass
-                elif dul._is_transport_event():
+                elif _transport_event(dul, conn):
                     dul._idle_timer.restart()
             except Exception as exc:
                 # As pynetdicom: bypass the state machine, send an A-ABORT and stop both threads.
@@ -892,7 +959,7 @@ class _GuardedRequestHandler(RequestHandler):
         assoc.dul._read_pdu_data = conn.read_pdu
         wake = _Wakeup()
         _make_event_driven(assoc, wake)
-        _settimeout(self.request, door.limits.network_timeout)
+        _prepare_socket(self.request, door.limits.network_timeout)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         try:
             assoc.start()

@@ -505,3 +505,20 @@ def test_a_passed_connection_the_extra_process_cannot_serve_is_released(tmp_path
         listener.close()
         handoff.remove("scp-process-2")
         node.stop()
+
+
+def test_a_send_to_a_peer_that_stops_reading_fails_within_network_timeout():
+    """A plain connection's socket has no Python timeout (its reads keep their own deadlines);
+    the kernel's send timeout still bounds each send, so a peer that stops reading cannot hold
+    the thread that answers it."""
+    node_side, peer = socket.socketpair()
+    try:
+        frontdoor._prepare_socket(node_side, 0.5)
+        assert node_side.gettimeout() is None
+        start = time.monotonic()
+        with pytest.raises(OSError):
+            node_side.sendall(b"\x00" * (64 << 20))  # far beyond both buffers: nobody reads
+        assert 0.4 < time.monotonic() - start < 0.5 + SLACK
+    finally:
+        node_side.close()
+        peer.close()
