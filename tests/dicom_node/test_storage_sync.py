@@ -118,3 +118,29 @@ def test_the_scp_begins_each_spool_files_fsync_as_its_data_set_completes(node, c
     assert len(given) == 2 * len(paths)
     assert all(isinstance(future, Future) for future in given[0::2])  # begun by the front door, not by the ingest
     assert all(given[1::2])
+
+
+def test_free_space_is_read_at_most_once_a_second_unless_it_is_near_the_threshold(tmp_path, monkeypatch):
+    import shutil
+    import time
+
+    from dicom_node import storage
+
+    reads = []
+    free = {"bytes": 100 << 30}
+
+    def disk_usage(path):
+        reads.append(path)
+        return shutil._ntuple_diskusage(200 << 30, (200 << 30) - free["bytes"], free["bytes"])
+
+    monkeypatch.setattr(storage.shutil, "disk_usage", disk_usage)
+    store = InstanceStore(tmp_path / "store", min_free_bytes=10 << 30)
+    assert [store.free_bytes() for _ in range(5)] == [100 << 30] * 5
+    assert len(reads) == 1  # far above the threshold: one reading serves the second
+    clock = time.monotonic()
+    monkeypatch.setattr(storage.time, "monotonic", lambda: clock + storage.FREE_SPACE_RECHECK_SECONDS)
+    free["bytes"] = (10 << 30) + (512 << 20)  # within the 1 GiB margin: read before each instance
+    assert store.free_bytes() == free["bytes"]
+    free["bytes"] = (10 << 30) - 1
+    assert store.free_bytes() < store.min_free_bytes
+    assert len(reads) == 3
