@@ -475,8 +475,38 @@ def _spool_data_fragments(dul, pdu: bytearray) -> bool:
     spool.flush()  # as decode_msg: nothing of it held in memory
     if fragments.last:
         dimse.message = None
-        dimse.msg_queue.put((message.context_id, message.message_to_primitive()))
+        item = (message.context_id, message.message_to_primitive())
+        if not _serve_here(dul.assoc, item):
+            dimse.msg_queue.put(item)
     return True
+
+
+def _serve_here(assoc, item: tuple[int, C_STORE]) -> bool:
+    """Serve a C-STORE whose data set the reader just completed in the DUL thread itself, as
+    the association thread would, when that thread runs its reactor, serves nothing and has
+    nothing queued (``serving`` is free): one thread hand-off (queue, wake-up, GIL) less per
+    instance. The peer waits for this answer before it sends more, so nothing goes unread
+    meanwhile; the answer goes out directly or through the DUL's queue, which this thread
+    drains next. False: queue it for the association thread as usual."""
+    serving = assoc._front_door_serving
+    if not serving.acquire(blocking=False):
+        return False
+    try:
+        if assoc.dimse.msg_queue.qsize() or not assoc.is_established or assoc._kill:
+            return False
+        context_id, primitive = item
+        _begin_spool_sync(primitive)  # on the pool: the data set is parsed meanwhile
+        # Not idle while it is served (the association thread, free now, watches the timer).
+        dul = assoc.dul
+        idle, dul._idle_timer = dul._idle_timer, _NEVER_EXPIRES
+        try:
+            assoc._serve_request(primitive, context_id)
+        finally:
+            dul._idle_timer = idle
+            idle.restart()
+        return True
+    finally:
+        serving.release()
 
 
 # --- one connection ------------------------------------------------------------------------
@@ -751,8 +781,11 @@ class _Wakeup:
         self.association = threading.Event()
         self._lock = threading.Lock()  # never write to a closed (and maybe reused) descriptor
         self._closed = False
+        self.dul_thread: threading.Thread | None = None  # needs no wake-up for its own puts
 
     def dul(self) -> None:
+        if threading.current_thread() is self.dul_thread:
+            return  # it looks at its queues again before it sleeps
         with self._lock:
             if self._closed:
                 return
@@ -793,18 +826,24 @@ class _MessageQueue(_WakingQueue):
     """The DIMSE message queue: a C-STORE whose data set was spooled starts its fsync here."""
 
     def _put(self, item) -> None:
-        handle = getattr(item[1], "_dataset_file", None)
-        if isinstance(handle, _SpoolHandle) and handle.synced is None:
-            try:
-                handle.begin_sync()
-            except OSError:
-                log.warning("frontdoor.early_sync_failed", exc_info=True)  # the ingest fsyncs it itself
+        _begin_spool_sync(item[1])
         super()._put(item)
+
+
+def _begin_spool_sync(primitive) -> None:
+    """Start the fsync of a request's spool file, as its data set is complete."""
+    handle = getattr(primitive, "_dataset_file", None)
+    if isinstance(handle, _SpoolHandle) and handle.synced is None:
+        try:
+            handle.begin_sync()
+        except OSError:
+            log.warning("frontdoor.early_sync_failed", exc_info=True)  # the ingest fsyncs it itself
 
 
 def _make_event_driven(assoc, wake: _Wakeup) -> None:
     """Swap the four queues for waking ones and both reactor loops for the waiting ones."""
     dul, dimse = assoc.dul, assoc.dimse
+    wake.dul_thread = dul
     dul.event_queue = _WakingQueue(wake.dul, dul.event_queue.queue)  # Evt5 is already queued
     dul.to_provider_queue = _WakingQueue(wake.dul, dul.to_provider_queue.queue)
     dul.to_user_queue = _WakingQueue(wake.assoc, dul.to_user_queue.queue)
@@ -825,6 +864,10 @@ def _make_event_driven(assoc, wake: _Wakeup) -> None:
     # The DUL Thread took its target (the bound run_reactor) in __init__, so replacing
     # run_reactor would change nothing: replace what the thread runs.
     dul._direct_send = _DirectSend()
+    # Held by whichever thread serves a request; by nobody until the association thread's
+    # reactor starts, after the handlers of EVT_ACCEPTED and EVT_ESTABLISHED have run.
+    assoc._front_door_serving = threading.Lock()
+    assoc._front_door_serving.acquire()
     dul.run = functools.partial(_run_dul, dul, wake)
     assoc._run_reactor = functools.partial(_run_association, assoc, wake)
 
@@ -897,6 +940,7 @@ def _run_dul(dul, wake: _Wakeup) -> None:
 def _run_association(assoc, wake: _Wakeup) -> None:
     """``Association._run_reactor`` (pynetdicom 3.0.4, acceptor), sleeping until there is work."""
     assoc._is_paused = False
+    assoc._front_door_serving.release()  # established: requests may be served (_serve_here)
     while not assoc._kill:
         # Clear, then look: a message queued after the look sets the Event again.
         wake.association.clear()
@@ -906,9 +950,11 @@ def _run_association(assoc, wake: _Wakeup) -> None:
         assoc._reactor_checkpoint.wait()
         assoc._is_paused = False
 
-        context_id, msg = assoc.dimse.get_msg(block=False)
-        if msg:
-            assoc._serve_request(msg, context_id)
+        if assoc.dimse.msg_queue.qsize():
+            with assoc._front_door_serving:
+                context_id, msg = assoc.dimse.get_msg(block=False)
+                if msg:
+                    assoc._serve_request(msg, context_id)
 
         if assoc.is_established and assoc.acse.is_release_requested():
             assoc.acse.send_release(is_response=True)

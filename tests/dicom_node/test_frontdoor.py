@@ -359,7 +359,7 @@ def test_a_received_data_set_is_streamed_to_incoming_not_kept_in_memory(node, tm
 
 def test_storescu_requests_are_decoded_and_answered_directly_and_stored_whole(node, tmp_path, monkeypatch):
     """DCMTK's C-STORE-RQ commands take the front door's struct decoder, not pynetdicom's, and
-    each response is sent by the association thread itself."""
+    each response is sent directly by the thread that served the request."""
     decoded, sent_directly = [], []
     original_decode, original_send = dimse_codec.store_request, frontdoor._DirectSend.send
 
@@ -522,3 +522,58 @@ def test_a_send_to_a_peer_that_stops_reading_fails_within_network_timeout():
     finally:
         node_side.close()
         peer.close()
+
+
+def test_storescu_requests_are_served_by_the_connection_reader_itself(node, tmp_path, monkeypatch):
+    """With the association thread idle, a C-STORE whose data set the reader completed is served
+    in the reader's (DUL) thread: no hand-off to the association thread per instance."""
+    serving_threads = []
+    original = node.ingestor.ingest_file
+
+    def spy(*args, **kwargs):
+        serving_threads.append(type(threading.current_thread()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(node.ingestor, "ingest_file", spy)
+    _, paths = write_ct_study(tmp_path / "ct", 3)
+    run_tool("storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))
+    # The first may arrive while the association thread is still establishing the association:
+    # then that thread serves it, after the EVT_ESTABLISHED handlers.
+    assert len(serving_threads) == 3 and serving_threads[1:] == [DULServiceProvider] * 2
+    assert len(stored_files(node.settings.storage_dir)) == 3
+
+
+class _StandInAssociation:
+    """What ``_serve_here`` reads of an association."""
+
+    def __init__(self) -> None:
+        import queue
+        from types import SimpleNamespace
+
+        from pynetdicom.timer import Timer
+
+        self._front_door_serving = threading.Lock()
+        self.dimse = SimpleNamespace(msg_queue=queue.Queue())
+        self.dul = SimpleNamespace(_idle_timer=Timer(30))
+        self.is_established, self._kill = True, False
+        self.served: list = []
+
+    def _serve_request(self, primitive, context_id) -> None:
+        self.served.append((primitive, context_id, self.dul._idle_timer.expired, self._front_door_serving.locked()))
+
+
+def test_a_request_is_served_in_the_reader_only_while_the_association_thread_has_nothing():
+    assoc = _StandInAssociation()
+    assert frontdoor._serve_here(assoc, (1, "request"))
+    primitive, context_id, idle_expired, locked = assoc.served.pop()
+    assert (primitive, context_id, idle_expired, locked) == ("request", 1, False, True)
+    assert not assoc._front_door_serving.locked() and assoc.dul._idle_timer.timeout == 30
+    # The association thread serving a request, or one queued for it: this one queues behind.
+    with assoc._front_door_serving:
+        assert not frontdoor._serve_here(assoc, (1, "second"))
+    assoc.dimse.msg_queue.put((1, "earlier"))
+    assert not frontdoor._serve_here(assoc, (1, "second"))
+    assoc.dimse.msg_queue.get()
+    assoc.is_established = False  # released or aborted meanwhile: the association thread decides
+    assert not frontdoor._serve_here(assoc, (1, "second"))
+    assert assoc.served == []
