@@ -178,3 +178,16 @@ def data_fragments(pdu: bytes | bytearray, context_id: int) -> DataFragments | N
         spans.append((offset + 6, item_end))
         offset = item_end
     return DataFragments(tuple(spans), last)
+
+
+def whole_command(pdu: bytes | bytearray) -> tuple[int, bytes] | None:
+    """(presentation context ID, command set) of a whole P-DATA-TF PDU (with its 6-byte header)
+    that is one item, the last (only) fragment of a command; None for anything else, which
+    pynetdicom then decodes as usual."""
+    end = len(pdu)
+    if end < 12 or pdu[0] != 0x04 or struct.unpack_from(">L", pdu, 2)[0] != end - 6:
+        return None
+    length, context_id, control = struct.unpack_from(">LBB", pdu, 6)
+    if length < 2 or 10 + length != end or control & 3 != 3:
+        return None
+    return context_id, bytes(pdu[12:end])

@@ -33,15 +33,18 @@ the two ``dimse_messages`` patches (``install()``) only act on threads of connec
 here (or marked by ``spool_received_datasets``); the third makes the per-connection copy of the
 presentation contexts a shallow one; the last two encode (and send) a C-STORE response and decode
 a C-STORE request's command with struct (``_send_msg``, ``_receive_primitive``); the reader
-writes the data-set fragments of a request so decoded to its spool file itself
-(``_spool_data_fragments``). Every internal
-they touch is checked against ``PYNETDICOM_VERSION`` at start-up; pyproject pins it. Upstream,
+takes such a command from the received PDU itself (``_take_store_command``), writes the
+data-set fragments of the request to its spool file (``_spool_data_fragments``) and serves the
+request in its own thread while the association thread has nothing to do (``_serve_here``).
+Every internal they touch is checked against ``PYNETDICOM_VERSION`` at start-up; pyproject
+pins it. Upstream,
 this would be: timeouts on ``AssociationSocket.recv``, a maximum-PDU check in
 ``_read_pdu_data``, a per-AE chunked-receive switch with a spool directory,
 ``max_connections_per_host`` on ``AssociationServer``, waits on queues and sockets instead of
 sleeps in both reactors, no deepcopy of the contexts, DIMSE command sets of the common messages
-encoded and decoded without a Dataset, small PDUs sent by the thread that made them, and data
-fragments written from the PDU without PDV objects.
+encoded and decoded without a Dataset, small PDUs sent by the thread that made them, command
+sets and data fragments taken from the PDU without PDV objects, and a request served by the
+thread that received it.
 """
 
 from __future__ import annotations
@@ -427,43 +430,70 @@ class _DecodedStoreRequest(pynetdicom.dimse_messages.C_STORE_RQ):
 
 
 def _receive_primitive(self, primitive) -> None:
-    """``DIMSEServiceProvider.receive_primitive``: a P-DATA that is one whole C-STORE-RQ command,
-    on a connection of ours that spools, is decoded by ``dimse_codec.store_request`` (when nobody
-    listens for EVT_DIMSE_RECV, which wants pynetdicom's message object)."""
+    """``DIMSEServiceProvider.receive_primitive``: a P-DATA that is one whole C-STORE-RQ command
+    is taken by ``_start_store_request``; anything else by pynetdicom."""
     pdvs = primitive.presentation_data_value_list
     if self.message is None and type(primitive) is P_DATA and len(pdvs) == 1 and pdvs[0][1][:1] == b"\x03":
-        conn = _connection()
         context_id, data = pdvs[0]
-        context = self.assoc._accepted_cx.get(context_id)
-        if (conn is not None and conn.limits.spool_dir is not None and context is not None
-                and not _listened(self.assoc, evt.EVT_DIMSE_RECV)):
-            request = dimse_codec.store_request(bytes(data[1:]))
-            if request is not None:
-                self.message = _DecodedStoreRequest(request, context_id, context.transfer_syntax[0])
-                return
+        if _start_store_request(self, context_id, bytes(data[1:])):
+            return
     _PYNETDICOM_RECEIVE_PRIMITIVE(self, primitive)
 
 
-# --- a C-STORE's data set, written straight to its spool file --------------------------------
+def _start_store_request(dimse, context_id: int, command: bytes) -> bool:
+    """A whole command set received while no message is under way: when it is a C-STORE-RQ on
+    an accepted context of a connection of ours that spools, decoded by
+    ``dimse_codec.store_request`` into the message its data set will be written to (when
+    nobody listens for EVT_DIMSE_RECV, which wants pynetdicom's message object); False (nothing
+    done) for pynetdicom to decode."""
+    conn = _connection()
+    context = dimse.assoc._accepted_cx.get(context_id)
+    if (conn is None or conn.limits.spool_dir is None or context is None
+            or _listened(dimse.assoc, evt.EVT_DIMSE_RECV)):
+        return False
+    request = dimse_codec.store_request(command)
+    if request is None:
+        return False
+    dimse.message = _DecodedStoreRequest(request, context_id, context.transfer_syntax[0])
+    return True
+
+
+# --- a C-STORE's command and data set, taken straight from the received PDU ------------------
 #
 # Each P-DATA-TF otherwise takes a round through pynetdicom: a copy of the PDU, its PDV objects,
-# two queues, the state machine's DT-2 and a P-DATA primitive, before decode_msg writes the data
-# to the file. For a request whose command we decoded, in data transfer with nothing queued
-# before it, the fragments are written where they lie in the received PDU.
+# two queues, the state machine's DT-2 and a P-DATA primitive, before receive_primitive sees the
+# command or decode_msg writes the data to the file. In data transfer with nothing queued before
+# it, a PDU that is one whole C-STORE-RQ command is decoded where it lies, and the fragments of
+# the data set of a request so decoded are written from where they lie.
 
 # Where pynetdicom would only fire events for these, nobody may listen to them.
-_DATA_FAST_PATH_SKIPS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION, evt.EVT_DIMSE_RECV)
+_RECEIVE_FAST_PATH_SKIPS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION, evt.EVT_DIMSE_RECV)
+
+
+def _bypasses_pynetdicom(dul) -> bool:
+    """Whether a received P-DATA-TF may skip the DUL's decoding, queues and state machine: in
+    data transfer, with nothing queued before it, and nobody listening for their events."""
+    return not (dul.event_queue.qsize() or dul._recv_pdu.qsize() or dul.state_machine.current_state != "Sta6"
+                or _listened(dul.assoc, *_RECEIVE_FAST_PATH_SKIPS))
+
+
+def _take_store_command(dul, pdu: bytearray) -> bool:
+    """A P-DATA-TF that is one whole C-STORE-RQ command, taken as DT-2 and ``receive_primitive``
+    would (``_start_store_request``) without pynetdicom's PDU objects, queues and state machine;
+    False (nothing done) where pynetdicom has to decode it."""
+    if dul.assoc.dimse.message is not None or not _bypasses_pynetdicom(dul):
+        return False
+    command = dimse_codec.whole_command(pdu)
+    return command is not None and _start_store_request(dul.assoc.dimse, *command)
 
 
 def _spool_data_fragments(dul, pdu: bytearray) -> bool:
     """Write a P-DATA-TF that only carries data-set fragments of the current decoded C-STORE-RQ
-    to its spool file and, with the last one, hand the request to the association thread, as
-    ``receive_primitive`` would; False (nothing done) where pynetdicom has to decode it."""
+    to its spool file and, with the last one, serve the request or hand it to the association
+    thread, as ``receive_primitive`` would; False (nothing done) where pynetdicom has to decode it."""
     dimse = dul.assoc.dimse
     message = dimse.message
-    if (type(message) is not _DecodedStoreRequest or dul.event_queue.qsize() or dul._recv_pdu.qsize()
-            or dul.state_machine.current_state != "Sta6"
-            or _listened(dul.assoc, *_DATA_FAST_PATH_SKIPS)):
+    if type(message) is not _DecodedStoreRequest or not _bypasses_pynetdicom(dul):
         return False
     fragments = dimse_codec.data_fragments(pdu, message.context_id)
     if fragments is None:
@@ -579,7 +609,7 @@ class _Connection:
                 now_open = dul.socket.socket if dul.socket is not None else None
                 if now_open is not None and not _is_plain(now_open):
                     _settimeout(now_open, self.limits.network_timeout)  # bounds every send too
-        if pdu_type == 0x04 and _spool_data_fragments(dul, pdu):
+        if pdu_type == 0x04 and (_spool_data_fragments(dul, pdu) or _take_store_command(dul, pdu)):
             return True
         try:
             decoded, event = dul._decode_pdu(pdu)

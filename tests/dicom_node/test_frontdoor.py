@@ -524,19 +524,26 @@ def test_a_send_to_a_peer_that_stops_reading_fails_within_network_timeout():
         peer.close()
 
 
-def test_storescu_requests_are_served_by_the_connection_reader_itself(node, tmp_path, monkeypatch):
-    """With the association thread idle, a C-STORE whose data set the reader completed is served
-    in the reader's (DUL) thread: no hand-off to the association thread per instance."""
-    serving_threads = []
-    original = node.ingestor.ingest_file
+def test_storescu_requests_are_taken_from_the_pdu_and_served_by_the_connection_reader(node, tmp_path, monkeypatch):
+    """Each C-STORE-RQ command PDU is decoded where it lies (not through pynetdicom's DUL), and,
+    with the association thread idle, the request is served in the reader's (DUL) thread: no
+    hand-off to the association thread per instance."""
+    serving_threads, commands = [], []
+    original_ingest, original_command = node.ingestor.ingest_file, dimse_codec.whole_command
 
     def spy(*args, **kwargs):
         serving_threads.append(type(threading.current_thread()))
-        return original(*args, **kwargs)
+        return original_ingest(*args, **kwargs)
+
+    def spy_command(pdu):
+        commands.append(original_command(pdu))
+        return commands[-1]
 
     monkeypatch.setattr(node.ingestor, "ingest_file", spy)
+    monkeypatch.setattr(dimse_codec, "whole_command", spy_command)
     _, paths = write_ct_study(tmp_path / "ct", 3)
     run_tool("storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))
+    assert len(commands) == 3 and None not in commands
     # The first may arrive while the association thread is still establishing the association:
     # then that thread serves it, after the EVT_ESTABLISHED handlers.
     assert len(serving_threads) == 3 and serving_threads[1:] == [DULServiceProvider] * 2

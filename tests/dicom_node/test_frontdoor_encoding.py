@@ -231,3 +231,26 @@ def test_data_fragments_lie_where_pynetdicom_decodes_them():
 ])
 def test_what_the_data_fast_path_does_not_handle_is_left_to_pynetdicom(pdu):
     assert dimse_codec.data_fragments(bytearray(pdu), 3) is None
+
+
+def test_a_whole_command_lies_where_pynetdicom_decodes_it():
+    command = store_request_command()
+    pdu = p_data_tf((5, b"\x03" + command))
+    decoded = P_DATA_TF()
+    decoded.decode(pdu)
+    [(context_id, data)] = decoded.to_primitive().presentation_data_value_list
+    assert dimse_codec.whole_command(bytearray(pdu)) == (context_id, bytes(data[1:])) == (5, command)
+
+
+@pytest.mark.parametrize("pdu", [
+    p_data_tf((3, b"\x01" + b"c" * 10)),                   # a command fragment, not the last
+    p_data_tf((3, b"\x02" + b"a" * 10)),                   # the last data fragment
+    p_data_tf((3, b"\x03" + b"c" * 10), (3, b"\x02a")),    # a data fragment after the command
+    p_data_tf((3, b"\x03" + b"c" * 10))[:-1],              # shorter than it declares
+    p_data_tf((3, b"\x03" + b"c" * 10)) + b"x",            # longer than it declares
+    struct.pack(">BBL", 0x04, 0, 8) + struct.pack(">LBB", 1, 3, 3) + b"\x00\x00",   # item length 1
+    struct.pack(">BBL", 0x04, 0, 0),                          # no item at all
+    b"\x05" + p_data_tf((3, b"\x03c"))[1:],                # not a P-DATA-TF
+])
+def test_what_the_command_fast_path_does_not_handle_is_left_to_pynetdicom(pdu):
+    assert dimse_codec.whole_command(bytearray(pdu)) is None
