@@ -835,6 +835,8 @@ class _Wakeup:
             pass
 
     def wait_dul(self, sock, timeout: float) -> None:
+        """Until data on `sock`, a wake-up or `timeout`; a wake-up is drained here (the pipe
+        stays readable until then, so none is lost, and an empty one costs no read)."""
         poller = select.poll()
         poller.register(self._read_fd, select.POLLIN)
         if sock is not None:
@@ -842,7 +844,8 @@ class _Wakeup:
                 poller.register(sock.fileno(), select.POLLIN)
             except (OSError, ValueError):
                 return  # closed meanwhile: the loop notices
-        poller.poll(timeout * 1000)
+        if any(fd == self._read_fd for fd, _ in poller.poll(timeout * 1000)):
+            self.drain()
 
     def close(self) -> None:
         with self._lock:
@@ -957,7 +960,6 @@ def _run_dul(dul, wake: _Wakeup) -> None:
             try:
                 event = dul.event_queue.get(block=False)
             except queue.Empty:
-                wake.drain()  # then look again: a put after this writes to the pipe
                 if _dul_idle(dul):
                     wake.wait_dul(dul.socket.socket if dul.socket is not None else None, DUL_WAIT)
                 continue
