@@ -9,7 +9,8 @@ directory entry fsynced, index row committed, before each success), (b) Orthanc 
 configuration (SyncStorageArea: each file fsynced) and (c) DCMTK storescp (no fsync), each
 started on an empty folder on the same disk for every measurement. Prints images/s, the
 ratio node/Orthanc, the node's resident memory after each run and its CPU per instance and
-cores used during it (all its processes; one process tops out near one core: the GIL). Runs
+cores used during it (all its processes; one process tops out near one core: the GIL), and
+Orthanc's CPU per instance beside it. Runs
 itself inside a private network namespace (Orthanc binds 0.0.0.0).
 
 --ceiling also times the node's ingest alone (parse, fsynced store, index commit; no
@@ -235,7 +236,12 @@ class Receiver:
         return process_tree_rss_mb(self.proc.pid) if self.name == "node" and self.proc else 0.0
 
     def cpu_seconds(self) -> float:
-        return process_tree_cpu_seconds(self.proc.pid) if self.name == "node" and self.proc else 0.0
+        """CPU the node (all its processes) or Orthanc has used so far; 0 for storescp."""
+        if self.name == "node" and self.proc:
+            return process_tree_cpu_seconds(self.proc.pid)
+        if self.orthanc is not None and self.orthanc.proc is not None:
+            return process_tree_cpu_seconds(self.orthanc.proc.pid)
+        return 0.0
 
     def stop(self) -> None:
         if self.orthanc is not None:
@@ -257,7 +263,7 @@ def speed_table(args, work: Path) -> None:
         for parts in (1, 4):
             folders = [work / f"input{size}"] if parts == 1 else split(paths, work / f"split{size}", 4)
             rates: dict[str, list[float]] = {name: [] for name in RECEIVERS}
-            rss, cpu_ms, cores = [], [], []
+            rss, cpu_ms, cores, orthanc_cpu_ms = [], [], [], []
             for _ in range(args.repeats):
                 for name in RECEIVERS:
                     receiver = Receiver(name, work / name, node_env)
@@ -266,27 +272,31 @@ def speed_table(args, work: Path) -> None:
                         cpu_before = receiver.cpu_seconds()
                         seconds = storescu(receiver.port, receiver.ae, folders)
                         rates[name].append(count / seconds)
+                        cpu = receiver.cpu_seconds() - cpu_before
                         if name == "node":
                             rss.append(receiver.rss_mb())
-                            cpu = receiver.cpu_seconds() - cpu_before
                             cpu_ms.append(1000 * cpu / count)
                             cores.append(cpu / seconds)
+                        elif name == "orthanc":
+                            orthanc_cpu_ms.append(1000 * cpu / count)
                     finally:
                         receiver.stop()
             median = {name: statistics.median(values) for name, values in rates.items()}
             rows.append((f"{count} x {size_kb:.0f} KB CT", parts, median, max(rss),
-                         statistics.median(cpu_ms), statistics.median(cores)))
+                         statistics.median(cpu_ms), statistics.median(cores), statistics.median(orthanc_cpu_ms)))
             print(f"  {rows[-1][0]}, {parts} assoc: " + ", ".join(f"{n} {median[n]:.0f}" for n in RECEIVERS),
                   flush=True)
-    # CPU per instance and cores used tell what bounds the node: about 1 core per process is the GIL.
+    # CPU per instance and cores used tell what bounds the node: about 1 core per process is the
+    # GIL; Orthanc's CPU per instance, beside it, is what the same work costs in C++.
     print(f"\nimages/s, storescu with TCP_NODELAY=1, median of {args.repeats}; node with scp_processes={args.scp_processes}, "
-          "RSS after each run and CPU (user + system) during it, all its processes")
+          "RSS after each run and CPU (user + system) during it, all its processes; Orthanc's CPU likewise")
     print("| instances | associations | node | Orthanc | storescp (no fsync) | node / Orthanc | node RSS MiB "
-          "| node CPU ms/instance | node cores used |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for label, parts, median, rss, cpu_ms, cores in rows:
+          "| node CPU ms/instance | node cores used | Orthanc CPU ms/instance |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, parts, median, rss, cpu_ms, cores, orthanc_ms in rows:
         n, o, r = median["node"], median["orthanc"], median["storescp"]
-        print(f"| {label} | {parts} | {n:.0f} | {o:.0f} | {r:.0f} | {n / o:.2f} | {rss:.0f} | {cpu_ms:.1f} | {cores:.2f} |")
+        print(f"| {label} | {parts} | {n:.0f} | {o:.0f} | {r:.0f} | {n / o:.2f} | {rss:.0f} | {cpu_ms:.1f} | {cores:.2f} "
+              f"| {orthanc_ms:.1f} |")
 
 
 def main() -> None:
