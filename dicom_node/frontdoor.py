@@ -522,7 +522,8 @@ def _serve_here(assoc, item: tuple[int, C_STORE]) -> bool:
     if not serving.acquire(blocking=False):
         return False
     try:
-        if assoc.dimse.msg_queue.qsize() or not assoc.is_established or assoc._kill:
+        if (assoc.dimse.msg_queue.qsize() or not assoc.is_established or assoc._kill
+                or not assoc._reactor_checkpoint.is_set()):  # paused by a local send or release
             return False
         context_id, primitive = item
         _begin_spool_sync(primitive)  # on the pool: the data set is parsed meanwhile
@@ -894,6 +895,7 @@ def _make_event_driven(assoc, wake: _Wakeup) -> None:
         wake.dul()
 
     dul.stop_dul, dul.kill_dul = stop, kill
+    assoc.kill = functools.partial(_kill_association, assoc, assoc.kill, wake)
     # The DUL Thread took its target (the bound run_reactor) in __init__, so replacing
     # run_reactor would change nothing: replace what the thread runs.
     dul._direct_send = _DirectSend()
@@ -911,6 +913,22 @@ def _transport_event(dul, conn: _Connection) -> bool:
     if dul.state_machine.current_state == "Sta13" or not dul.socket or dul.socket._is_connected is False:
         return dul._is_transport_event()
     return conn.read_pdu(only_if_arrived=True)
+
+
+def _kill_association(assoc, kill: Callable[[], None], wake: _Wakeup) -> None:
+    """``Association.kill``, which waits until the DUL thread has stopped: called in the DUL
+    thread itself (pynetdicom aborts from ``_serve_request`` when a request cannot be served,
+    and a request may be served there, ``_serve_here``), that wait would never end. There it
+    only marks the association killed and wakes its thread; the DUL thread goes on to send the
+    A-ABORT queued before, and the connection's end stops it (``_Connection.end``)."""
+    if threading.current_thread() is not assoc.dul:
+        kill()
+        return
+    assoc._reactor_checkpoint.set()
+    assoc._kill = True
+    assoc.is_established = False
+    assoc._is_paused = True
+    wake.assoc()
 
 
 def _dul_idle(dul) -> bool:

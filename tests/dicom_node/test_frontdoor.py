@@ -560,6 +560,8 @@ class _StandInAssociation:
         from pynetdicom.timer import Timer
 
         self._front_door_serving = threading.Lock()
+        self._reactor_checkpoint = threading.Event()
+        self._reactor_checkpoint.set()
         self.dimse = SimpleNamespace(msg_queue=queue.Queue())
         self.dul = SimpleNamespace(_idle_timer=Timer(30))
         self.is_established, self._kill = True, False
@@ -581,6 +583,41 @@ def test_a_request_is_served_in_the_reader_only_while_the_association_thread_has
     assoc.dimse.msg_queue.put((1, "earlier"))
     assert not frontdoor._serve_here(assoc, (1, "second"))
     assoc.dimse.msg_queue.get()
+    assoc._reactor_checkpoint.clear()  # paused by a local send or release: it waits its turn
+    assert not frontdoor._serve_here(assoc, (1, "second"))
+    assoc._reactor_checkpoint.set()
     assoc.is_established = False  # released or aborted meanwhile: the association thread decides
     assert not frontdoor._serve_here(assoc, (1, "second"))
     assert assoc.served == []
+
+
+def test_a_request_pynetdicom_aborts_for_while_the_reader_serves_it_ends_the_association(node):
+    """pynetdicom aborts the association from ``_serve_request`` when it has no service class
+    for a request's SOP class; served in the DUL thread, that abort must not wait for the DUL
+    thread to stop (it would wait for itself): the association ends, its threads with it."""
+    from io import BytesIO
+
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = _make_ae("BADCLASS")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = associate(ae, Peer("127.0.0.1", node.settings.port, NODE_AE))
+    _, [path] = write_ct_study(node.settings.storage_dir.parent / "badclass", 1)
+    assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000  # served; the next by the reader
+
+    request = C_STORE()
+    request.MessageID, request.Priority = 2, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = "1.2.3.4.5", generate_uid()
+    request.DataSet = BytesIO(b"\x08\x00\x16\x00UI\x06\x001.2.3\x00")  # whatever: it is never read
+    assoc.dimse.send_msg(request, assoc.accepted_contexts[0].context_id)
+    wait_until(lambda: assoc.is_aborted, timeout=5, what="A-ABORT from the node")
+
+    def node_threads():
+        return [t for t in threading.enumerate() if isinstance(t, (DULServiceProvider, Association))
+                and (t.assoc if isinstance(t, DULServiceProvider) else t).is_acceptor
+                and (t.assoc if isinstance(t, DULServiceProvider) else t).requestor.ae_title == "BADCLASS"]
+
+    wait_until(lambda: not node_threads(), timeout=5, what="the aborted association's threads to end")
+    echo_works(node)
