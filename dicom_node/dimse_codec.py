@@ -148,6 +148,11 @@ def store_request(command: bytes) -> C_STORE | None:
     return request
 
 
+def _is_p_data_tf(pdu: bytes | bytearray) -> bool:
+    """A whole P-DATA-TF PDU (6-byte header, length as declared) with room for one item."""
+    return len(pdu) >= 12 and pdu[0] == 0x04 and struct.unpack_from(">L", pdu, 2)[0] == len(pdu) - 6
+
+
 @dataclass(frozen=True)
 class DataFragments:
     """Where the data of each fragment lies in a P-DATA-TF PDU, and whether it ends the data set."""
@@ -162,9 +167,9 @@ def data_fragments(pdu: bytes | bytearray, context_id: int) -> DataFragments | N
     message's last fragment; None for anything else (a command fragment, another context, an
     item whose length does not add up, a last fragment followed by more), which pynetdicom then
     decodes as usual."""
-    end = len(pdu)
-    if end < 12 or pdu[0] != 0x04 or struct.unpack_from(">L", pdu, 2)[0] != end - 6:
+    if not _is_p_data_tf(pdu):
         return None
+    end = len(pdu)
     spans = []
     offset, last = 6, False
     while offset < end:
@@ -184,9 +189,9 @@ def whole_command(pdu: bytes | bytearray) -> tuple[int, bytes] | None:
     """(presentation context ID, command set) of a whole P-DATA-TF PDU (with its 6-byte header)
     that is one item, the last (only) fragment of a command; None for anything else, which
     pynetdicom then decodes as usual."""
-    end = len(pdu)
-    if end < 12 or pdu[0] != 0x04 or struct.unpack_from(">L", pdu, 2)[0] != end - 6:
+    if not _is_p_data_tf(pdu):
         return None
+    end = len(pdu)
     length, context_id, control = struct.unpack_from(">LBB", pdu, 6)
     if length < 2 or 10 + length != end or control & 3 != 3:
         return None

@@ -528,13 +528,11 @@ def _serve_here(assoc, item: tuple[int, C_STORE]) -> bool:
         context_id, primitive = item
         _begin_spool_sync(primitive)  # on the pool: the data set is parsed meanwhile
         # Not idle while it is served (the association thread, free now, watches the timer).
-        dul = assoc.dul
-        idle, dul._idle_timer = dul._idle_timer, _NEVER_EXPIRES
+        idle = _pause_idle_timer(assoc.dul)
         try:
             assoc._serve_request(primitive, context_id)
         finally:
-            dul._idle_timer = idle
-            idle.restart()
+            _resume_idle_timer(assoc.dul, idle, restart=True)
         return True
     finally:
         serving.release()
@@ -544,6 +542,19 @@ def _serve_here(assoc, item: tuple[int, C_STORE]) -> bool:
 
 
 _NEVER_EXPIRES = Timer(None)
+
+
+def _pause_idle_timer(dul) -> Timer:
+    """Take the network idle timer out (the association thread sees one that never expires)
+    while this DUL thread is busy with the peer; returns it for ``_resume_idle_timer``."""
+    idle, dul._idle_timer = dul._idle_timer, _NEVER_EXPIRES
+    return idle
+
+
+def _resume_idle_timer(dul, idle: Timer, restart: bool) -> None:
+    dul._idle_timer = idle
+    if restart:
+        idle.restart()
 
 
 class _Closed(Exception):
@@ -582,7 +593,7 @@ class _Connection:
             deadline = min(deadline, self.acse_deadline)
         # Not idle while a PDU arrives: its own deadline applies (pynetdicom's network idle timer
         # would abort the association first, from the other thread, without saying why).
-        idle, dul._idle_timer = dul._idle_timer, _NEVER_EXPIRES
+        idle = _pause_idle_timer(dul)
         arrived = True
         try:
             header = self._recv(sock, 6, deadline, before_association, what="a PDU header", only_if_arrived=only_if_arrived)
@@ -604,9 +615,8 @@ class _Connection:
         except _Closed:
             return True
         finally:
-            dul._idle_timer = idle
+            _resume_idle_timer(dul, idle, restart=arrived)
             if arrived:
-                idle.restart()
                 now_open = dul.socket.socket if dul.socket is not None else None
                 if now_open is not None and not _is_plain(now_open):
                     _settimeout(now_open, self.limits.network_timeout)  # bounds every send too
@@ -805,14 +815,14 @@ class _WakingQueue(queue.Queue):
 class _Wakeup:
     """What the two threads of one association sleep on."""
 
-    def __init__(self) -> None:
+    def __init__(self, dul_thread: threading.Thread) -> None:
+        self.dul_thread = dul_thread  # needs no wake-up for its own puts
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._read_fd, False)
         os.set_blocking(self._write_fd, False)
         self.association = threading.Event()
         self._lock = threading.Lock()  # never write to a closed (and maybe reused) descriptor
         self._closed = False
-        self.dul_thread: threading.Thread | None = None  # needs no wake-up for its own puts
 
     def dul(self) -> None:
         if threading.current_thread() is self.dul_thread:
@@ -877,7 +887,6 @@ def _begin_spool_sync(primitive) -> None:
 def _make_event_driven(assoc, wake: _Wakeup) -> None:
     """Swap the four queues for waking ones and both reactor loops for the waiting ones."""
     dul, dimse = assoc.dul, assoc.dimse
-    wake.dul_thread = dul
     dul.event_queue = _WakingQueue(wake.dul, dul.event_queue.queue)  # Evt5 is already queued
     dul.to_provider_queue = _WakingQueue(wake.dul, dul.to_provider_queue.queue)
     dul.to_user_queue = _WakingQueue(wake.assoc, dul.to_user_queue.queue)
@@ -885,6 +894,14 @@ def _make_event_driven(assoc, wake: _Wakeup) -> None:
     stop_dul, kill_dul = dul.stop_dul, dul.kill_dul
 
     def stop() -> bool:
+        if threading.current_thread() is dul:
+            # Association.kill() waits for this to say the DUL stopped; in the DUL thread itself
+            # (pynetdicom aborts from _serve_request when a request cannot be served, and the
+            # reader may serve one, _serve_here) that wait would never end. The association is
+            # marked killed by then: wake its thread, let this one send the A-ABORT queued
+            # before, and the connection's end stops it (_Connection.end).
+            wake.assoc()
+            return True
         if dul.state_machine.current_state == "Sta1":
             dul._kill_thread = True
             wake.dul()
@@ -895,7 +912,6 @@ def _make_event_driven(assoc, wake: _Wakeup) -> None:
         wake.dul()
 
     dul.stop_dul, dul.kill_dul = stop, kill
-    assoc.kill = functools.partial(_kill_association, assoc, assoc.kill, wake)
     # The DUL Thread took its target (the bound run_reactor) in __init__, so replacing
     # run_reactor would change nothing: replace what the thread runs.
     dul._direct_send = _DirectSend()
@@ -913,22 +929,6 @@ def _transport_event(dul, conn: _Connection) -> bool:
     if dul.state_machine.current_state == "Sta13" or not dul.socket or dul.socket._is_connected is False:
         return dul._is_transport_event()
     return conn.read_pdu(only_if_arrived=True)
-
-
-def _kill_association(assoc, kill: Callable[[], None], wake: _Wakeup) -> None:
-    """``Association.kill``, which waits until the DUL thread has stopped: called in the DUL
-    thread itself (pynetdicom aborts from ``_serve_request`` when a request cannot be served,
-    and a request may be served there, ``_serve_here``), that wait would never end. There it
-    only marks the association killed and wakes its thread; the DUL thread goes on to send the
-    A-ABORT queued before, and the connection's end stops it (``_Connection.end``)."""
-    if threading.current_thread() is not assoc.dul:
-        kill()
-        return
-    assoc._reactor_checkpoint.set()
-    assoc._kill = True
-    assoc.is_established = False
-    assoc._is_paused = True
-    wake.assoc()
 
 
 def _dul_idle(dul) -> bool:
@@ -1053,7 +1053,7 @@ class _GuardedRequestHandler(RequestHandler):
         conn = _Connection(door, assoc, host, port)
         assoc.dul._front_door = conn
         assoc.dul._read_pdu_data = conn.read_pdu
-        wake = _Wakeup()
+        wake = _Wakeup(assoc.dul)
         _make_event_driven(assoc, wake)
         _prepare_socket(self.request, door.limits.network_timeout)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
