@@ -7,7 +7,13 @@ DCMTK storescu (TCP_NODELAY=1) sends the same CT instances (400 x 128x128, 33 KB
 512x512, 513 KB) over one association and over four parallel ones into (a) the node (file and
 directory entry fsynced, index row committed, before each success), (b) Orthanc in its default
 configuration (SyncStorageArea: each file fsynced) and (c) DCMTK storescp (no fsync), each
-started on an empty folder on the same disk for every measurement. Prints images/s, the
+started on a new, empty folder on the same disk for every measurement, after the writes of
+the one before are on disk (sync). Nothing is deleted until the table is done, and the
+kernel's caches are dropped once before it (forget_deleted_inodes): on ext4 without a journal
+(this project's VMs) creating a file skips, one by one, each cached inode deleted in the last
+1-6 minutes, which charged whoever ran after a removal (1.1 ms more kernel CPU per instance
+for the node, whose files share a folder; less for Orthanc, which spreads them). The table
+takes about 2 GB of disk while it runs. Prints images/s, the
 ratio node/Orthanc, the node's resident memory after each run and its CPU per instance and
 cores used during it (all its processes; one process tops out near one core: the GIL), and
 Orthanc's CPU per instance beside it. Runs
@@ -166,6 +172,18 @@ RECEIVERS = ("node", "orthanc", "storescp")
 CELLS = ((128, 400), (512, 200))
 
 
+def forget_deleted_inodes() -> None:
+    """Drop the kernel's caches (after a sync), and with them the inode-table blocks of files
+    deleted lately, which ext4 without a journal would otherwise skip one by one on every new
+    file for up to 6 minutes (see the module's docstring). Needs root."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        print(f"warning: the kernel's caches not dropped ({exc}): files deleted in the last minutes "
+              "may slow whoever creates files first", file=sys.stderr)
+
+
 def process_tree(pid: int) -> list[int]:
     """A process and its descendants (several SCP processes), from /proc."""
     pids, todo = [], [pid]
@@ -256,6 +274,7 @@ class Receiver:
 def speed_table(args, work: Path) -> None:
     node_env = {"DICOM_NODE_STUDY_IDLE_SECONDS": "3600", "DICOM_NODE_SCP_PROCESSES": str(args.scp_processes)}
     rows = []
+    forget_deleted_inodes()
     for size, count in CELLS:
         count = args.instances or count
         _, paths = write_ct_study(work / f"input{size}", count, rows=size, cols=size)
@@ -264,9 +283,12 @@ def speed_table(args, work: Path) -> None:
             folders = [work / f"input{size}"] if parts == 1 else split(paths, work / f"split{size}", 4)
             rates: dict[str, list[float]] = {name: [] for name in RECEIVERS}
             rss, cpu_ms, cores, orthanc_cpu_ms = [], [], [], []
-            for _ in range(args.repeats):
+            for repeat in range(args.repeats):
                 for name in RECEIVERS:
-                    receiver = Receiver(name, work / name, node_env)
+                    # A folder of its own, removed after the table; the previous one's writes
+                    # on disk first (see the module's docstring).
+                    receiver = Receiver(name, work / f"{name}-{size}-{parts}-{repeat}", node_env)
+                    os.sync()
                     receiver.start()
                     try:
                         cpu_before = receiver.cpu_seconds()
