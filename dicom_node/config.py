@@ -92,7 +92,9 @@ class Settings(BaseSettings):
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 120.0
-    max_pdu_size: int = 65536
+    # DCMTK's largest (storescu's --max-send-pdu: 4096..131072): a 513 KB slice comes in 4 PDUs
+    # rather than 8, each a read and a write less (4 associations: 5 of 7 runs faster, ~15 %)
+    max_pdu_size: int = 131072
 
     # TLS (a second listener on tls_port when enabled)
     tls_enabled: bool = False
