@@ -86,6 +86,7 @@ from .connection_counts import LOCAL, ConnectionCounts, Counts, CountsUnavailabl
 from .connection_handoff import Handoff
 from . import dimse_codec, incoming_owner
 from .logs import log_event
+from .spool_writer import SpoolWriter
 from .storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class _SpoolHandle:
 
     def __init__(self, path: Path, fd: int) -> None:
         self.name = str(path)
-        self.file = os.fdopen(fd, "wb")
+        self.file = SpoolWriter(fd)
         self.synced: Future | None = None
 
     @classmethod

@@ -1,0 +1,72 @@
+"""The spool file's writer: small writes wait for the next large one or a flush, each large one
+goes straight to the file (never held), a short write is finished, and close flushes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dicom_node import spool_writer
+from dicom_node.spool_writer import HOLD_BYTES, SpoolWriter
+
+
+def opened(path) -> SpoolWriter:
+    return SpoolWriter(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def test_small_writes_wait_and_go_out_with_the_next_large_one_in_one_system_call(tmp_path, monkeypatch):
+    calls = []
+    real_writev = os.writev
+    monkeypatch.setattr(spool_writer.os, "writev", lambda fd, buffers: calls.append(len(buffers)) or real_writev(fd, buffers))
+    path = tmp_path / "a.dcm"
+    writer = opened(path)
+    writer.write(b"\0" * 128 + b"DICM")
+    writer.write(b"meta")
+    assert path.read_bytes() == b"" and calls == []
+    fragment = bytearray(b"F" * HOLD_BYTES)
+    writer.write(memoryview(fragment))
+    assert calls == [3]
+    assert path.read_bytes() == b"\0" * 128 + b"DICM" + b"meta" + bytes(fragment)
+    writer.write(b"tail")
+    writer.flush()
+    assert path.read_bytes().endswith(b"Ftail") and calls == [3, 1]
+    writer.close()
+    assert writer.closed
+
+
+def test_a_held_write_is_a_copy_of_the_callers_buffer(tmp_path):
+    path = tmp_path / "a.dcm"
+    writer = opened(path)
+    buffer = bytearray(b"abc")
+    writer.write(memoryview(buffer))
+    buffer[:] = b"XYZ"  # a reader reusing its buffer before the flush
+    writer.close()
+    assert path.read_bytes() == b"abc"
+
+
+def test_short_writes_are_finished(tmp_path, monkeypatch):
+    """writev may write less than asked (a signal, a full pipe): the rest follows, in order."""
+    real_writev = os.writev
+    monkeypatch.setattr(spool_writer.os, "writev", lambda fd, buffers: real_writev(fd, [bytes(buffers[0][:7])]))
+    path = tmp_path / "a.dcm"
+    writer = opened(path)
+    writer.write(b"header-")
+    data = bytes(range(256)) * 40
+    writer.write(data)
+    writer.close()
+    assert path.read_bytes() == b"header-" + data
+
+
+def test_close_flushes_and_the_closed_writer_refuses_its_descriptor(tmp_path):
+    path = tmp_path / "a.dcm"
+    writer = opened(path)
+    writer.write(b"small")
+    fd = writer.fileno()
+    writer.close()
+    writer.close()  # twice: nothing more
+    assert path.read_bytes() == b"small"
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    with pytest.raises(ValueError):
+        writer.fileno()
