@@ -15,6 +15,7 @@ renamed into place.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 import os
 import re
@@ -36,11 +37,13 @@ _OWNED_NAME = re.compile(r"^([0-9a-f]{16})-")
 _tokens: dict[str, str] = {}  # folder -> this process's token there (a forked child starts empty)
 _lock_fds: list[int] = []  # held open for the life of the process: that is the lock
 _tokens_lock = threading.Lock()
+_serial = itertools.count()  # next() is atomic: no lock, no random bytes (a system call) per file
 
 
 def new_path(incoming: Path, suffix: str) -> Path:
-    """A fresh file name in `incoming` that this process owns."""
-    return Path(incoming) / f"{_token(Path(incoming))}-{uuid.uuid4().hex}{suffix}"
+    """A fresh file name in `incoming` that this process owns: its token there (this process's
+    alone; a forked child takes a new one), then a number counted in this process."""
+    return Path(incoming) / f"{_token(Path(incoming))}-{next(_serial)}{suffix}"
 
 
 def _token(incoming: Path) -> str:

@@ -24,6 +24,7 @@ from . import incoming_owner
 INCOMING = ".incoming"
 CONFLICTS = ".conflicts"
 FILE_MODE = 0o640
+MAX_KNOWN_DIRS = 4096  # series folders remembered as existing (forgotten all at once beyond)
 SYNC_THREADS = 8  # fsyncs in flight at once (begin_sync); each waits on the disk, not the CPU
 # Free space is read at most this often while it is well above the threshold (a statfs per
 # instance is measurable under load); within FREE_SPACE_MARGIN of it, before every instance.
@@ -62,6 +63,7 @@ class InstanceStore:
         self._incoming_resolved = self.incoming.resolve()
         self._free_read_at = float("-inf")
         self._free = 0
+        self._known_dirs: set[Path] = set()  # folders seen or made here: no stat per instance
 
     def remove_partial_writes(self) -> int:
         """Delete the files processes that are gone (a crash, a kill) left in .incoming; none of
@@ -93,7 +95,7 @@ class InstanceStore:
         temp = self._write_synced(data)
         try:
             try:
-                os.link(temp, final)  # atomic, and never overwrites
+                self._link_into(temp, final)  # atomic, and never overwrites
             except FileExistsError:
                 if _same_content(final, temp):
                     return StoreResult(StoreOutcome.DUPLICATE_IDENTICAL, final)
@@ -143,7 +145,7 @@ class InstanceStore:
             temp = durable = self._adopt(source)
         try:
             try:
-                os.link(durable, final)
+                self._link_into(durable, final)
             except FileExistsError:
                 if _same_content(final, durable):
                     return StoreResult(StoreOutcome.DUPLICATE_IDENTICAL, final)
@@ -225,7 +227,23 @@ class InstanceStore:
         os.close(fd)
         return temp
 
+    def _link_into(self, source: Path, final: Path) -> None:
+        try:
+            os.link(source, final)
+        except FileNotFoundError:  # its folder was removed since it was made (another process)
+            self._known_dirs.discard(final.parent)
+            self._ensure_dir(final.parent)
+            os.link(source, final)
+
     def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        if len(self._known_dirs) >= MAX_KNOWN_DIRS:
+            self._known_dirs.clear()
+        self._make_dirs(directory)
+        self._known_dirs.add(directory)
+
+    def _make_dirs(self, directory: Path) -> None:
         if directory.is_dir():
             return
         # Create each missing level and fsync its parent, so the new entries survive a crash.

@@ -144,3 +144,18 @@ def test_free_space_is_read_at_most_once_a_second_unless_it_is_near_the_threshol
     free["bytes"] = (10 << 30) - 1
     assert store.free_bytes() < store.min_free_bytes
     assert len(reads) == 3
+
+
+def test_a_series_folder_removed_after_it_was_made_is_made_again(tmp_path):
+    """The store remembers the folders it made (no stat per instance); one that another process
+    removed since (the prior cache empties its own) is made again, and nothing is lost."""
+    store = InstanceStore(tmp_path / "store")
+    first = store.store_file("1.2", "1.2.3", "1.2.3.4", spooled(store, "rx-1.dcm"))
+    folder = first.path.parent
+    first.path.unlink()
+    folder.rmdir()
+    for stored in (store.store_file("1.2", "1.2.3", "1.2.3.5", spooled(store, "rx-2.dcm", b"y" * 500)),
+                   store.store(     "1.2", "1.2.3", "1.2.3.6", b"z" * 300)):
+        assert stored.outcome is StoreOutcome.STORED
+        assert stored.path.parent == folder
+    assert sorted(p.read_bytes()[:1] for p in folder.iterdir()) == [b"y", b"z"]
