@@ -200,8 +200,8 @@ class _SpoolHandle:
         while True:
             path = incoming_owner.new_path(directory, ".rx.dcm")
             try:
-                return cls(path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            except FileExistsError:  # practically never: 122 random bits
+                return cls(path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))  # read back: spool_contents
+            except FileExistsError:  # practically never: this process's token and its own count
                 continue
 
     def write(self, data) -> int:
@@ -220,6 +220,19 @@ class _SpoolHandle:
     @property
     def closed(self) -> bool:
         return self.file.closed
+
+
+def spool_contents(event, limit: int) -> bytes | None:
+    """For a C-STORE handler: its spool file's bytes, read back on the descriptor they were
+    written with, when there are at most `limit` of them; None: read it from its path."""
+    handle = getattr(event.request, "_dataset_file", None)
+    if not isinstance(handle, _SpoolHandle) or handle.file.closed or handle.file.size > limit:
+        return None
+    try:
+        return handle.file.read_all()
+    except OSError:  # read from its path instead, where the ingest names what is wrong
+        log.warning("frontdoor.spool_read_back_failed", exc_info=True)
+        return None
 
 
 def spool_synced(event) -> Future | None:

@@ -122,16 +122,18 @@ class Ingestor:
         return self._guarded(encoded, requested_sop_class, requested_sop_instance)
 
     def ingest_file(self, path: Path, requested_sop_class: str = "", requested_sop_instance: str = "",
-                    synced: Future | None = None) -> IngestResult:
-        """An instance in a file (the SCP's spool file in the store's .incoming): never read whole.
-        `synced`: the fsync of that file already begun (frontdoor.spool_synced); without it
-        store_file fsyncs the file itself."""
-        return self._guarded(Path(path), requested_sop_class, requested_sop_instance, synced)
+                    synced: Future | None = None, contents: bytes | None = None) -> IngestResult:
+        """An instance in a file (the SCP's spool file in the store's .incoming): never read whole
+        over SMALL_INSTANCE. `synced`: the fsync of that file already begun
+        (frontdoor.spool_synced); without it store_file fsyncs the file itself. `contents`: the
+        file's bytes, when the caller has them (frontdoor.spool_contents), parsed instead of
+        reading the file again."""
+        return self._guarded(Path(path), requested_sop_class, requested_sop_instance, synced, contents)
 
     def _guarded(self, source: bytes | Path, requested_sop_class: str, requested_sop_instance: str,
-                 synced: Future | None = None) -> IngestResult:
+                 synced: Future | None = None, contents: bytes | None = None) -> IngestResult:
         try:
-            return self._ingest(source, requested_sop_class, requested_sop_instance, synced)
+            return self._ingest(source, requested_sop_class, requested_sop_instance, synced, contents)
         except Exception as exc:  # never take the association down: answer with a failure status
             log.exception("ingest.unexpected_error")
             return IngestResult(
@@ -140,12 +142,12 @@ class Ingestor:
             )
 
     def _ingest(self, source: bytes | Path, requested_sop_class: str, requested_sop_instance: str,
-                synced: Future | None = None) -> IngestResult:
+                synced: Future | None = None, contents: bytes | None = None) -> IngestResult:
         if requested_sop_class == MEDIA_STORAGE_DIRECTORY:
             return _refuse(st.MEDIA_DIRECTORY_REFUSED, "DICOMDIR is a media directory, not an instance; send the files it lists",
                            "DICOMDIR is a media directory, not an instance")
         try:
-            ds, has_pixels, size = _parse_source(source)
+            ds, has_pixels, size = _parse_source(source if contents is None else contents)
         except Malformed as exc:
             return _refuse(st.MALFORMED_DATASET, str(exc), exc.comment)
         uids: dict[str, str] = {}

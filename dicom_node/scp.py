@@ -22,10 +22,10 @@ from .assembly import Assembler
 from .config import Settings
 from .connection_counts import Counts, CountsUnavailable
 from .connection_handoff import Handoff, receive_connections
-from .frontdoor import FrontDoor, Limits, Refusal, spool_synced
+from .frontdoor import FrontDoor, Limits, Refusal, spool_contents, spool_synced
 from .http_api import ASSOCIATIONS, INSTANCES, StatusServer
 from .index import Index
-from .ingest import MEDIA_STORAGE_DIRECTORY, Ingestor
+from .ingest import MEDIA_STORAGE_DIRECTORY, SMALL_INSTANCE, Ingestor
 from .logs import log_event
 from .netutil import ACCEPTED_TRANSFER_SYNTAXES, CONNECTION_HANDLER, server_tls_context
 from .storage import InstanceStore
@@ -367,7 +367,8 @@ class DicomNode:
         requested = str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or "")
         spooled = event.dataset_path  # a Path when the front door streamed it to .incoming
         if isinstance(spooled, Path):
-            result = self.ingestor.ingest_file(spooled, *requested, synced=spool_synced(event))
+            result = self.ingestor.ingest_file(spooled, *requested, synced=spool_synced(event),
+                                               contents=spool_contents(event, SMALL_INSTANCE))
         else:
             result = self.ingestor.ingest(event.encoded_dataset(include_meta=True), *requested)
         INSTANCES.labels("accepted" if result.ok else f"0x{result.status:04X}").inc()

@@ -12,7 +12,7 @@ from dicom_node.spool_writer import HOLD_BYTES, SpoolWriter
 
 
 def opened(path) -> SpoolWriter:
-    return SpoolWriter(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return SpoolWriter(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def test_small_writes_wait_and_go_out_with_the_next_large_one_in_one_system_call(tmp_path, monkeypatch):
@@ -70,3 +70,25 @@ def test_close_flushes_and_the_closed_writer_refuses_its_descriptor(tmp_path):
         os.fstat(fd)
     with pytest.raises(ValueError):
         writer.fileno()
+
+
+def test_the_file_is_read_back_whole_on_its_descriptor_held_writes_included(tmp_path):
+    path = tmp_path / "a.dcm"
+    writer = opened(path)
+    data = bytes(range(256)) * 64
+    writer.write(b"\0" * 128 + b"DICM")
+    writer.write(data)
+    writer.write(b"end")
+    assert writer.size == 132 + len(data) + 3
+    assert writer.read_all() == b"\0" * 128 + b"DICM" + data + b"end" == path.read_bytes()
+    writer.close()
+
+
+def test_a_spool_file_cut_short_behind_the_writers_back_is_an_error(tmp_path):
+    path = tmp_path / "a.dcm"
+    writer = opened(path)
+    writer.write(b"x" * 5000)
+    os.truncate(path, 100)
+    with pytest.raises(OSError, match="shorter than the 5000 bytes"):
+        writer.read_all()
+    writer.close()

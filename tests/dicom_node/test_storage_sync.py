@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 
@@ -106,9 +107,9 @@ def test_the_scp_begins_each_spool_files_fsync_as_its_data_set_completes(node, c
     given = []
     original = Ingestor.ingest_file
 
-    def recording(self, path, *args, synced=None):
+    def recording(self, path, *args, synced=None, **kwargs):
         given.append(synced)
-        result = original(self, path, *args, synced=synced)
+        result = original(self, path, *args, synced=synced, **kwargs)
         given.append(synced.done() and synced.exception() is None)
         return result
 
@@ -118,6 +119,28 @@ def test_the_scp_begins_each_spool_files_fsync_as_its_data_set_completes(node, c
     assert len(given) == 2 * len(paths)
     assert all(isinstance(future, Future) for future in given[0::2])  # begun by the front door, not by the ingest
     assert all(given[1::2])
+
+
+def test_the_scp_parses_each_small_spool_file_from_the_bytes_it_wrote(node, ct_study, monkeypatch):
+    """The handler is given the spool file's bytes, read back on the front door's descriptor
+    (no second open of the file): exactly what is in the file."""
+    from dicom_node.ingest import Ingestor
+
+    from .conftest import NODE_AE, run_tool
+
+    given = []
+    original = Ingestor.ingest_file
+
+    def recording(self, path, *args, contents=None, **kwargs):
+        given.append((Path(path).read_bytes(), contents))
+        return original(self, path, *args, contents=contents, **kwargs)
+
+    monkeypatch.setattr(Ingestor, "ingest_file", recording)
+    _, paths = ct_study
+    run_tool("/usr/bin/storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))
+    assert len(given) == len(paths)
+    assert all(contents is not None and contents == on_disk for on_disk, contents in given)
+    assert all(on_disk.endswith(sent.read_bytes()[-1000:]) for (on_disk, _), sent in zip(given, paths))
 
 
 def test_free_space_is_read_at_most_once_a_second_unless_it_is_near_the_threshold(tmp_path, monkeypatch):
