@@ -212,6 +212,13 @@ def process_tree_cpu_seconds(pid: int) -> float:
     return sum(cpu_seconds(current) for current in process_tree(pid))
 
 
+def host_steal_seconds() -> float:
+    """CPU time the hypervisor gave to others, all CPUs together (/proc/stat): a VM's runs are
+    comparable only where it is low."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 class Receiver:
     """One receiver started on an empty folder for each measurement."""
 
@@ -282,7 +289,7 @@ def speed_table(args, work: Path) -> None:
         for parts in (1, 4):
             folders = [work / f"input{size}"] if parts == 1 else split(paths, work / f"split{size}", 4)
             rates: dict[str, list[float]] = {name: [] for name in RECEIVERS}
-            rss, cpu_ms, cores, orthanc_cpu_ms = [], [], [], []
+            rss, cpu_ms, cores, orthanc_cpu_ms, steal = [], [], [], [], []
             for repeat in range(args.repeats):
                 for name in RECEIVERS:
                     # A folder of its own, removed after the table; the previous one's writes
@@ -291,10 +298,11 @@ def speed_table(args, work: Path) -> None:
                     os.sync()
                     receiver.start()
                     try:
-                        cpu_before = receiver.cpu_seconds()
+                        cpu_before, steal_before = receiver.cpu_seconds(), host_steal_seconds()
                         seconds = storescu(receiver.port, receiver.ae, folders)
                         rates[name].append(count / seconds)
                         cpu = receiver.cpu_seconds() - cpu_before
+                        steal.append((host_steal_seconds() - steal_before) / (seconds * (os.cpu_count() or 1)))
                         if name == "node":
                             rss.append(receiver.rss_mb())
                             cpu_ms.append(1000 * cpu / count)
@@ -305,20 +313,22 @@ def speed_table(args, work: Path) -> None:
                         receiver.stop()
             median = {name: statistics.median(values) for name, values in rates.items()}
             rows.append((f"{count} x {size_kb:.0f} KB CT", parts, median, max(rss),
-                         statistics.median(cpu_ms), statistics.median(cores), statistics.median(orthanc_cpu_ms)))
+                         statistics.median(cpu_ms), statistics.median(cores), statistics.median(orthanc_cpu_ms),
+                         max(steal)))
             print(f"  {rows[-1][0]}, {parts} assoc: " + ", ".join(f"{n} {median[n]:.0f}" for n in RECEIVERS),
                   flush=True)
     # CPU per instance and cores used tell what bounds the node: about 1 core per process is the
     # GIL; Orthanc's CPU per instance, beside it, is what the same work costs in C++.
     print(f"\nimages/s, storescu with TCP_NODELAY=1, median of {args.repeats}; node with scp_processes={args.scp_processes}, "
-          "RSS after each run and CPU (user + system) during it, all its processes; Orthanc's CPU likewise")
+          "RSS after each run and CPU (user + system) during it, all its processes; Orthanc's CPU likewise; "
+          "the most CPU the host took away (steal) during any run of the row")
     print("| instances | associations | node | Orthanc | storescp (no fsync) | node / Orthanc | node RSS MiB "
-          "| node CPU ms/instance | node cores used | Orthanc CPU ms/instance |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for label, parts, median, rss, cpu_ms, cores, orthanc_ms in rows:
+          "| node CPU ms/instance | node cores used | Orthanc CPU ms/instance | host steal, max |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, parts, median, rss, cpu_ms, cores, orthanc_ms, most_steal in rows:
         n, o, r = median["node"], median["orthanc"], median["storescp"]
         print(f"| {label} | {parts} | {n:.0f} | {o:.0f} | {r:.0f} | {n / o:.2f} | {rss:.0f} | {cpu_ms:.1f} | {cores:.2f} "
-              f"| {orthanc_ms:.1f} |")
+              f"| {orthanc_ms:.1f} | {100 * most_steal:.0f} % |")
 
 
 def main() -> None:
