@@ -13,7 +13,8 @@ kernel's caches are dropped once before it (forget_deleted_inodes): on ext4 with
 (this project's VMs) creating a file skips, one by one, each cached inode deleted in the last
 1-6 minutes, which charged whoever ran after a removal (1.1 ms more kernel CPU per instance
 for the node, whose files share a folder; less for Orthanc, which spreads them). The table
-takes about 2 GB of disk while it runs. Prints images/s, the
+takes about 2 GB of disk while it runs with --repeats 3 (a --workdir used again has its old
+folders removed as each measurement starts: give a new one). Prints images/s, the
 ratio node/Orthanc, the node's resident memory after each run and its CPU per instance and
 cores used during it (all its processes; one process tops out near one core: the GIL), and
 Orthanc's CPU per instance beside it. Runs

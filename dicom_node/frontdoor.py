@@ -202,6 +202,7 @@ class _SpoolHandle:
             try:
                 return cls(path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))  # read back: spool_contents
             except FileExistsError:  # practically never: this process's token and its own count
+                # (InstanceStore's .part names have no such retry: they fail instead)
                 continue
 
     def write(self, data) -> int:
@@ -230,7 +231,7 @@ def spool_contents(event, limit: int) -> bytes | None:
         return None
     try:
         return handle.file.read_all()
-    except OSError:  # read from its path instead, where the ingest names what is wrong
+    except (OSError, ValueError):  # cut short, or closed meanwhile: read from its path instead
         log.warning("frontdoor.spool_read_back_failed", exc_info=True)
         return None
 

@@ -37,7 +37,7 @@ _OWNED_NAME = re.compile(r"^([0-9a-f]{16})-")
 _tokens: dict[str, str] = {}  # folder -> this process's token there (a forked child starts empty)
 _lock_fds: list[int] = []  # held open for the life of the process: that is the lock
 _tokens_lock = threading.Lock()
-_serial = itertools.count()  # next() is atomic: no lock, no random bytes (a system call) per file
+_serial = itertools.count()  # next() is atomic under the GIL: no lock, no random bytes (a system call) per file
 
 
 def new_path(incoming: Path, suffix: str) -> Path:

@@ -125,9 +125,9 @@ class Ingestor:
                     synced: Future | None = None, contents: bytes | None = None) -> IngestResult:
         """An instance in a file (the SCP's spool file in the store's .incoming): never read whole
         over SMALL_INSTANCE. `synced`: the fsync of that file already begun
-        (frontdoor.spool_synced); without it store_file fsyncs the file itself. `contents`: the
-        file's bytes, when the caller has them (frontdoor.spool_contents), parsed instead of
-        reading the file again."""
+        (frontdoor.spool_synced); without it store_file fsyncs the file itself. `contents`: exactly
+        the file's bytes, when the caller has them (frontdoor.spool_contents), parsed instead of
+        reading the file again (the index row comes from them, the file is what is stored)."""
         return self._guarded(Path(path), requested_sop_class, requested_sop_instance, synced, contents)
 
     def _guarded(self, source: bytes | Path, requested_sop_class: str, requested_sop_instance: str,

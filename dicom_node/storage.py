@@ -256,7 +256,7 @@ class InstanceStore:
             try:
                 path.mkdir()
             except FileExistsError:
-                continue  # another association created it meanwhile
+                pass  # another association made it meanwhile: its entry may not be durable yet
             fsync_dir(path.parent)
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from dicom_node import incoming_owner
 from dicom_node.incoming_owner import CLAIMING_GRACE_SECONDS, UNOWNED_GRACE_SECONDS, new_path, remove_leftovers
 from tests.support.procs import REPO
 
@@ -123,3 +124,22 @@ def test_a_forked_child_does_not_keep_its_parents_files_in_use(tmp_path):
         assert remove_leftovers(folder) == 1 and names(folder) == set()
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_forked_child_names_its_files_apart_from_its_parent(tmp_path):
+    """Names are the process's token and a count: a child forked after its parent named files
+    takes a token of its own, so the two never make the same name."""
+    parent_names = {incoming_owner.new_path(tmp_path, ".part").name for _ in range(3)}
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_end, " ".join(incoming_owner.new_path(tmp_path, ".part").name for _ in range(3)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    child_names = set(os.read(read_end, 4096).decode().split())
+    os.waitpid(pid, 0)
+    os.close(read_end)
+    assert len(child_names) == 3 and not child_names & parent_names
+    assert {name.split("-")[0] for name in child_names}.isdisjoint({name.split("-")[0] for name in parent_names})

@@ -26,11 +26,11 @@ def test_small_writes_wait_and_go_out_with_the_next_large_one_in_one_system_call
     assert path.read_bytes() == b"" and calls == []
     fragment = bytearray(b"F" * HOLD_BYTES)
     writer.write(memoryview(fragment))
-    assert calls == [3]
+    assert calls == [2]  # what was held, then the fragment
     assert path.read_bytes() == b"\0" * 128 + b"DICM" + b"meta" + bytes(fragment)
     writer.write(b"tail")
     writer.flush()
-    assert path.read_bytes().endswith(b"Ftail") and calls == [3, 1]
+    assert path.read_bytes().endswith(b"Ftail") and calls == [2, 1]
     writer.close()
     assert writer.closed
 
@@ -92,3 +92,57 @@ def test_a_spool_file_cut_short_behind_the_writers_back_is_an_error(tmp_path):
     with pytest.raises(OSError, match="shorter than the 5000 bytes"):
         writer.read_all()
     writer.close()
+
+
+def test_thousands_of_tiny_writes_go_out_whole(tmp_path):
+    """A peer may send a P-DATA-TF of thousands of one-byte fragments: what is held is one
+    buffer (writev takes at most 1024)."""
+    path = tmp_path / "a.dcm"
+    writer = opened(path)
+    for number in range(5000):
+        writer.write(bytes([number % 251]))
+    writer.flush()
+    assert path.read_bytes() == bytes(number % 251 for number in range(5000))
+    writer.close()
+
+
+def test_size_counts_bytes_and_reading_back_leaves_the_writes_in_place(tmp_path):
+    from array import array
+
+    path = tmp_path / "a.dcm"
+    writer = opened(path)
+    words = array("I", range(2000))
+    writer.write(memoryview(words))
+    assert writer.size == 8000
+    assert writer.read_all() == words.tobytes()
+    writer.write(b"more")
+    assert writer.read_all() == words.tobytes() + b"more"
+    writer.close()
+
+
+def test_a_closed_writer_refuses_writes(tmp_path):
+    writer = opened(tmp_path / "a.dcm")
+    writer.close()
+    with pytest.raises(ValueError):
+        writer.write(b"late")
+    with pytest.raises(ValueError):
+        writer.read_all()
+
+
+class _Event:
+    def __init__(self, handle) -> None:
+        self.request = type("Request", (), {"_dataset_file": handle})()
+
+
+def test_spool_contents_only_for_a_small_open_spool_file_and_none_when_it_cannot_be_read(tmp_path):
+    from dicom_node import frontdoor
+
+    handle = frontdoor._SpoolHandle.create(tmp_path)
+    handle.write(b"\0" * 128 + b"DICM" + b"x" * 5000)
+    assert frontdoor.spool_contents(_Event(handle), 10_000) == b"\0" * 128 + b"DICM" + b"x" * 5000
+    assert frontdoor.spool_contents(_Event(handle), 5000) is None  # over the limit: read from its path
+    os.truncate(handle.name, 10)  # cut short behind its back: the path read names what is wrong
+    assert frontdoor.spool_contents(_Event(handle), 10_000) is None
+    handle.close()
+    assert frontdoor.spool_contents(_Event(handle), 10_000) is None
+    assert frontdoor.spool_contents(_Event(object()), 10_000) is None  # not a spool file of ours

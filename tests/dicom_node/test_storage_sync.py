@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node import storage
+from dicom_node import ingest, storage
 from dicom_node.storage import InstanceStore, StoreOutcome
 
 
@@ -135,12 +135,16 @@ def test_the_scp_parses_each_small_spool_file_from_the_bytes_it_wrote(node, ct_s
         given.append((Path(path).read_bytes(), contents))
         return original(self, path, *args, contents=contents, **kwargs)
 
+    parsed = []
+    real_parse = ingest._parse_source
+    monkeypatch.setattr(ingest, "_parse_source", lambda source: parsed.append(type(source)) or real_parse(source))
     monkeypatch.setattr(Ingestor, "ingest_file", recording)
     _, paths = ct_study
     run_tool("/usr/bin/storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))
     assert len(given) == len(paths)
     assert all(contents is not None and contents == on_disk for on_disk, contents in given)
     assert all(on_disk.endswith(sent.read_bytes()[-1000:]) for (on_disk, _), sent in zip(given, paths))
+    assert parsed == [bytes] * len(paths)  # parsed from them, not from the path
 
 
 def test_free_space_is_read_at_most_once_a_second_unless_it_is_near_the_threshold(tmp_path, monkeypatch):
@@ -169,16 +173,21 @@ def test_free_space_is_read_at_most_once_a_second_unless_it_is_near_the_threshol
     assert len(reads) == 3
 
 
-def test_a_series_folder_removed_after_it_was_made_is_made_again(tmp_path):
-    """The store remembers the folders it made (no stat per instance); one that another process
-    removed since (the prior cache empties its own) is made again, and nothing is lost."""
+def test_a_series_folder_removed_after_it_was_made_is_made_again(tmp_path, monkeypatch):
+    """The store remembers the folders it made (no stat per instance); when another process
+    removed them since (prior-cache eviction empties its study folders), they are made again,
+    each new entry fsynced, and nothing is lost."""
     store = InstanceStore(tmp_path / "store")
     first = store.store_file("1.2", "1.2.3", "1.2.3.4", spooled(store, "rx-1.dcm"))
-    folder = first.path.parent
+    series = first.path.parent
     first.path.unlink()
-    folder.rmdir()
-    for stored in (store.store_file("1.2", "1.2.3", "1.2.3.5", spooled(store, "rx-2.dcm", b"y" * 500)),
-                   store.store(     "1.2", "1.2.3", "1.2.3.6", b"z" * 300)):
-        assert stored.outcome is StoreOutcome.STORED
-        assert stored.path.parent == folder
-    assert sorted(p.read_bytes()[:1] for p in folder.iterdir()) == [b"y", b"z"]
+    series.rmdir()
+    series.parent.rmdir()  # the study folder too
+    synced = []
+    monkeypatch.setattr(storage, "fsync_dir", lambda directory: synced.append(Path(directory)))
+    again = store.store_file("1.2", "1.2.3", "1.2.3.5", spooled(store, "rx-2.dcm", b"y" * 500))
+    assert again.outcome is StoreOutcome.STORED and again.path.parent == series
+    assert {series.parent.parent, series.parent, series} <= set(synced)  # each made level's entry, and the file's
+    in_memory = store.store("1.2", "1.2.3", "1.2.3.6", b"z" * 300)
+    assert in_memory.outcome is StoreOutcome.STORED
+    assert sorted(p.read_bytes()[:1] for p in series.iterdir()) == [b"y", b"z"]
