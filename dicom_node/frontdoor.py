@@ -84,6 +84,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from .connection_counts import LOCAL, ConnectionCounts, Counts, CountsUnavailable
 from .connection_handoff import Handoff
+from .ingest import SMALL_INSTANCE, Ingestor, IngestResult
 from . import dimse_codec, incoming_owner
 from .logs import log_event
 from .spool_writer import SpoolWriter
@@ -200,7 +201,7 @@ class _SpoolHandle:
         while True:
             path = incoming_owner.new_path(directory, ".rx.dcm")
             try:
-                return cls(path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))  # read back: spool_contents
+                return cls(path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))  # read back: _read_back
             except FileExistsError:  # practically never: this process's token and its own count
                 # (InstanceStore's .part names have no such retry: they fail instead)
                 continue
@@ -210,8 +211,8 @@ class _SpoolHandle:
 
     def begin_sync(self) -> None:
         """Once the data set is complete: start its fsync (InstanceStore.begin_sync) before the
-        message even reaches the association thread; the C-STORE handler gets it as
-        ``spool_synced(event)``."""
+        message even reaches the association thread; the C-STORE handler's ingest waits for it
+        (``ingest_received``)."""
         self.file.flush()
         self.synced = InstanceStore.begin_sync_fd(self.file.fileno())
 
@@ -223,23 +224,32 @@ class _SpoolHandle:
         return self.file.closed
 
 
-def spool_contents(event, limit: int) -> bytes | None:
-    """For a C-STORE handler: its spool file's bytes, read back on the descriptor they were
-    written with, when there are at most `limit` of them; None: read it from its path."""
-    handle = getattr(event.request, "_dataset_file", None)
-    if not isinstance(handle, _SpoolHandle) or handle.file.closed or handle.file.size > limit:
+def ingest_received(ingestor: Ingestor, event) -> IngestResult:
+    """The instance a C-STORE event brought, ingested. Streamed to a spool file (the front door,
+    or ``spool_received_datasets``): from that file, with the fsync begun as its data set
+    completed and, up to SMALL_INSTANCE, its bytes read back on the spool's own descriptor.
+    Otherwise from the data set pynetdicom holds."""
+    request = event.request
+    requested = str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or "")
+    spooled = getattr(request, "_dataset_path", None)
+    if not isinstance(spooled, Path):
+        return ingestor.ingest(event.encoded_dataset(include_meta=True), *requested)
+    handle = getattr(request, "_dataset_file", None)
+    if not isinstance(handle, _SpoolHandle):
+        return ingestor.ingest_file(spooled, *requested)
+    return ingestor.ingest_file(spooled, *requested, synced=handle.synced, contents=_read_back(handle, SMALL_INSTANCE))
+
+
+def _read_back(handle: _SpoolHandle, limit: int) -> bytes | None:
+    """A spool file's bytes, read on the descriptor they were written with, when there are at
+    most `limit` of them; None: the ingest reads it from its path."""
+    if handle.file.closed or handle.file.size > limit:
         return None
     try:
         return handle.file.read_all()
     except (OSError, ValueError):  # cut short, or closed meanwhile: read from its path instead
         log.warning("frontdoor.spool_read_back_failed", exc_info=True)
         return None
-
-
-def spool_synced(event) -> Future | None:
-    """For a C-STORE handler: the fsync begun on its spool file as the data set completed."""
-    handle = getattr(event.request, "_dataset_file", None)
-    return getattr(handle, "synced", None) if isinstance(handle, _SpoolHandle) else None
 
 
 class SpoolOnly:
@@ -262,7 +272,7 @@ def spool_received_datasets(assoc, spool_dir: Path) -> SpoolOnly:
     install()
     spool = SpoolOnly(spool_dir)
     assoc.dul._front_door = spool  # read by _connection() in the association's DUL thread
-    # Each spool file's fsync starts as its data set completes (spool_synced), as on the SCP;
+    # Each spool file's fsync starts as its data set completes (ingest_received), as on the SCP;
     # the requestor's threads block on the queue's own condition, so no wake-up is needed.
     assoc.dimse.msg_queue = _MessageQueue(lambda: None, assoc.dimse.msg_queue.queue)
     return spool

@@ -88,6 +88,16 @@ class IngestResult:
         """For the response's ErrorComment: at most 64 characters, never a UID cut in half."""
         return short_comment(self.comment or self.message)
 
+    def response(self) -> Dataset | int:
+        """What a C-STORE handler returns: the bare status (no Dataset to build), or with the
+        ErrorComment when there is something to say."""
+        if not (self.message or self.comment):
+            return self.status
+        response = Dataset()
+        response.Status = self.status
+        response.ErrorComment = self.error_comment  # LO: 64 characters, no UID cut in half
+        return response
+
 
 def short_comment(text: str, limit: int = MAX_COMMENT) -> str:
     """`text` if it fits, else whole words up to `limit` (a UID is one word: in whole, or out)."""
@@ -125,8 +135,8 @@ class Ingestor:
                     synced: Future | None = None, contents: bytes | None = None) -> IngestResult:
         """An instance in a file (the SCP's spool file in the store's .incoming): never read whole
         over SMALL_INSTANCE. `synced`: the fsync of that file already begun
-        (frontdoor.spool_synced); without it store_file fsyncs the file itself. `contents`: exactly
-        the file's bytes, when the caller has them (frontdoor.spool_contents), parsed instead of
+        (frontdoor.ingest_received); without it store_file fsyncs the file itself. `contents`: exactly
+        the file's bytes, when the caller has them (read back by the front door), parsed instead of
         reading the file again (the index row comes from them, the file is what is stored)."""
         return self._guarded(Path(path), requested_sop_class, requested_sop_instance, synced, contents)
 

@@ -7,7 +7,6 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID_dictionary
@@ -22,10 +21,10 @@ from .assembly import Assembler
 from .config import Settings
 from .connection_counts import Counts, CountsUnavailable
 from .connection_handoff import Handoff, receive_connections
-from .frontdoor import FrontDoor, Limits, Refusal, spool_contents, spool_synced
+from .frontdoor import FrontDoor, Limits, Refusal, ingest_received
 from .http_api import ASSOCIATIONS, INSTANCES, StatusServer
 from .index import Index
-from .ingest import MEDIA_STORAGE_DIRECTORY, SMALL_INSTANCE, Ingestor
+from .ingest import MEDIA_STORAGE_DIRECTORY, Ingestor
 from .logs import log_event
 from .netutil import ACCEPTED_TRANSFER_SYNTAXES, CONNECTION_HANDLER, server_tls_context
 from .storage import InstanceStore
@@ -363,14 +362,7 @@ class DicomNode:
         return 0x0000
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
-        request = event.request
-        requested = str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or "")
-        spooled = event.dataset_path  # a Path when the front door streamed it to .incoming
-        if isinstance(spooled, Path):
-            result = self.ingestor.ingest_file(spooled, *requested, synced=spool_synced(event),
-                                               contents=spool_contents(event, SMALL_INSTANCE))
-        else:
-            result = self.ingestor.ingest(event.encoded_dataset(include_meta=True), *requested)
+        result = ingest_received(self.ingestor, event)
         INSTANCES.labels("accepted" if result.ok else f"0x{result.status:04X}").inc()
         with self._stats_lock:
             stats = self._stats.get(id(event.assoc))
@@ -380,12 +372,7 @@ class DicomNode:
                 else:
                     stats.failures += 1
                     stats.last_failure = result.message
-        if not (result.message or result.comment):
-            return result.status  # a bare status: no Dataset to build (pynetdicom accepts an int)
-        response = Dataset()
-        response.Status = result.status
-        response.ErrorComment = result.error_comment  # LO: 64 characters, no UID cut in half
-        return response
+        return result.response()
 
 
 CONTEXT_RESULTS = {0x01: "user rejection", 0x02: "no reason", 0x03: "abstract syntax not supported", 0x04: "transfer syntaxes not supported"}

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
-from pathlib import Path
 from typing import TypeVar
 
 import requests
@@ -27,7 +26,7 @@ from pynetdicom.sop_class import (
 )
 
 from ..config import Settings
-from ..frontdoor import SpoolOnly, spool_received_datasets, spool_synced
+from ..frontdoor import SpoolOnly, ingest_received, spool_received_datasets
 from ..index import Index
 from ..ingest import Ingestor
 from ..logs import log_event
@@ -379,18 +378,8 @@ class DimseArchive(Archive):
             ae.add_requested_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
         roles = [build_role(sop_class, scp_role=True) for sop_class in classes]
 
-        def on_store(event: evt.Event) -> Dataset:
-            requested = str(event.request.AffectedSOPClassUID or ""), str(event.request.AffectedSOPInstanceUID or "")
-            spooled = getattr(event.request, "_dataset_path", None)  # set when streamed to a file
-            if isinstance(spooled, Path):
-                result = ingestor.ingest_file(spooled, *requested, synced=spool_synced(event))  # the SCP's path
-            else:
-                result = ingestor.ingest(event.encoded_dataset(include_meta=True), *requested)
-            response = Dataset()
-            response.Status = result.status
-            if result.message or result.comment:
-                response.ErrorComment = result.error_comment  # LO: 64 characters, no UID cut in half
-            return response
+        def on_store(event: evt.Event) -> Dataset | int:
+            return ingest_received(ingestor, event).response()  # as the SCP does
 
         assoc = associate(ae, self.peer, self._tls(), ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
         # Received instances go to a file in the store's .incoming as they arrive, as on the SCP.

@@ -129,20 +129,39 @@ def test_a_closed_writer_refuses_writes(tmp_path):
         writer.read_all()
 
 
-class _Event:
-    def __init__(self, handle) -> None:
-        self.request = type("Request", (), {"_dataset_file": handle})()
+class _Request:
+    AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    AffectedSOPInstanceUID = "1.2.3.4"
+
+    def __init__(self, path, handle) -> None:
+        self._dataset_path, self._dataset_file = path, handle
 
 
-def test_spool_contents_only_for_a_small_open_spool_file_and_none_when_it_cannot_be_read(tmp_path):
+class _Recording:
+    """An ingestor that only records what it was given."""
+
+    def ingest_file(self, path, *requested, **given):
+        self.given = given
+        return "stored"
+
+
+def test_a_spool_file_is_read_back_only_when_small_and_open_and_none_when_it_cannot_be_read(tmp_path):
     from dicom_node import frontdoor
 
     handle = frontdoor._SpoolHandle.create(tmp_path)
     handle.write(b"\0" * 128 + b"DICM" + b"x" * 5000)
-    assert frontdoor.spool_contents(_Event(handle), 10_000) == b"\0" * 128 + b"DICM" + b"x" * 5000
-    assert frontdoor.spool_contents(_Event(handle), 5000) is None  # over the limit: read from its path
+    assert frontdoor._read_back(handle, 10_000) == b"\0" * 128 + b"DICM" + b"x" * 5000
+    assert frontdoor._read_back(handle, 5000) is None  # over the limit: read from its path
     os.truncate(handle.name, 10)  # cut short behind its back: the path read names what is wrong
-    assert frontdoor.spool_contents(_Event(handle), 10_000) is None
+    assert frontdoor._read_back(handle, 10_000) is None
     handle.close()
-    assert frontdoor.spool_contents(_Event(handle), 10_000) is None
-    assert frontdoor.spool_contents(_Event(object()), 10_000) is None  # not a spool file of ours
+    assert frontdoor._read_back(handle, 10_000) is None
+
+
+def test_the_ingest_of_a_file_streamed_by_someone_else_gets_neither_fsync_nor_bytes(tmp_path):
+    from dicom_node import frontdoor
+
+    ingestor = _Recording()
+    event = type("Event", (), {"request": _Request(tmp_path / "x.dcm", object())})()
+    assert frontdoor.ingest_received(ingestor, event) == "stored"
+    assert ingestor.given == {}  # not a spool file of ours

@@ -129,9 +129,9 @@ def test_cget_retrieves_recent_and_baseline_in_one_association(archive, node, wo
     futures = []  # each received instance's fsync, begun as its data set completed (as on the SCP)
     real_ingest_file = type(worker.ingestor).ingest_file
 
-    def recording_ingest_file(self, path, *args, synced=None):
+    def recording_ingest_file(self, path, *args, synced=None, **kwargs):
         futures.append(synced)
-        return real_ingest_file(self, path, *args, synced=synced)
+        return real_ingest_file(self, path, *args, synced=synced, **kwargs)
 
     monkeypatch.setattr(type(worker.ingestor), "ingest_file", recording_ingest_file)
 
