@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from collections.abc import Callable
 from typing import BinaryIO
 
 from pydicom import dcmread
@@ -157,13 +158,13 @@ class Ingestor:
             return _refuse(st.MEDIA_DIRECTORY_REFUSED, "DICOMDIR is a media directory, not an instance; send the files it lists",
                            "DICOMDIR is a media directory, not an instance")
         try:
-            ds, has_pixels, size = _parse_source(source if contents is None else contents)
+            header, has_pixels, size = _parse_source(source if contents is None else contents)
         except Malformed as exc:
             return _refuse(st.MALFORMED_DATASET, str(exc), exc.comment)
         uids: dict[str, str] = {}
         for keyword, label in UID_ATTRIBUTES:
             try:
-                uids[keyword] = check_uid(_text(ds, keyword), label)
+                uids[keyword] = check_uid(header.text(keyword), label)
             except MissingUID as exc:
                 return _refuse(st.MISSING_UID, str(exc), f"{label} is missing")
             except InvalidUID as exc:
@@ -201,7 +202,7 @@ class Ingestor:
             return _refuse(st.DUPLICATE_SOP_INSTANCE, f"SOPInstanceUID {sop_uid} already stored with different content",
                            "SOPInstanceUID already stored with different content")
 
-        record = _record(ds, study_uid, series_uid, sop_uid, sop_class, str(stored.path), size, has_pixels)
+        record = _record(header, study_uid, series_uid, sop_uid, sop_class, str(stored.path), size, has_pixels)
         if stored.outcome is StoreOutcome.DUPLICATE_IDENTICAL and self.index.instance_exists(sop_uid):
             return IngestResult(st.SUCCESS, "identical duplicate, already stored", sop_uid, study_uid)
         # A duplicate whose index row is missing (crash between fsync and commit) is indexed now.
@@ -248,8 +249,8 @@ def _refuse(status: int, message: str, comment: str = "") -> IngestResult:
 # --- the header-only parse ---------------------------------------------------------------
 
 
-def _parse_source(source: bytes | Path) -> tuple[Dataset, bool, int]:
-    """(dataset without its pixel data, whether it has pixel data, size in bytes); for an
+def _parse_source(source: bytes | Path) -> tuple[Header, bool, int]:
+    """(the header the index reads, whether it has pixel data, size in bytes); for an
     instance in memory, maybe only the elements the index reads (`_scanned`)."""
     if isinstance(source, Path):
         # os.open, fstat, read: half the system calls of Path.stat and read_bytes (each a GIL
@@ -260,7 +261,7 @@ def _parse_source(source: bytes | Path) -> tuple[Dataset, bool, int]:
             if size > SMALL_INSTANCE:
                 with os.fdopen(fd, "rb", closefd=False) as fp:
                     ds, has_pixels = _parse(fp, size)
-                return ds, has_pixels, size
+                return Header.parsed(ds), has_pixels, size
             source = _read_all(fd, size)  # parsed faster from memory, and bounded all the same
         finally:
             os.close(fd)
@@ -268,7 +269,7 @@ def _parse_source(source: bytes | Path) -> tuple[Dataset, bool, int]:
     if scanned is not None:
         return scanned[0], scanned[1], len(source)
     ds, has_pixels = _parse(BytesIO(source), len(source))
-    return ds, has_pixels, len(source)
+    return Header.parsed(ds), has_pixels, len(source)
 
 
 def _read_all(fd: int, size: int) -> bytes:
@@ -282,9 +283,9 @@ def _read_all(fd: int, size: int) -> bytes:
     return data
 
 
-def _scanned(data: bytes) -> tuple[Dataset, bool] | None:
+def _scanned(data: bytes) -> tuple[Header, bool] | None:
     """The usual file (`_plain_header`, little endian) scanned for the elements the index reads
-    (header_scan.py): a Dataset of those alone, as raw elements; None where pydicom must parse."""
+    (header_scan.py): a Header of those alone, as raw elements; None where pydicom must parse."""
     plain = _plain_header(data[:META_PEEK])
     if plain is None or not plain[3]:
         return None
@@ -292,12 +293,7 @@ def _scanned(data: bytes) -> tuple[Dataset, bool] | None:
     scanned = header_scan.scan(data, start, implicit, INDEXED_TAGS)
     if scanned is None:
         return None
-    ds = Dataset(scanned.elements)
-    ds.set_original_encoding(implicit, little, ds.original_character_set)
-    value = syntax.encode("ascii")  # raw too: setting a UID validates it (a tenth of the scan)
-    ds.file_meta = FileMetaDataset({TRANSFER_SYNTAX_TAG: RawDataElement(
-        TRANSFER_SYNTAX_TAG, "UI", len(value), value, 0, False, True, True, False)})
-    return ds, bool(scanned.tags & PIXEL_TAG_NUMBERS)
+    return Header.scanned(scanned.elements, syntax, implicit), bool(scanned.tags & PIXEL_TAG_NUMBERS)
 
 
 def _parse(fp: BinaryIO, size: int) -> tuple[Dataset, bool]:
@@ -537,66 +533,104 @@ class _Tail:
                 self._skip(length, parent)
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    # A single plain-ASCII value is what pydicom's conversion would give, read off the raw
-    # element (about 10x cheaper per element; the index reads ~20 per instance). Anything else
-    # (other characters, escape sequences, several values) goes through pydicom.
-    raw = ds.get_item(keyword_dict[keyword])
-    if raw is None:
-        return ""
-    if isinstance(raw, RawDataElement):
-        if raw.value is None:
+class Header:
+    """What the UID checks and the index row read of an instance's header: values as text, by
+    keyword, and the transfer syntax. A single plain-ASCII value is what pydicom's conversion
+    would give, so it is read off the raw element (about 10x cheaper per element; the index
+    reads ~20 per instance); anything else (other characters, escape sequences, several values,
+    sequences) goes through pydicom's Dataset, which a scanned header builds only then."""
+
+    def __init__(self, get_raw: Callable[[int], object], transfer_syntax: str,
+                 dataset: Callable[[], Dataset]) -> None:
+        self._get_raw = get_raw
+        self.transfer_syntax = transfer_syntax
+        self._make_dataset = dataset
+        self._dataset: Dataset | None = None
+
+    @classmethod
+    def parsed(cls, ds: Dataset) -> Header:
+        """Of a Dataset pydicom read (its elements mostly raw still)."""
+        return cls(ds.get_item, str(ds.file_meta.get("TransferSyntaxUID", "")), lambda: ds)
+
+    @classmethod
+    def scanned(cls, elements: dict[int, RawDataElement], syntax: str, implicit: bool) -> Header:
+        """Of the raw elements header_scan.py found, in a little-endian dataset of `syntax`."""
+        def dataset() -> Dataset:
+            ds = Dataset(elements)
+            ds.set_original_encoding(implicit, True, ds.original_character_set)
+            value = syntax.encode("ascii")  # raw too: setting a UID validates it
+            ds.file_meta = FileMetaDataset({TRANSFER_SYNTAX_TAG: RawDataElement(
+                TRANSFER_SYNTAX_TAG, "UI", len(value), value, 0, False, True, True, False)})
+            return ds
+        return cls(elements.get, syntax, dataset)
+
+    @property
+    def dataset(self) -> Dataset:
+        if self._dataset is None:
+            self._dataset = self._make_dataset()
+        return self._dataset
+
+    def text(self, keyword: str) -> str:
+        raw = self._get_raw(keyword_dict[keyword])
+        if raw is None:
             return ""
-        if raw.value.isascii() and not (b"\\" in raw.value or b"\x1b" in raw.value):
-            return raw.value.decode("ascii").strip(" \0")
-    value = ds.get(keyword, "")
-    return "" if value is None else str(value).strip()
+        if isinstance(raw, RawDataElement):
+            value = raw.value
+            if value is None:
+                return ""
+            if value.isascii() and not (b"\\" in value or b"\x1b" in value):
+                return value.decode("ascii").strip(" \0")
+        value = self.dataset.get(keyword, "")
+        return "" if value is None else str(value).strip()
+
+    def urgent(self) -> bool:
+        """STAT/HIGH Requested Procedure Priority (0040,1003), at top level or in the Request
+        Attributes Sequence."""
+        values = [self.text("RequestedProcedurePriority")]
+        if self._get_raw(REQUEST_ATTRIBUTES_TAG) is not None:
+            values += [Header(item.get_item, "", lambda item=item: item).text("RequestedProcedurePriority")
+                       for item in self.dataset.RequestAttributesSequence or []]
+        return any(value.upper() in URGENT_PRIORITIES for value in values)
 
 
 def _record(
-    ds: Dataset, study_uid: str, series_uid: str, sop_uid: str, sop_class: str, path: str, size: int, has_pixels: bool
+    header: Header, study_uid: str, series_uid: str, sop_uid: str, sop_class: str, path: str, size: int,
+    has_pixels: bool,
 ) -> InstanceRecord:
-    modality = _text(ds, "Modality").upper()
+    text = header.text
+    modality = text("Modality").upper()
     return InstanceRecord(
-        patient_id=_text(ds, "PatientID"),
-        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-        patient_name=_text(ds, "PatientName"),
-        birth_date=_text(ds, "PatientBirthDate"),
+        patient_id=text("PatientID"),
+        issuer_of_patient_id=text("IssuerOfPatientID"),
+        patient_name=text("PatientName"),
+        birth_date=text("PatientBirthDate"),
         study_uid=study_uid,
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
-        accession_number=_text(ds, "AccessionNumber"),
-        study_description=_text(ds, "StudyDescription"),
+        study_date=text("StudyDate"),
+        study_time=text("StudyTime"),
+        accession_number=text("AccessionNumber"),
+        study_description=text("StudyDescription"),
         series_uid=series_uid,
         modality=modality,
-        body_part=_text(ds, "BodyPartExamined").upper(),
-        series_number=_text(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription"),
+        body_part=text("BodyPartExamined").upper(),
+        series_number=text("SeriesNumber"),
+        series_description=text("SeriesDescription"),
         sop_instance_uid=sop_uid,
         sop_class_uid=sop_class,
-        transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
-        instance_number=_text(ds, "InstanceNumber"),
-        view_position=_text(ds, "ViewPosition").upper(),
-        laterality=(_text(ds, "ImageLaterality") or _text(ds, "Laterality")).upper(),
+        transfer_syntax_uid=header.transfer_syntax,
+        instance_number=text("InstanceNumber"),
+        view_position=text("ViewPosition").upper(),
+        laterality=(text("ImageLaterality") or text("Laterality")).upper(),
         analysable=has_pixels and modality not in NON_IMAGE_MODALITIES,
         path=path,
         size=size,
-        urgent=_is_urgent(ds),
+        urgent=header.urgent(),
     )
 
 
 URGENT_PRIORITIES = frozenset({"STAT", "HIGH"})
 
 
-def _is_urgent(ds: Dataset) -> bool:
-    """STAT/HIGH Requested Procedure Priority (0040,1003), at top level or in the Request Attributes Sequence."""
-    values = [_text(ds, "RequestedProcedurePriority")]
-    if REQUEST_ATTRIBUTES_TAG in ds:
-        values += [_text(item, "RequestedProcedurePriority") for item in ds.RequestAttributesSequence or []]
-    return any(value.upper() in URGENT_PRIORITIES for value in values)
-
-
-# Every element the UID checks, _record and _is_urgent read, and the character set their text
+# Every element the UID checks, _record and Header.urgent read, and the character set their text
 # is decoded with: what _scanned keeps of a header (tests compare its records with pydicom's).
 INDEXED_KEYWORDS = (
     "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",

@@ -53,9 +53,10 @@ def test_a_deflated_instance_is_parsed_without_holding_it_inflated(tmp_path):
     big_deflated(path, 64)
     assert path.stat().st_size < 2 << 20
     tracemalloc.start()
-    ds, has_pixels, _ = _parse_source(path)
+    header, has_pixels, _ = _parse_source(path)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
+    ds = header.dataset
     assert has_pixels and "PixelData" not in ds and ds.NumberOfFrames == 32
     assert peak < 8 << 20, f"parse allocated {peak >> 20} MiB for 64 MiB inflated"
     result = ingestor(tmp_path).ingest_file(path)

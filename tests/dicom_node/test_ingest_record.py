@@ -1,6 +1,6 @@
 """The index record read off raw elements equals what pydicom's full conversion gives.
 
-`ingest._text` reads single plain-ASCII values straight from the raw element for speed; these
+`ingest.Header.text` reads single plain-ASCII values straight from the raw element for speed; these
 datasets mix such values with ones it must leave to pydicom (a character set, several values,
 escape sequences, padding) and compare the two readings, field by field.
 """
@@ -18,7 +18,7 @@ from dicom_node import ingest
 from dicom_node.synthetic import ct_slice
 
 
-def parsed(ds: Dataset) -> Dataset:
+def parsed(ds: Dataset) -> ingest.Header:
     """`ds` written as a file and read back the way the ingest reads it (raw elements)."""
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -51,17 +51,16 @@ CASES = {
 
 @pytest.mark.parametrize("name", CASES)
 def test_record_fields_match_pydicoms_conversion(name):
-    ds = parsed(CASES[name])
+    header = parsed(CASES[name])
     for keyword in ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "StudyDate", "StudyTime",
                     "AccessionNumber", "StudyDescription", "Modality", "BodyPartExamined", "SeriesNumber",
                     "SeriesDescription", "InstanceNumber", "ViewPosition", "ImageLaterality", "Laterality",
                     "RequestedProcedurePriority"):
-        assert ingest._text(ds, keyword) == converted_text(ds, keyword), keyword
+        assert header.text(keyword) == converted_text(header.dataset, keyword), keyword
 
 
 def test_a_non_ascii_name_is_decoded_with_its_character_set():
-    ds = parsed(CASES["latin-1 name"])
-    assert ingest._text(ds, "PatientName") == "Müller^Jürgen"
+    assert parsed(CASES["latin-1 name"]).text("PatientName") == "Müller^Jürgen"
 
 
 def _pydicom_test_files() -> list[str]:
@@ -101,7 +100,7 @@ def test_the_direct_header_read_gives_what_dcmread_gives(path, monkeypatch):
 
 def _outcome(data: bytes) -> Dataset | str:
     try:
-        return ingest._parse_source(data)[0]
+        return ingest._parse_source(data)[0].dataset
     except ingest.Malformed as exc:
         return str(exc)
 
@@ -119,13 +118,12 @@ def _index_view(data: bytes) -> dict | str:
     """What the ingest takes from an instance: each indexed text, urgency, pixel data, syntax;
     or the refusal."""
     try:
-        ds, has_pixels, size = ingest._parse_source(data)
+        header, has_pixels, size = ingest._parse_source(data)
     except ingest.Malformed as exc:
         return str(exc)
-    view = {keyword: ingest._text(ds, keyword) for keyword in ingest.INDEXED_KEYWORDS
+    view = {keyword: header.text(keyword) for keyword in ingest.INDEXED_KEYWORDS
             if keyword != "RequestAttributesSequence"}
-    view.update(urgent=ingest._is_urgent(ds), has_pixels=has_pixels, size=size,
-                syntax=str(ds.file_meta.get("TransferSyntaxUID", "")))
+    view.update(urgent=header.urgent(), has_pixels=has_pixels, size=size, syntax=header.transfer_syntax)
     return view
 
 
@@ -178,8 +176,8 @@ def test_the_scan_gives_the_index_what_pydicoms_parse_gives(name, monkeypatch):
 
 
 def test_the_scan_reads_an_urgent_request():
-    ds, _ = ingest._scanned(SCAN_CASES["STAT request, undefined lengths"])
-    assert ingest._is_urgent(ds)
+    header, _ = ingest._scanned(SCAN_CASES["STAT request, undefined lengths"])
+    assert header.urgent()
 
 
 @pytest.mark.parametrize("path", _pydicom_test_files(), ids=lambda p: p.rsplit("/", 1)[-1])

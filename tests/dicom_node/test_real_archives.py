@@ -126,10 +126,10 @@ def test_header_only_parse_does_not_read_the_pixel_data(tmp_path):
     path = tmp_path / "big.dcm"
     write_big_instance(path, 64 << 20)
     tracemalloc.start()
-    ds, has_pixels, size = _parse_source(path)
+    header, has_pixels, size = _parse_source(path)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert has_pixels and size > 64 << 20 and "PixelData" not in ds
+    assert has_pixels and size > 64 << 20 and "PixelData" not in header.dataset
     assert peak < 4 << 20, f"parse allocated {peak >> 20} MiB"
 
 
