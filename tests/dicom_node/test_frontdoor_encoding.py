@@ -4,7 +4,8 @@ The C-STORE response and the spool file's meta header are built with struct inst
 pydicom Datasets (dimse_codec.py, for speed); these compare them with the library's own output
 for the values a node sends, odd and even lengths, with and without a comment, and check that
 what they do not handle still goes to pynetdicom. The C-STORE request's command is decoded
-with struct too; its primitive is compared with the one pynetdicom makes.
+with struct too; its primitive is compared with the one pynetdicom makes. The UID setter's
+shortcut gives what pynetdicom's set_uid gives, and leaves every other value to it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import struct
 from io import BytesIO
 
+import pynetdicom
 import pytest
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
@@ -254,3 +257,39 @@ def test_a_whole_command_lies_where_pynetdicom_decodes_it():
 ])
 def test_what_the_command_fast_path_does_not_handle_is_left_to_pynetdicom(pdu):
     assert dimse_codec.whole_command(bytearray(pdu)) is None
+
+
+# --- the DIMSE primitives' UID setter (frontdoor._set_uid) --------------------------------------
+
+
+@pytest.mark.parametrize("value", [CT, US_RETIRED, "0", "1.2.3.4", "2.25." + "9" * 59, UID(CT)])
+def test_a_conformant_uid_is_set_as_pynetdicoms_set_uid_sets_it(value, caplog):
+    ours = frontdoor._set_uid(value, "Affected SOP Class UID")
+    assert type(ours) is UID and ours == frontdoor._PYNETDICOM_SET_UID(value, "Affected SOP Class UID")
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("value", ["1.02.3", "1.2.", ".1.2", "1..2", "1." + "2" * 63, b"1.2.3", None, ""])
+def test_any_other_value_goes_to_pynetdicoms_set_uid(value, monkeypatch):
+    calls = []
+    monkeypatch.setattr(frontdoor, "_PYNETDICOM_SET_UID", lambda *args: calls.append(args) or "theirs")
+    assert frontdoor._set_uid(value, "Affected SOP Instance UID") == "theirs"
+    assert calls == [(value, "Affected SOP Instance UID", True, True, True)]
+
+
+def test_a_non_conformant_or_invalid_uid_still_warns_or_raises_after_install(caplog):
+    frontdoor.install()
+    assert pynetdicom.dimse_primitives.set_uid is frontdoor._set_uid
+    request = C_STORE()
+    request.AffectedSOPInstanceUID = "1.02.3"  # valid characters, not conformant: a warning
+    assert request.AffectedSOPInstanceUID == "1.02.3"
+    assert "Non-conformant 'Affected SOP Instance UID'" in caplog.text
+    with pytest.raises(ValueError, match="Invalid 'Affected SOP Class UID'.*must not exceed 64"):
+        request.AffectedSOPClassUID = "1.2." + "3" * 61
+
+
+def test_a_validator_configured_otherwise_is_still_asked(monkeypatch):
+    frontdoor.install()
+    monkeypatch.setitem(pynetdicom._config.VALIDATORS, "UI", lambda value: (False, "refused here"))
+    with pytest.raises(ValueError, match="refused here"):
+        C_STORE().AffectedSOPClassUID = CT
