@@ -8,8 +8,9 @@ import dataclasses
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
-from dicom_node.index import Index, InstanceRecord, instances, studies
+from dicom_node.index import Index, InstanceRecord, instances, series, studies
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -74,3 +75,25 @@ def test_a_new_image_reopens_a_completed_study_for_reanalysis(index):
     study = row(index, studies, study_uid="1.2.826.0.1.1")
     assert (study["state"], study["reanalysis"], study["first_received_at"], study["last_received_at"]) == (
         "receiving", True, 400.0, 400.0)
+
+
+def test_an_instance_row_the_database_refuses_raises_sqlalchemys_integrity_error(index):
+    """The instance statement runs on the driver's cursor (SQLite) or through exec_driver_sql:
+    either way a refused row is SQLAlchemy's IntegrityError, which record_instances and the
+    commit group handle, and nothing of its transaction stays."""
+    index.record_instances([record(1)], now=100.0)
+    with pytest.raises(IntegrityError):  # NOT NULL: the statement itself refuses it
+        index.record_instances([record(2, path=None)], now=101.0)
+    assert index.record_instances([record(2)], now=102.0) == [True]
+    assert row(index, instances, sop_instance_uid="1.2.826.0.1.1.1.2")["received_at"] == 102.0
+
+
+def test_a_series_whose_rows_another_process_deleted_is_written_again(index):
+    """The instance insert fails on its foreign key (this process thought the series rows were
+    there); record_instances writes them again and retries."""
+    index.record_instances([record(1)], now=100.0)
+    with index.engine.begin() as conn:  # as the other process's prior-cache eviction does
+        for table in (instances, series, studies):
+            conn.execute(table.delete().where(table.c.study_uid == "1.2.826.0.1.1"))
+    assert index.record_instances([record(2)], now=101.0) == [True]
+    assert row(index, studies, study_uid="1.2.826.0.1.1")["last_received_at"] == 101.0
