@@ -68,6 +68,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Callable
 
+import pydicom.config
 import pydicom.filewriter
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -196,6 +197,7 @@ class _SpoolHandle:
     which was a sixth of the DUL thread's time per instance. Private to its owner (0600)."""
 
     def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
         self.name = str(path)
         self.file = SpoolWriter(fd)
         self.synced: Future | None = None
@@ -361,7 +363,7 @@ def _set_uid(value, name: str, allow_empty: bool = True, allow_none: bool = True
     """``pynetdicom.utils.set_uid``, without its two checks for a conformant UID."""
     if (type(value) in (str, UID) and len(value) <= 64 and _CONFORMANT_UID.fullmatch(value)
             and _config.VALIDATORS["UI"] is _PYNETDICOM_UI_VALIDATOR):
-        return value if type(value) is UID else UID(value)
+        return value if type(value) is UID else UID(value, pydicom.config.IGNORE)  # checked above
     return _PYNETDICOM_SET_UID(value, name, allow_empty, allow_none, validate)
 
 
@@ -474,7 +476,7 @@ class _DecodedStoreRequest(pynetdicom.dimse_messages.C_STORE_RQ):
             transfer_syntax=transfer_syntax,
         ))
         self._data_set_file = handle
-        self._data_set_path = Path(handle.name)
+        self._data_set_path = handle.path
 
     def message_to_primitive(self) -> C_STORE:
         request = self._request

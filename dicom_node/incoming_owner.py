@@ -43,7 +43,7 @@ _serial = itertools.count()  # next() is atomic under the GIL: no lock, no rando
 def new_path(incoming: Path, suffix: str) -> Path:
     """A fresh file name in `incoming` that this process owns: its token there (this process's
     alone; a forked child takes a new one), then a number counted in this process."""
-    return Path(incoming) / f"{_token(Path(incoming))}-{next(_serial)}{suffix}"
+    return Path(f"{incoming}/{_token(incoming)}-{next(_serial)}{suffix}")  # one parse, where / parses again
 
 
 def _token(incoming: Path) -> str:
@@ -51,6 +51,7 @@ def _token(incoming: Path) -> str:
     with _tokens_lock:
         token = _tokens.get(key)
         if token is None:
+            incoming = Path(incoming)
             token = uuid.uuid4().hex[:16]
             claiming = incoming / f".{token}{CLAIMING_SUFFIX}"
             fd = os.open(claiming, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

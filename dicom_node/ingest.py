@@ -139,7 +139,7 @@ class Ingestor:
         (frontdoor.ingest_received); without it store_file fsyncs the file itself. `contents`: exactly
         the file's bytes, when the caller has them (read back by the front door), parsed instead of
         reading the file again (the index row comes from them, the file is what is stored)."""
-        return self._guarded(Path(path), requested_sop_class, requested_sop_instance, synced, contents)
+        return self._guarded(path if isinstance(path, Path) else Path(path), requested_sop_class, requested_sop_instance, synced, contents)
 
     def _guarded(self, source: bytes | Path, requested_sop_class: str, requested_sop_instance: str,
                  synced: Future | None = None, contents: bytes | None = None) -> IngestResult:

@@ -72,7 +72,7 @@ class InstanceStore:
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         # UIDs are validated by the caller (uids.check_uid): digits and dots only.
-        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+        return Path(f"{self.root}/{study_uid}/{series_uid}/{sop_uid}.dcm")  # one parse, where / parses each part
 
     def free_bytes(self) -> int:
         """Free space on the store's disk: read again after FREE_SPACE_RECHECK_SECONDS, or at
@@ -131,7 +131,7 @@ class InstanceStore:
         `sync_dir` False the new entry's folder is not fsynced here: the caller does it (a
         commit group fsyncs each folder once for several instances) before it answers.
         `synced`: begin_sync's future for `source` (in .incoming), awaited instead of an fsync."""
-        source = Path(source)
+        source = source if isinstance(source, Path) else Path(source)
         if self.free_bytes() < self.min_free_bytes:  # its bytes are on this disk already
             raise DiskFull(
                 f"free space on {self.root} below the threshold of {self.min_free_bytes // 2**20} MiB"
