@@ -73,7 +73,11 @@ class _Walk:
             tag, vr, length, value_at = self.header(position)
             if tag >> 16 == 0xFFFE or (vr == b"UN" and length == UNDEFINED_LENGTH):
                 raise _GiveUp  # an item out of place; a UN sequence (its items are implicit VR)
-            end = self.skip_value(length, value_at, 0)
+            end = value_at + length  # skip_value's common case, without the call (one per element)
+            if length == UNDEFINED_LENGTH:
+                end = self.skip_value(length, value_at, 0)
+            elif end > self.size:
+                raise _GiveUp
             tags.add(tag)
             if tag in wanted:
                 elements[tag] = RawDataElement(
