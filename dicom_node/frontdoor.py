@@ -62,7 +62,6 @@ import struct
 import tempfile
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -93,7 +92,7 @@ from .ingest import SMALL_INSTANCE, Ingestor, IngestResult
 from . import dimse_codec, incoming_owner
 from .logs import log_event
 from .spool_writer import SpoolWriter
-from .storage import InstanceStore
+from .storage import FILE_MODE
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +199,6 @@ class _SpoolHandle:
         self.path = path
         self.name = str(path)
         self.file = SpoolWriter(fd)
-        self.synced: Future | None = None
 
     @classmethod
     def create(cls, directory: Path) -> _SpoolHandle:
@@ -215,12 +213,10 @@ class _SpoolHandle:
     def write(self, data) -> int:
         return self.file.write(data)
 
-    def begin_sync(self) -> None:
-        """Once the data set is complete: start its fsync (InstanceStore.begin_sync) before the
-        message even reaches the association thread; the C-STORE handler's ingest waits for it
-        (``ingest_received``)."""
-        self.file.flush()
-        self.synced = InstanceStore.begin_sync_fd(self.file.fileno())
+    def make_durable(self) -> None:
+        """fsync the complete file on its own descriptor, its mode set as the store's files
+        (InstanceStore.store_file calls it before linking the file into place)."""
+        self.file.sync(FILE_MODE)
 
     def close(self) -> None:
         self.file.close()
@@ -232,9 +228,8 @@ class _SpoolHandle:
 
 def ingest_received(ingestor: Ingestor, event) -> IngestResult:
     """The instance a C-STORE event brought, ingested. Streamed to a spool file (the front door,
-    or ``spool_received_datasets``): from that file, with the fsync begun as its data set
-    completed and, up to SMALL_INSTANCE, its bytes read back on the spool's own descriptor.
-    Otherwise from the data set pynetdicom holds."""
+    or ``spool_received_datasets``): from that file, made durable and, up to SMALL_INSTANCE,
+    read back on the spool's own descriptor. Otherwise from the data set pynetdicom holds."""
     request = event.request
     requested = str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or "")
     spooled = getattr(request, "_dataset_path", None)
@@ -243,7 +238,8 @@ def ingest_received(ingestor: Ingestor, event) -> IngestResult:
     handle = getattr(request, "_dataset_file", None)
     if not isinstance(handle, _SpoolHandle):
         return ingestor.ingest_file(spooled, *requested)
-    return ingestor.ingest_file(spooled, *requested, synced=handle.synced, contents=_read_back(handle, SMALL_INSTANCE))
+    return ingestor.ingest_file(spooled, *requested, make_durable=handle.make_durable,
+                                contents=_read_back(handle, SMALL_INSTANCE))
 
 
 def _read_back(handle: _SpoolHandle, limit: int) -> bytes | None:
@@ -278,9 +274,6 @@ def spool_received_datasets(assoc, spool_dir: Path) -> SpoolOnly:
     install()
     spool = SpoolOnly(spool_dir)
     assoc.dul._front_door = spool  # read by _connection() in the association's DUL thread
-    # Each spool file's fsync starts as its data set completes (ingest_received), as on the SCP;
-    # the requestor's threads block on the queue's own condition, so no wake-up is needed.
-    assoc.dimse.msg_queue = _MessageQueue(lambda: None, assoc.dimse.msg_queue.queue)
     return spool
 
 
@@ -584,7 +577,6 @@ def _serve_here(assoc, item: tuple[int, C_STORE]) -> bool:
                 or not assoc._reactor_checkpoint.is_set()):  # paused by a local send or release
             return False
         context_id, primitive = item
-        _begin_spool_sync(primitive)  # on the pool: the data set is parsed meanwhile
         # Not idle while it is served (the association thread, free now, watches the timer).
         idle = _pause_idle_timer(assoc.dul)
         try:
@@ -924,31 +916,13 @@ class _Wakeup:
                 os.close(self._write_fd)
 
 
-class _MessageQueue(_WakingQueue):
-    """The DIMSE message queue: a C-STORE whose data set was spooled starts its fsync here."""
-
-    def _put(self, item) -> None:
-        _begin_spool_sync(item[1])
-        super()._put(item)
-
-
-def _begin_spool_sync(primitive) -> None:
-    """Start the fsync of a request's spool file, as its data set is complete."""
-    handle = getattr(primitive, "_dataset_file", None)
-    if isinstance(handle, _SpoolHandle) and handle.synced is None:
-        try:
-            handle.begin_sync()
-        except OSError:
-            log.warning("frontdoor.early_sync_failed", exc_info=True)  # the ingest fsyncs it itself
-
-
 def _make_event_driven(assoc, wake: _Wakeup) -> None:
     """Swap the four queues for waking ones and both reactor loops for the waiting ones."""
     dul, dimse = assoc.dul, assoc.dimse
     dul.event_queue = _WakingQueue(wake.dul, dul.event_queue.queue)  # Evt5 is already queued
     dul.to_provider_queue = _WakingQueue(wake.dul, dul.to_provider_queue.queue)
     dul.to_user_queue = _WakingQueue(wake.assoc, dul.to_user_queue.queue)
-    dimse.msg_queue = _MessageQueue(wake.assoc, dimse.msg_queue.queue)
+    dimse.msg_queue = _WakingQueue(wake.assoc, dimse.msg_queue.queue)
     stop_dul, kill_dul = dul.stop_dul, dul.kill_dul
 
     def stop() -> bool:

@@ -19,7 +19,6 @@ import os
 import struct
 import tempfile
 import zlib
-from concurrent.futures import Future
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -133,18 +132,20 @@ class Ingestor:
         return self._guarded(encoded, requested_sop_class, requested_sop_instance)
 
     def ingest_file(self, path: Path, requested_sop_class: str = "", requested_sop_instance: str = "",
-                    synced: Future | None = None, contents: bytes | None = None) -> IngestResult:
+                    make_durable: Callable[[], None] | None = None, contents: bytes | None = None) -> IngestResult:
         """An instance in a file (the SCP's spool file in the store's .incoming): never read whole
-        over SMALL_INSTANCE. `synced`: the fsync of that file already begun
-        (frontdoor.ingest_received); without it store_file fsyncs the file itself. `contents`: exactly
+        over SMALL_INSTANCE. `make_durable`: fsyncs that file as it is, on its writer's descriptor
+        (frontdoor.ingest_received), once the instance passed its checks; without it store_file
+        fsyncs a link to the file itself. `contents`: exactly
         the file's bytes, when the caller has them (read back by the front door), parsed instead of
         reading the file again (the index row comes from them, the file is what is stored)."""
-        return self._guarded(path if isinstance(path, Path) else Path(path), requested_sop_class, requested_sop_instance, synced, contents)
+        return self._guarded(path if isinstance(path, Path) else Path(path), requested_sop_class, requested_sop_instance,
+                             make_durable, contents)
 
     def _guarded(self, source: bytes | Path, requested_sop_class: str, requested_sop_instance: str,
-                 synced: Future | None = None, contents: bytes | None = None) -> IngestResult:
+                 make_durable: Callable[[], None] | None = None, contents: bytes | None = None) -> IngestResult:
         try:
-            return self._ingest(source, requested_sop_class, requested_sop_instance, synced, contents)
+            return self._ingest(source, requested_sop_class, requested_sop_instance, make_durable, contents)
         except Exception as exc:  # never take the association down: answer with a failure status
             log.exception("ingest.unexpected_error")
             return IngestResult(
@@ -153,7 +154,7 @@ class Ingestor:
             )
 
     def _ingest(self, source: bytes | Path, requested_sop_class: str, requested_sop_instance: str,
-                synced: Future | None = None, contents: bytes | None = None) -> IngestResult:
+                make_durable: Callable[[], None] | None = None, contents: bytes | None = None) -> IngestResult:
         if requested_sop_class == MEDIA_STORAGE_DIRECTORY:
             return _refuse(st.MEDIA_DIRECTORY_REFUSED, "DICOMDIR is a media directory, not an instance; send the files it lists",
                            "DICOMDIR is a media directory, not an instance")
@@ -191,7 +192,7 @@ class Ingestor:
             if isinstance(source, Path):
                 # With a commit group, the new entry's folder is fsynced by the group, below.
                 stored = self.store.store_file(study_uid, series_uid, sop_uid, source, sync_dir=self.commits is None,
-                                               synced=synced)
+                                               make_durable=make_durable)
             else:
                 stored = self.store.store(study_uid, series_uid, sop_uid, source)
         except DiskFull as exc:

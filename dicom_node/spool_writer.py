@@ -21,7 +21,7 @@ HOLD_BYTES = 4096  # writes smaller than this wait for the next (the preamble, t
 
 class SpoolWriter:
     """The part of a binary file the spool file's writers use (write, flush, fileno, close),
-    and ``read_all`` for its reader. One thread writes and reads; another may close it
+    and ``read_all`` and ``sync`` for its reader. One thread writes and reads; another may close it
     meanwhile (a connection's end removing what a handler still holds): a lock keeps a
     closed, maybe reused, descriptor number from being written or read."""
 
@@ -60,6 +60,14 @@ class SpoolWriter:
                 chunks.append(chunk)
                 offset += len(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def sync(self, mode: int) -> None:
+        """Make what was written durable: held writes out, the file's mode set, fsynced."""
+        with self._lock:  # held meanwhile: a close from another thread waits for the fsync
+            fd = self._open_fd()
+            self._flush(fd)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
 
     def fileno(self) -> int:
         with self._lock:

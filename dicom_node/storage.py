@@ -12,9 +12,8 @@ import enum
 import hashlib
 import os
 import shutil
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,6 @@ INCOMING = ".incoming"
 CONFLICTS = ".conflicts"
 FILE_MODE = 0o640
 MAX_KNOWN_DIRS = 4096  # series folders remembered as existing (forgotten all at once beyond)
-SYNC_THREADS = 8  # fsyncs in flight at once (begin_sync); each waits on the disk, not the CPU
 # Free space is read at most this often while it is well above the threshold (a statfs per
 # instance is measurable under load); within FREE_SPACE_MARGIN of it, before every instance.
 FREE_SPACE_RECHECK_SECONDS = 1.0
@@ -110,27 +108,15 @@ class InstanceStore:
         parent = Path(path).parent
         return parent == self.incoming or parent.resolve() == self._incoming_resolved
 
-    def begin_sync(self, path: Path) -> Future:
-        """Start making a file in .incoming durable (mode set, fsync) on a background thread and
-        return at once: the caller parses the instance while the disk works (fsync releases the
-        GIL), then hands the future to store_file, which waits for it before linking the file
-        into place."""
-        return _sync_owned(os.open(path, os.O_RDONLY))
-
-    @staticmethod
-    def begin_sync_fd(fd: int) -> Future:
-        """begin_sync for a file its writer still has open (the front door's spool file): the
-        fsync works on a duplicate descriptor, so the writer may close its own meanwhile."""
-        return _sync_owned(os.dup(fd))
-
     def store_file(self, study_uid: str, series_uid: str, sop_uid: str, source: Path, sync_dir: bool = True,
-                   synced: Future | None = None) -> StoreResult:
+                   make_durable: Callable[[], None] | None = None) -> StoreResult:
         """store() for an instance already in a file (a C-STORE the SCP streamed to .incoming):
         fsynced and hard-linked into place without being read into memory (copied first only
         from another folder). `source` itself is left for its owner to remove. With
         `sync_dir` False the new entry's folder is not fsynced here: the caller does it (a
         commit group fsyncs each folder once for several instances) before it answers.
-        `synced`: begin_sync's future for `source` (in .incoming), awaited instead of an fsync."""
+        `make_durable`: makes `source` (in .incoming) durable as it is, with FILE_MODE (the front
+        door's spool writer, on the descriptor it holds): called instead of an fsync of a link."""
         source = source if isinstance(source, Path) else Path(source)
         if self.free_bytes() < self.min_free_bytes:  # its bytes are on this disk already
             raise DiskFull(
@@ -138,8 +124,8 @@ class InstanceStore:
             )
         final = self.path_for(study_uid, series_uid, sop_uid)
         self._ensure_dir(final.parent)
-        if synced is not None:
-            synced.result()  # the spool file is durable: linked into place as it is
+        if make_durable is not None:
+            make_durable()  # the spool file itself is durable now: linked into place as it is
             temp, durable = None, source
         else:
             temp = durable = self._adopt(source)
@@ -266,37 +252,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-_SYNC_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the process it belongs to, the pool)
-_SYNC_POOL_LOCK = threading.Lock()
-
-
-def _sync_pool() -> ThreadPoolExecutor:
-    """One per process, shared by every store (a worker opens a store per job: no pool each);
-    a forked child makes its own (the parent's threads do not exist in it)."""
-    global _SYNC_POOL
-    with _SYNC_POOL_LOCK:
-        if _SYNC_POOL is None or _SYNC_POOL[0] != os.getpid():
-            _SYNC_POOL = (os.getpid(), ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="store-fsync"))
-        return _SYNC_POOL[1]
-
-
-def _sync_owned(fd: int) -> Future:
-    """Set the mode of, and fsync on the pool, a descriptor the pool then closes."""
-    try:
-        os.fchmod(fd, FILE_MODE)
-        return _sync_pool().submit(_fsync_and_close, fd)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _fsync_and_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -1,5 +1,6 @@
 """The spool file's writer: small writes wait for the next large one or a flush, each large one
-goes straight to the file (never held), a short write is finished, and close flushes."""
+goes straight to the file (never held), a short write is finished, close flushes, and sync makes
+it all durable on its own descriptor."""
 
 from __future__ import annotations
 
@@ -127,6 +128,21 @@ def test_a_closed_writer_refuses_writes(tmp_path):
         writer.write(b"late")
     with pytest.raises(ValueError):
         writer.read_all()
+    with pytest.raises(ValueError):  # never an fsync or chmod of a descriptor number reused since
+        writer.sync(0o640)
+
+
+def test_sync_writes_what_is_held_sets_the_mode_and_fsyncs_the_writers_descriptor(tmp_path, monkeypatch):
+    path = tmp_path / "a.dcm"
+    writer = opened(path)
+    writer.write(b"held")
+    fsynced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsynced.append((fd, path.read_bytes())) or real_fsync(fd))
+    writer.sync(0o640)
+    assert fsynced == [(writer.fileno(), b"held")]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o640)
+    writer.close()
 
 
 class _Request:

@@ -1,32 +1,43 @@
-"""The background fsync of spool files (InstanceStore.begin_sync): durable before linking,
-one pool per process, and a forked child (a Celery worker) gets a pool that runs."""
+"""A spool file made durable as it is: fsynced on its writer's own descriptor (the front door's
+SpoolWriter.sync) just before it is linked into place, the store's file mode set; the stored
+file is the spool file itself; a failed fsync stores nothing."""
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
 from dicom_node import ingest, storage
+from dicom_node.spool_writer import SpoolWriter
 from dicom_node.storage import InstanceStore, StoreOutcome
 
 
-def spooled(store: InstanceStore, name: str, data: bytes = b"x" * 1000):
+def spooled(store: InstanceStore, name: str, data: bytes = b"x" * 1000) -> tuple[Path, SpoolWriter]:
+    """A spool file in .incoming as the front door writes it (0600, still open, a write held)."""
     path = store.incoming / name
-    path.write_bytes(data)
-    return path
+    writer = SpoolWriter(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    writer.write(data)
+    return path, writer
 
 
-def test_a_spool_file_is_linked_into_place_after_its_background_fsync(tmp_path):
+def durable(writer: SpoolWriter):
+    return lambda: writer.sync(storage.FILE_MODE)
+
+
+def test_a_spool_file_is_made_durable_before_it_is_linked_into_place(tmp_path, monkeypatch):
     store = InstanceStore(tmp_path / "store")
-    source = spooled(store, "rx-1.dcm")
-    synced = store.begin_sync(source)
-    result = store.store_file("1.2", "1.2.3", "1.2.3.4", source, synced=synced)
-    assert synced.done() and synced.exception() is None
-    assert result.path.read_bytes() == source.read_bytes()
+    source, writer = spooled(store, "rx-1.dcm")
+    final = store.path_for("1.2", "1.2.3", "1.2.3.4")
+    fsynced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsynced.append((fd, final.exists())) or real_fsync(fd))
+    result = store.store_file("1.2", "1.2.3", "1.2.3.4", source, make_durable=durable(writer))
+    assert [linked for fd, linked in fsynced if fd == writer.fileno()] == [False]  # the writer's own, before the link
+    assert result.path.read_bytes() == b"x" * 1000  # the held write went out first
     assert oct(result.path.stat().st_mode & 0o777) == oct(storage.FILE_MODE)
+    writer.close()
 
 
 def instance_files(store: InstanceStore) -> list[str]:
@@ -34,15 +45,16 @@ def instance_files(store: InstanceStore) -> list[str]:
     return sorted(p.name for p in store.incoming.iterdir() if p.suffix in (".dcm", ".part"))
 
 
-def test_a_synced_spool_file_becomes_the_stored_file_itself(tmp_path):
+def test_a_durable_spool_file_becomes_the_stored_file_itself(tmp_path):
     """No second temporary link: the stored file is the spool file's inode, which stays for its
     owner (pynetdicom) to remove."""
     store = InstanceStore(tmp_path / "store")
-    source = spooled(store, "rx-1.dcm")
-    result = store.store_file("1.2", "1.2.3", "1.2.3.4", source, synced=store.begin_sync(source))
+    source, writer = spooled(store, "rx-1.dcm")
+    result = store.store_file("1.2", "1.2.3", "1.2.3.4", source, make_durable=durable(writer))
     assert result.outcome is StoreOutcome.STORED
     assert os.path.samefile(result.path, source)
     assert instance_files(store) == ["rx-1.dcm"]
+    writer.close()
 
 
 @pytest.mark.parametrize("policy, outcome", [
@@ -50,13 +62,15 @@ def test_a_synced_spool_file_becomes_the_stored_file_itself(tmp_path):
     ("keep_first", StoreOutcome.CONFLICT_KEPT_FIRST),
     ("reject", StoreOutcome.CONFLICT_REJECTED),
 ])
-def test_a_synced_conflicting_copy_is_handled_by_policy_and_the_spool_file_left(tmp_path, policy, outcome):
+def test_a_durable_conflicting_copy_is_handled_by_policy_and_the_spool_file_left(tmp_path, policy, outcome):
     store = InstanceStore(tmp_path / "store", duplicate_policy=policy)
-    first = spooled(store, "rx-1.dcm", b"first" * 100)
-    store.store_file("1.2", "1.2.3", "1.2.3.4", first, synced=store.begin_sync(first))
+    first, first_writer = spooled(store, "rx-1.dcm", b"first" * 100)
+    store.store_file("1.2", "1.2.3", "1.2.3.4", first, make_durable=durable(first_writer))
+    first_writer.close()
     first.unlink()  # as its owner does after the handler
-    second = spooled(store, "rx-2.dcm", b"second" * 100)
-    result = store.store_file("1.2", "1.2.3", "1.2.3.4", second, synced=store.begin_sync(second))
+    second, second_writer = spooled(store, "rx-2.dcm", b"second" * 100)
+    result = store.store_file("1.2", "1.2.3", "1.2.3.4", second, make_durable=durable(second_writer))
+    second_writer.close()
     assert result.outcome is outcome
     assert result.path.read_bytes() == (b"second" * 100 if policy == "replace" else b"first" * 100)
     kept = {p.read_bytes() for p in store.conflicts.iterdir()}
@@ -67,58 +81,59 @@ def test_a_synced_conflicting_copy_is_handled_by_policy_and_the_spool_file_left(
 
 def test_a_failed_fsync_stores_nothing(tmp_path):
     store = InstanceStore(tmp_path / "store")
-    source = spooled(store, "rx-1.dcm")
-    failed: Future = Future()
-    failed.set_exception(OSError(5, "Input/output error"))
+    source, writer = spooled(store, "rx-1.dcm")
+
+    def failing() -> None:
+        raise OSError(5, "Input/output error")
+
     with pytest.raises(OSError, match="Input/output"):
-        store.store_file("1.2", "1.2.3", "1.2.3.4", source, synced=failed)
+        store.store_file("1.2", "1.2.3", "1.2.3.4", source, make_durable=failing)
     assert not store.path_for("1.2", "1.2.3", "1.2.3.4").exists()
+    writer.close()
 
 
-def test_stores_share_one_pool_per_process(tmp_path):
-    first, second = InstanceStore(tmp_path / "a"), InstanceStore(tmp_path / "b")
-    first.begin_sync(spooled(first, "rx-a.dcm")).result(5)
-    pool = storage._sync_pool()
-    second.begin_sync(spooled(second, "rx-b.dcm")).result(5)
-    assert storage._sync_pool() is pool
-
-
-def test_a_forked_child_fsyncs_on_a_pool_of_its_own(tmp_path):
-    store = InstanceStore(tmp_path / "store")
-    store.begin_sync(spooled(store, "rx-parent.dcm")).result(5)  # the parent's pool has threads now
-    pid = os.fork()
-    if pid == 0:  # the child: the parent's pool threads do not exist here
-        try:
-            store.begin_sync(spooled(store, "rx-child.dcm")).result(5)
-            os._exit(0)
-        except BaseException:
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-
-
-def test_the_scp_begins_each_spool_files_fsync_as_its_data_set_completes(node, ct_study, monkeypatch):
-    """Over a real association: the handler is given the fsync the front door began (on its own
-    descriptor), done without error by the time the instance is stored."""
+def test_the_scp_makes_each_spool_file_durable_on_its_own_descriptor(node, ct_study, monkeypatch):
+    """Over a real association: the handler's ingest is given the spool file's own fsync (the
+    front door's handle), which it calls before linking each file into place."""
+    from dicom_node import frontdoor
     from dicom_node.ingest import Ingestor
 
     from .conftest import NODE_AE, run_tool
 
-    given = []
+    given, synced = [], []
     original = Ingestor.ingest_file
+    real_sync = SpoolWriter.sync
 
-    def recording(self, path, *args, synced=None, **kwargs):
-        given.append(synced)
-        result = original(self, path, *args, synced=synced, **kwargs)
-        given.append(synced.done() and synced.exception() is None)
-        return result
+    def recording(self, path, *args, make_durable=None, **kwargs):
+        given.append(make_durable)
+        return original(self, path, *args, make_durable=make_durable, **kwargs)
 
     monkeypatch.setattr(Ingestor, "ingest_file", recording)
+    monkeypatch.setattr(SpoolWriter, "sync", lambda self, mode: synced.append(mode) or real_sync(self, mode))
     _, paths = ct_study
     run_tool("/usr/bin/storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))
-    assert len(given) == 2 * len(paths)
-    assert all(isinstance(future, Future) for future in given[0::2])  # begun by the front door, not by the ingest
-    assert all(given[1::2])
+    assert len(given) == len(paths)
+    assert all(isinstance(getattr(f, "__self__", None), frontdoor._SpoolHandle) for f in given)
+    assert synced == [storage.FILE_MODE] * len(paths)
+
+
+def test_an_instance_whose_spool_file_cannot_be_fsynced_fails_and_nothing_is_stored(node, ct_study, monkeypatch):
+    """A disk that fails the fsync: the C-STORE fails with a processing failure, no file is
+    linked into the store and no row written, and the spool file is removed."""
+    from .conftest import NODE_AE, run_tool
+
+    def failing(self, mode):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(SpoolWriter, "sync", failing)
+    _, paths = ct_study
+    done = run_tool("/usr/bin/storescu", "-v", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), str(paths[0]),
+                    check=False)
+    assert "Status: 0x110)" in done.stderr, done.stderr  # 0x0110 Processing Failure
+    store = node.settings.storage_dir
+    assert not any(p.suffix == ".dcm" for p in store.rglob("*") if ".incoming" not in p.parts)
+    assert not any(p.name.endswith(".rx.dcm") for p in (store / ".incoming").iterdir())
+    assert node.index.counts()["instances"] == 0
 
 
 def test_the_scp_parses_each_small_spool_file_from_the_bytes_it_wrote(node, ct_study, monkeypatch):
@@ -178,14 +193,15 @@ def test_a_series_folder_removed_after_it_was_made_is_made_again(tmp_path, monke
     removed them since (prior-cache eviction empties its study folders), they are made again,
     each new entry fsynced, and nothing is lost."""
     store = InstanceStore(tmp_path / "store")
-    first = store.store_file("1.2", "1.2.3", "1.2.3.4", spooled(store, "rx-1.dcm"))
+    first = store.store_file("1.2", "1.2.3", "1.2.3.4", spooled(store, "rx-1.dcm")[0])
     series = first.path.parent
     first.path.unlink()
     series.rmdir()
     series.parent.rmdir()  # the study folder too
     synced = []
     monkeypatch.setattr(storage, "fsync_dir", lambda directory: synced.append(Path(directory)))
-    again = store.store_file("1.2", "1.2.3", "1.2.3.5", spooled(store, "rx-2.dcm", b"y" * 500))
+    source, writer = spooled(store, "rx-2.dcm", b"y" * 500)
+    again = store.store_file("1.2", "1.2.3", "1.2.3.5", source, make_durable=durable(writer))
     assert again.outcome is StoreOutcome.STORED and again.path.parent == series
     assert {series.parent.parent, series.parent, series} <= set(synced)  # each made level's entry, and the file's
     in_memory = store.store("1.2", "1.2.3", "1.2.3.6", b"z" * 300)

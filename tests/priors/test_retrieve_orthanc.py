@@ -3,7 +3,6 @@ DICOMweb retrieval, prior reports, the cache, and every fault the issue lists.""
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from dicom_node.priors import (
     release_priors,
     retrieve_priors,
 )
+from dicom_node import frontdoor
 from dicom_node.priors import archive as archive_module
 from dicom_node.priors.cache import evict_priors
 from tests.support.procs import free_port
@@ -126,18 +126,18 @@ def test_cget_retrieves_recent_and_baseline_in_one_association(archive, node, wo
         return real_associate(ae, *args, **kwargs)
 
     monkeypatch.setattr(archive_module, "associate", counting_associate)
-    futures = []  # each received instance's fsync, begun as its data set completed (as on the SCP)
+    durable = []  # how each received instance is made durable: its spool file's own fsync (as on the SCP)
     real_ingest_file = type(worker.ingestor).ingest_file
 
-    def recording_ingest_file(self, path, *args, synced=None, **kwargs):
-        futures.append(synced)
-        return real_ingest_file(self, path, *args, synced=synced, **kwargs)
+    def recording_ingest_file(self, path, *args, make_durable=None, **kwargs):
+        durable.append(make_durable)
+        return real_ingest_file(self, path, *args, make_durable=make_durable, **kwargs)
 
     monkeypatch.setattr(type(worker.ingestor), "ingest_file", recording_ingest_file)
 
     result = retrieve_priors(settings, worker.index, worker.ingestor, current)
 
-    assert futures and all(isinstance(f, Future) and f.done() and f.exception() is None for f in futures)
+    assert durable and all(isinstance(getattr(f, "__self__", None), frontdoor._SpoolHandle) for f in durable)
     get_associations = [c for c in opened if StudyRootQueryRetrieveInformationModelGet in c]
     assert len(get_associations) == 1  # 4 series of 2 studies (images and a report) over one association
 
