@@ -15,7 +15,9 @@ kernel's caches are dropped once before it (forget_deleted_inodes): on ext4 with
 for the node, whose files share a folder; less for Orthanc, which spreads them). The table
 takes about 2 GB of disk while it runs with --repeats 3 (a --workdir used again has its old
 folders removed as each measurement starts: give a new one). Prints images/s, the
-ratio node/Orthanc, the node's resident memory after each run and its CPU per instance and
+ratio node/Orthanc of the medians and the median of each repeat's own ratio (node and Orthanc
+run back to back, so that ratio shares the host's conditions of the moment, which drift over
+the table: both slow down together on the last cells here), the node's resident memory after each run and its CPU per instance and
 cores used during it (all its processes; one process tops out near one core: the GIL), and
 Orthanc's CPU per instance beside it. Runs
 itself inside a private network namespace (Orthanc binds 0.0.0.0).
@@ -313,7 +315,10 @@ def speed_table(args, work: Path) -> None:
                     finally:
                         receiver.stop()
             median = {name: statistics.median(values) for name, values in rates.items()}
-            rows.append((f"{count} x {size_kb:.0f} KB CT", parts, median, max(rss),
+            # Each repeat's node and Orthanc ran one after the other: their ratio shares the host's
+            # conditions of the moment (steal, the disk's state), which drift over a table.
+            paired = statistics.median(n / o for n, o in zip(rates["node"], rates["orthanc"]))
+            rows.append((f"{count} x {size_kb:.0f} KB CT", parts, median, paired, max(rss),
                          statistics.median(cpu_ms), statistics.median(cores), statistics.median(orthanc_cpu_ms),
                          max(steal)))
             print(f"  {rows[-1][0]}, {parts} assoc: " + ", ".join(f"{n} {median[n]:.0f}" for n in RECEIVERS),
@@ -322,13 +327,14 @@ def speed_table(args, work: Path) -> None:
     # GIL; Orthanc's CPU per instance, beside it, is what the same work costs in C++.
     print(f"\nimages/s, storescu with TCP_NODELAY=1, median of {args.repeats}; node with scp_processes={args.scp_processes}, "
           "RSS after each run and CPU (user + system) during it, all its processes; Orthanc's CPU likewise; "
-          "the most CPU the host took away (steal) during any run of the row")
-    print("| instances | associations | node | Orthanc | storescp (no fsync) | node / Orthanc | node RSS MiB "
+          "the most CPU the host took away (steal) during any run of the row; same repeat: the median of each "
+          "repeat's node / Orthanc, the two run one after the other")
+    print("| instances | associations | node | Orthanc | storescp (no fsync) | node / Orthanc | same repeat | node RSS MiB "
           "| node CPU ms/instance | node cores used | Orthanc CPU ms/instance | host steal, max |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, parts, median, rss, cpu_ms, cores, orthanc_ms, most_steal in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, parts, median, paired, rss, cpu_ms, cores, orthanc_ms, most_steal in rows:
         n, o, r = median["node"], median["orthanc"], median["storescp"]
-        print(f"| {label} | {parts} | {n:.0f} | {o:.0f} | {r:.0f} | {n / o:.2f} | {rss:.0f} | {cpu_ms:.1f} | {cores:.2f} "
+        print(f"| {label} | {parts} | {n:.0f} | {o:.0f} | {r:.0f} | {n / o:.2f} | {paired:.2f} | {rss:.0f} | {cpu_ms:.1f} | {cores:.2f} "
               f"| {orthanc_ms:.1f} | {100 * most_steal:.0f} % |")
 
 
