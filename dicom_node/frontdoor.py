@@ -31,8 +31,9 @@ Each refusal is handed to ``on_refusal`` (the SCP logs and audits it) with the p
 and the reason. The reader is installed per connection (``DULServiceProvider._read_pdu_data``),
 the two ``dimse_messages`` patches (``install()``) only act on threads of connections accepted
 here (or marked by ``spool_received_datasets``); the third makes the per-connection copy of the
-presentation contexts a shallow one; the last two encode (and send) a C-STORE response and decode
-a C-STORE request's command with struct (``_send_msg``, ``_receive_primitive``); the reader
+presentation contexts a shallow one; the next two encode (and send) a C-STORE response and decode
+a C-STORE request's command with struct (``_send_msg``, ``_receive_primitive``); the last spares
+a conformant UID set on a DIMSE primitive pydicom's two checks (``_set_uid``); the reader
 takes such a command from the received PDU itself (``_take_store_command``), writes the
 data-set fragments of the request to its spool file (``_spool_data_fragments``) and serves the
 request in its own thread while the association thread has nothing to do (``_serve_here``).
@@ -42,7 +43,7 @@ this would be: timeouts on ``AssociationSocket.recv``, a maximum-PDU check in
 ``_read_pdu_data``, a per-AE chunked-receive switch with a spool directory,
 ``max_connections_per_host`` on ``AssociationServer``, waits on queues and sockets instead of
 sleeps in both reactors, no deepcopy of the contexts, DIMSE command sets of the common messages
-encoded and decoded without a Dataset, small PDUs sent by the thread that made them, command
+encoded and decoded without a Dataset, a conformant UID checked once, small PDUs sent by the thread that made them, command
 sets and data fragments taken from the PDU without PDV objects, and a request served by the
 thread that received it.
 """

@@ -312,11 +312,13 @@ class _DriverStatement:
     """A statement compiled once for the engine's dialect and run as the driver's own SQL, for
     the two statements each received instance runs, where ``Connection.execute`` of the
     statement object cost about three times the driver's call. Values go through the same type
-    processing (``bind_processor``), the statement's own fixed values beside them. On SQLite
-    the driver's cursor runs it directly on the transaction's connection (SQLAlchemy's
+    processing (``bind_processor``). On SQLite the driver runs it directly on the transaction's
+    connection, with the statement's own fixed values beside the given ones (SQLAlchemy's
     execution context around it was two thirds of the call; a file has no disconnects to
-    handle), its errors wrapped as SQLAlchemy wraps them; elsewhere ``exec_driver_sql``
-    (errors wrapped and disconnects handled as for any statement)."""
+    handle), its errors wrapped as SQLAlchemy wraps them; so SQLAlchemy's statement logging
+    (echo) and its cursor-execute and handle_error events do not see these two statements.
+    Elsewhere ``construct_params`` and ``exec_driver_sql`` (errors wrapped and disconnects
+    handled as for any statement)."""
 
     def __init__(self, statement, dialect) -> None:
         compiled = statement.compile(dialect=dialect)
@@ -338,7 +340,7 @@ class _DriverStatement:
     def execute(self, conn: Connection, values: dict) -> int:
         """Run it with `values` (one for each of its bound names); the number of rows it
         inserted or changed."""
-        params = self._fixed | values
+        params = self._fixed | values if self._on_cursor else self._compiled.construct_params(values)
         for name, processor in self._processors.items():
             params[name] = processor(params[name])
         if not self._on_cursor:

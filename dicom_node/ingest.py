@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from collections.abc import Callable
 from typing import BinaryIO
 
 from pydicom import dcmread
@@ -284,13 +285,16 @@ def _read_all(fd: int, size: int) -> bytes:
     return data
 
 
+_PLAIN_UID = re.compile(r"[0-9.]+")
+
+
 def _scanned(data: bytes) -> tuple[Header, bool] | None:
     """The usual file (`_plain_header`, little endian) scanned for the elements the index reads
     (header_scan.py): a Header of those alone, as raw elements; None where pydicom must parse."""
     plain = _plain_header(data[:META_PEEK])
-    if plain is None or not plain[3]:
-        return None
-    start, syntax, implicit, little = plain
+    if plain is None or not plain[3] or not _PLAIN_UID.fullmatch(plain[1]):
+        return None  # big endian, or a syntax pydicom's UID would tidy (spaces, several values)
+    start, syntax, implicit, _ = plain
     scanned = header_scan.scan(data, start, implicit, INDEXED_TAGS)
     if scanned is None:
         return None

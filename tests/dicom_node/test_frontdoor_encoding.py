@@ -263,9 +263,11 @@ def test_what_the_command_fast_path_does_not_handle_is_left_to_pynetdicom(pdu):
 
 
 @pytest.mark.parametrize("value", [CT, US_RETIRED, "0", "1.2.3.4", "2.25." + "9" * 59, UID(CT)])
-def test_a_conformant_uid_is_set_as_pynetdicoms_set_uid_sets_it(value, caplog):
+def test_a_conformant_uid_is_set_as_pynetdicoms_set_uid_sets_it(value, caplog, monkeypatch):
+    theirs = frontdoor._PYNETDICOM_SET_UID(value, "Affected SOP Class UID")
+    monkeypatch.setattr(frontdoor, "_PYNETDICOM_SET_UID", lambda *args: pytest.fail("not taken as conformant"))
     ours = frontdoor._set_uid(value, "Affected SOP Class UID")
-    assert type(ours) is UID and ours == frontdoor._PYNETDICOM_SET_UID(value, "Affected SOP Class UID")
+    assert type(ours) is UID and ours == theirs
     assert not caplog.records
 
 

@@ -200,3 +200,15 @@ def test_most_of_pydicoms_test_files_take_the_scan():
     files = _pydicom_test_files()
     scanned = [path for path in files if ingest._scanned(open(path, "rb").read()) is not None]
     assert len(scanned) >= len(files) // 2, f"only {len(scanned)} of {len(files)}"
+
+
+def test_a_transfer_syntax_pydicom_would_tidy_is_left_to_pydicom(monkeypatch):
+    """A Transfer Syntax UID with a leading space (same length): the scan steps aside, and the
+    index gets the UID as pydicom reads it, stripped, as from the full parse."""
+    data = SCAN_CASES["plain"]
+    syntax = b"1.2.840.10008.1.2.1\0"
+    assert data.count(syntax) == 1
+    odd = data.replace(syntax, b" 1.2.840.10008.1.2.1")
+    assert ingest._scanned(odd) is None
+    scanned, full = _scan_and_full_parse(odd, monkeypatch)
+    assert scanned == full and scanned["syntax"] == "1.2.840.10008.1.2.1"

@@ -193,7 +193,9 @@ def test_a_series_folder_removed_after_it_was_made_is_made_again(tmp_path, monke
     removed them since (prior-cache eviction empties its study folders), they are made again,
     each new entry fsynced, and nothing is lost."""
     store = InstanceStore(tmp_path / "store")
-    first = store.store_file("1.2", "1.2.3", "1.2.3.4", spooled(store, "rx-1.dcm")[0])
+    source, writer = spooled(store, "rx-1.dcm")
+    first = store.store_file("1.2", "1.2.3", "1.2.3.4", source, make_durable=durable(writer))
+    writer.close()
     series = first.path.parent
     first.path.unlink()
     series.rmdir()
@@ -202,6 +204,7 @@ def test_a_series_folder_removed_after_it_was_made_is_made_again(tmp_path, monke
     monkeypatch.setattr(storage, "fsync_dir", lambda directory: synced.append(Path(directory)))
     source, writer = spooled(store, "rx-2.dcm", b"y" * 500)
     again = store.store_file("1.2", "1.2.3", "1.2.3.5", source, make_durable=durable(writer))
+    writer.close()
     assert again.outcome is StoreOutcome.STORED and again.path.parent == series
     assert {series.parent.parent, series.parent, series} <= set(synced)  # each made level's entry, and the file's
     in_memory = store.store("1.2", "1.2.3", "1.2.3.6", b"z" * 300)
