@@ -14,12 +14,12 @@ kernel's caches are dropped once before it (forget_deleted_inodes): on ext4 with
 1-6 minutes, which charged whoever ran after a removal (1.1 ms more kernel CPU per instance
 for the node, whose files share a folder; less for Orthanc, which spreads them). The table
 takes about 2 GB of disk while it runs with --repeats 3 (a --workdir used again has its old
-folders removed as each measurement starts: give a new one). Prints images/s, the
-ratio node/Orthanc of the medians and the median of each repeat's own ratio (node and Orthanc
-run back to back, so that ratio shares the host's conditions of the moment, which drift over
-the table: both slow down together on the last cells here), the node's resident memory after each run and its CPU per instance and
-cores used during it (all its processes; one process tops out near one core: the GIL), and
-Orthanc's CPU per instance beside it. Runs
+folders removed as each measurement starts: give a new one). Prints images/s, the ratio
+node/Orthanc of the medians and the median of each repeat's own ratio (node and Orthanc run
+back to back, so that ratio shares the host's conditions of the moment, which drift over the
+table: both slow down together on the last cells here), the node's resident memory after each
+run and its CPU per instance and cores used during it (all its processes; one process tops
+out near one core: the GIL), Orthanc's CPU per instance beside it, and the host's steal. Runs
 itself inside a private network namespace (Orthanc binds 0.0.0.0).
 
 --ceiling also times the node's ingest alone (parse, fsynced store, index commit; no

@@ -43,9 +43,9 @@ this would be: timeouts on ``AssociationSocket.recv``, a maximum-PDU check in
 ``_read_pdu_data``, a per-AE chunked-receive switch with a spool directory,
 ``max_connections_per_host`` on ``AssociationServer``, waits on queues and sockets instead of
 sleeps in both reactors, no deepcopy of the contexts, DIMSE command sets of the common messages
-encoded and decoded without a Dataset, a conformant UID checked once, small PDUs sent by the thread that made them, command
-sets and data fragments taken from the PDU without PDV objects, and a request served by the
-thread that received it.
+encoded and decoded without a Dataset, a conformant UID checked once, small PDUs sent by the
+thread that made them, command sets and data fragments taken from the PDU without PDV objects,
+and a request served by the thread that received it.
 """
 
 from __future__ import annotations

@@ -135,11 +135,11 @@ class Ingestor:
     def ingest_file(self, path: Path, requested_sop_class: str = "", requested_sop_instance: str = "",
                     make_durable: Callable[[], None] | None = None, contents: bytes | None = None) -> IngestResult:
         """An instance in a file (the SCP's spool file in the store's .incoming): never read whole
-        over SMALL_INSTANCE. `make_durable`: fsyncs that file as it is, on its writer's descriptor
-        (frontdoor.ingest_received), once the instance passed its checks; without it store_file
-        fsyncs a link to the file itself. `contents`: exactly
-        the file's bytes, when the caller has them (read back by the front door), parsed instead of
-        reading the file again (the index row comes from them, the file is what is stored)."""
+        over SMALL_INSTANCE. `make_durable`: fsyncs that file as it is, on its writer's
+        descriptor (frontdoor.ingest_received), once the instance passed its checks; without it
+        store_file fsyncs a link to the file itself. `contents`: exactly the file's bytes, when
+        the caller has them (read back by the front door), parsed instead of reading the file
+        again (the index row comes from them, the file is what is stored)."""
         return self._guarded(path if isinstance(path, Path) else Path(path), requested_sop_class, requested_sop_instance,
                              make_durable, contents)
 
@@ -553,9 +553,12 @@ class Header:
         self._dataset: Dataset | None = None
 
     @classmethod
-    def parsed(cls, ds: Dataset) -> Header:
-        """Of a Dataset pydicom read (its elements mostly raw still)."""
-        return cls(ds.get_item, str(ds.file_meta.get("TransferSyntaxUID", "")), lambda: ds)
+    def parsed(cls, ds: Dataset, transfer_syntax: str | None = None) -> Header:
+        """Of a Dataset pydicom read (its elements mostly raw still); the transfer syntax from
+        its file meta unless given (a sequence item has none)."""
+        if transfer_syntax is None:
+            transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        return cls(ds.get_item, transfer_syntax, lambda: ds)
 
     @classmethod
     def scanned(cls, elements: dict[int, RawDataElement], syntax: str, implicit: bool) -> Header:
@@ -593,7 +596,7 @@ class Header:
         Attributes Sequence."""
         values = [self.text("RequestedProcedurePriority")]
         if self._get_raw(REQUEST_ATTRIBUTES_TAG) is not None:
-            values += [Header(item.get_item, "", lambda item=item: item).text("RequestedProcedurePriority")
+            values += [Header.parsed(item, transfer_syntax="").text("RequestedProcedurePriority")
                        for item in self.dataset.RequestAttributesSequence or []]
         return any(value.upper() in URGENT_PRIORITIES for value in values)
 

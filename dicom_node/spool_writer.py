@@ -20,10 +20,10 @@ HOLD_BYTES = 4096  # writes smaller than this wait for the next (the preamble, t
 
 
 class SpoolWriter:
-    """The part of a binary file the spool file's writers use (write, flush, fileno, close),
-    and ``read_all`` and ``sync`` for its reader. One thread writes and reads; another may close it
-    meanwhile (a connection's end removing what a handler still holds): a lock keeps a
-    closed, maybe reused, descriptor number from being written or read."""
+    """The part of a binary file the spool file's writers use (write, flush, close), and
+    ``read_all`` and ``sync`` for its reader. One thread writes, reads and syncs; another may
+    close it meanwhile (a connection's end removing what a handler still holds): a lock keeps
+    a closed, maybe reused, descriptor number from being written, read or fsynced."""
 
     def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
@@ -68,10 +68,6 @@ class SpoolWriter:
             self._flush(fd)
             os.fchmod(fd, mode)
             os.fsync(fd)
-
-    def fileno(self) -> int:
-        with self._lock:
-            return self._open_fd()
 
     @property
     def closed(self) -> bool:

@@ -61,16 +61,16 @@ def test_short_writes_are_finished(tmp_path, monkeypatch):
 
 def test_close_flushes_and_the_closed_writer_refuses_its_descriptor(tmp_path):
     path = tmp_path / "a.dcm"
-    writer = opened(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    writer = SpoolWriter(fd)
     writer.write(b"small")
-    fd = writer.fileno()
     writer.close()
     writer.close()  # twice: nothing more
     assert path.read_bytes() == b"small"
     with pytest.raises(OSError):
         os.fstat(fd)
     with pytest.raises(ValueError):
-        writer.fileno()
+        writer.flush()
 
 
 def test_the_file_is_read_back_whole_on_its_descriptor_held_writes_included(tmp_path):
@@ -134,13 +134,14 @@ def test_a_closed_writer_refuses_writes(tmp_path):
 
 def test_sync_writes_what_is_held_sets_the_mode_and_fsyncs_the_writers_descriptor(tmp_path, monkeypatch):
     path = tmp_path / "a.dcm"
-    writer = opened(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    writer = SpoolWriter(fd)
     writer.write(b"held")
     fsynced = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: fsynced.append((fd, path.read_bytes())) or real_fsync(fd))
     writer.sync(0o640)
-    assert fsynced == [(writer.fileno(), b"held")]
+    assert fsynced == [(fd, b"held")]
     assert oct(path.stat().st_mode & 0o777) == oct(0o640)
     writer.close()
 

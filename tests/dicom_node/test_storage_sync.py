@@ -16,10 +16,16 @@ from dicom_node.storage import InstanceStore, StoreOutcome
 
 def spooled(store: InstanceStore, name: str, data: bytes = b"x" * 1000) -> tuple[Path, SpoolWriter]:
     """A spool file in .incoming as the front door writes it (0600, still open, a write held)."""
+    return spooled_on(store, name, data)[:2]
+
+
+def spooled_on(store: InstanceStore, name: str, data: bytes = b"x" * 1000) -> tuple[Path, SpoolWriter, int]:
+    """spooled, and the writer's descriptor."""
     path = store.incoming / name
-    writer = SpoolWriter(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    writer = SpoolWriter(fd)
     writer.write(data)
-    return path, writer
+    return path, writer, fd
 
 
 def durable(writer: SpoolWriter):
@@ -28,13 +34,13 @@ def durable(writer: SpoolWriter):
 
 def test_a_spool_file_is_made_durable_before_it_is_linked_into_place(tmp_path, monkeypatch):
     store = InstanceStore(tmp_path / "store")
-    source, writer = spooled(store, "rx-1.dcm")
+    source, writer, writer_fd = spooled_on(store, "rx-1.dcm")
     final = store.path_for("1.2", "1.2.3", "1.2.3.4")
     fsynced = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: fsynced.append((fd, final.exists())) or real_fsync(fd))
     result = store.store_file("1.2", "1.2.3", "1.2.3.4", source, make_durable=durable(writer))
-    assert [linked for fd, linked in fsynced if fd == writer.fileno()] == [False]  # the writer's own, before the link
+    assert [linked for fd, linked in fsynced if fd == writer_fd] == [False]  # the writer's own, before the link
     assert result.path.read_bytes() == b"x" * 1000  # the held write went out first
     assert oct(result.path.stat().st_mode & 0o777) == oct(storage.FILE_MODE)
     writer.close()
