@@ -5,12 +5,16 @@ what they write, duplicates and booleans included."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
+import threading
+import time
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from dicom_node.index import Index, InstanceRecord, instances, series, studies
+from dicom_node.index import Index, InstanceRecord, _FileLock, instances, series, studies
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -97,3 +101,47 @@ def test_a_series_whose_rows_another_process_deleted_is_written_again(index):
             conn.execute(table.delete().where(table.c.study_uid == "1.2.826.0.1.1"))
     assert index.record_instances([record(2)], now=101.0) == [True]
     assert row(index, studies, study_uid="1.2.826.0.1.1")["last_received_at"] == 101.0
+
+
+def test_sqlite_writes_wait_for_another_process_holding_the_write_lock_and_release_it(tmp_path):
+    """The lock file next to the database serialises writers of several processes (a second
+    descriptor here stands in for another process); the index keeps its own descriptor open
+    between transactions, so each must also unlock it."""
+    index = Index(f"sqlite:///{tmp_path / 'index.db'}")
+    other = os.open(tmp_path / "index.db.write-lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        writer = threading.Thread(target=index.record_instances, args=([record(1)],))
+        writer.start()
+        time.sleep(0.3)
+        assert writer.is_alive()  # waiting for the other process's transaction
+        fcntl.flock(other, fcntl.LOCK_UN)
+        writer.join(10)
+        assert not writer.is_alive()
+        assert row(index, instances, sop_instance_uid=record(1).sop_instance_uid)["path"] == "/store/1.dcm"
+        index.record_instances([record(2)])
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again: raises if still held
+    finally:
+        os.close(other)
+        index.dispose()
+
+
+def test_a_forked_process_takes_the_write_lock_on_a_descriptor_of_its_own(tmp_path):
+    """An inherited descriptor shares its flock with the parent's: a child using it would pass
+    a lock its parent holds (and unlock the parent's on the way out)."""
+    lock = _FileLock(str(tmp_path / "index.db.write-lock"))
+    with lock:
+        pass  # the descriptor is open now, as in a worker that wrote before it forked
+    with lock:
+        child = os.fork()
+        if child == 0:
+            try:
+                with lock:
+                    os._exit(0)
+            finally:
+                os._exit(1)
+        time.sleep(0.3)
+        assert os.waitpid(child, os.WNOHANG) == (0, 0)  # still waiting for the parent's lock
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    lock.close()
