@@ -89,7 +89,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from .connection_counts import LOCAL, ConnectionCounts, Counts, CountsUnavailable
 from .connection_handoff import Handoff
-from .ingest import SMALL_INSTANCE, Ingestor, IngestResult
+from .ingest import HEADER_PREFIX, Ingestor, IngestResult
 from . import dimse_codec, incoming_owner
 from .logs import log_event
 from .spool_writer import SpoolWriter
@@ -229,7 +229,7 @@ class _SpoolHandle:
 
 def ingest_received(ingestor: Ingestor, event) -> IngestResult:
     """The instance a C-STORE event brought, ingested. Streamed to a spool file (the front door,
-    or ``spool_received_datasets``): from that file, made durable and, up to SMALL_INSTANCE,
+    or ``spool_received_datasets``): from that file, made durable and, up to HEADER_PREFIX,
     read back on the spool's own descriptor. Otherwise from the data set pynetdicom holds."""
     request = event.request
     requested = str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or "")
@@ -240,7 +240,7 @@ def ingest_received(ingestor: Ingestor, event) -> IngestResult:
     if not isinstance(handle, _SpoolHandle):
         return ingestor.ingest_file(spooled, *requested)
     return ingestor.ingest_file(spooled, *requested, make_durable=handle.make_durable,
-                                contents=_read_back(handle, SMALL_INSTANCE))
+                                contents=_read_back(handle, HEADER_PREFIX))
 
 
 def _read_back(handle: _SpoolHandle, limit: int) -> bytes | None:

@@ -38,21 +38,24 @@ class Scanned:
     tags: frozenset[int]  # every top-level tag
 
 
-def scan(data: bytes, start: int, implicit: bool, wanted: frozenset[int]) -> Scanned | None:
-    """The wanted top-level elements of the little-endian dataset at `data[start:]`."""
+def scan(data: bytes, start: int, implicit: bool, wanted: frozenset[int], size: int | None = None) -> Scanned | None:
+    """The wanted top-level elements of the little-endian dataset at `data[start:]`. `size`:
+    the whole instance's, where `data` is only its first bytes; the walk then skips values past
+    them (pixel data) by their lengths, and gives up where it would need to read there."""
     try:
-        return _Walk(data, implicit).top(start, wanted)
+        return _Walk(data, implicit, len(data) if size is None else size).top(start, wanted)
     except _GiveUp:
         return None
 
 
 class _Walk:
-    def __init__(self, data: bytes, implicit: bool) -> None:
-        self.data, self.size, self.implicit = data, len(data), implicit
+    def __init__(self, data: bytes, implicit: bool, size: int) -> None:
+        # size: where the instance ends (each value must end by then); available: what is read
+        self.data, self.size, self.available, self.implicit = data, size, len(data), implicit
 
     def header(self, position: int) -> tuple[int, bytes | None, int, int]:
         """(tag, VR, length, where the value starts) of the element at `position`."""
-        if position + 8 > self.size:
+        if position + 8 > self.available:
             raise _GiveUp
         group, element, vr, short = _TAG_VR_SHORT.unpack_from(self.data, position)
         tag = group << 16 | element
@@ -61,7 +64,7 @@ class _Walk:
         if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
             raise _GiveUp
         if vr in LONG_LENGTH_VRS:
-            if position + 12 > self.size:
+            if position + 12 > self.available:
                 raise _GiveUp
             return tag, vr, _LONG.unpack_from(self.data, position + 8)[0], position + 12
         return tag, vr, short, position + 8
@@ -80,6 +83,8 @@ class _Walk:
                 raise _GiveUp
             tags.add(tag)
             if tag in wanted:
+                if end > self.available:
+                    raise _GiveUp
                 elements[tag] = RawDataElement(
                     tag, vr.decode() if vr is not None else None, length, self.data[value_at:end],
                     value_at, self.implicit, True, True, False)

@@ -59,6 +59,9 @@ PIXEL_TAG_NUMBERS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFER_SIZE = 1 << 20  # header values above this are not read (their extent is still checked)
 SMALL_INSTANCE = 1 << 20  # a file up to this size is read whole before it is parsed
+# A bigger file's first bytes are scanned first (its pixel data skipped by its length): reading
+# all of a 513 KB file into fresh memory cost more CPU than its scan (page faults, zeroing).
+HEADER_PREFIX = 64 << 10
 DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode()
 META_PEEK = 4096  # the file meta (and its Transfer Syntax UID) is well within this
 INFLATE_CHUNK = 1 << 20
@@ -135,7 +138,8 @@ class Ingestor:
     def ingest_file(self, path: Path, requested_sop_class: str = "", requested_sop_instance: str = "",
                     make_durable: Callable[[], None] | None = None, contents: bytes | None = None) -> IngestResult:
         """An instance in a file (the SCP's spool file in the store's .incoming): never read whole
-        over SMALL_INSTANCE. `make_durable`: fsyncs that file as it is, on its writer's
+        over SMALL_INSTANCE, and over HEADER_PREFIX only where a scan of its first bytes was not
+        enough. `make_durable`: fsyncs that file as it is, on its writer's
         descriptor (frontdoor.ingest_received), once the instance passed its checks; without it
         store_file fsyncs a link to the file itself. `contents`: exactly the file's bytes, when
         the caller has them (read back by the front door), parsed instead of reading the file
@@ -264,6 +268,11 @@ def _parse_source(source: bytes | Path) -> tuple[Header, bool, int]:
                 with os.fdopen(fd, "rb", closefd=False) as fp:
                     ds, has_pixels = _parse(fp, size)
                 return Header.parsed(ds), has_pixels, size
+            if size > HEADER_PREFIX:
+                scanned = _scanned(_read_all(fd, HEADER_PREFIX), size)
+                if scanned is not None:
+                    return scanned[0], scanned[1], size
+                os.lseek(fd, 0, os.SEEK_SET)
             source = _read_all(fd, size)  # parsed faster from memory, and bounded all the same
         finally:
             os.close(fd)
@@ -288,14 +297,16 @@ def _read_all(fd: int, size: int) -> bytes:
 _PLAIN_UID = re.compile(r"[0-9.]+")
 
 
-def _scanned(data: bytes) -> tuple[Header, bool] | None:
+def _scanned(data: bytes, size: int | None = None) -> tuple[Header, bool] | None:
     """The usual file (`_plain_header`, little endian) scanned for the elements the index reads
-    (header_scan.py): a Header of those alone, as raw elements; None where pydicom must parse."""
+    (header_scan.py): a Header of those alone, as raw elements; None where pydicom must parse.
+    `size`: the file's, where `data` is only its first bytes (None too where the scan would
+    need more of them)."""
     plain = _plain_header(data[:META_PEEK])
     if plain is None or not plain[3] or not _PLAIN_UID.fullmatch(plain[1]):
         return None  # big endian, or a syntax pydicom's UID would tidy (spaces, several values)
     start, syntax, implicit, _ = plain
-    scanned = header_scan.scan(data, start, implicit, INDEXED_TAGS)
+    scanned = header_scan.scan(data, start, implicit, INDEXED_TAGS, size)
     if scanned is None:
         return None
     return Header.scanned(scanned.elements, syntax, implicit), bool(scanned.tags & PIXEL_TAG_NUMBERS)

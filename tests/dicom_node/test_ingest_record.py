@@ -81,7 +81,7 @@ def test_the_direct_header_read_gives_what_dcmread_gives(path, monkeypatch):
     with the direct header read (`_plain_header`) and with dcmread reading the header give the
     same dataset, element for element, or the same refusal."""
     data = open(path, "rb").read()
-    monkeypatch.setattr(ingest, "_scanned", lambda data: None)  # the whole header, as pydicom reads it
+    monkeypatch.setattr(ingest, "_scanned", lambda *args: None)  # the whole header, as pydicom reads it
     ours = _outcome(data)
     monkeypatch.setattr(ingest, "_plain_header", lambda head: None)
     expected = _outcome(data)
@@ -130,7 +130,7 @@ def _index_view(data: bytes) -> dict | str:
 def _scan_and_full_parse(data: bytes, monkeypatch) -> tuple[dict | str, dict | str]:
     scanned = _index_view(data)
     with monkeypatch.context() as patch:
-        patch.setattr(ingest, "_scanned", lambda data: None)
+        patch.setattr(ingest, "_scanned", lambda *args: None)
         full = _index_view(data)
     return scanned, full
 
@@ -212,3 +212,49 @@ def test_a_transfer_syntax_pydicom_would_tidy_is_left_to_pydicom(monkeypatch):
     assert ingest._scanned(odd) is None
     scanned, full = _scan_and_full_parse(odd, monkeypatch)
     assert scanned == full and scanned["syntax"] == "1.2.840.10008.1.2.1"
+
+
+# --- a file over HEADER_PREFIX: its first bytes scanned, its pixel data skipped by length -------
+
+
+def _file_over_the_prefix(tmp_path: Path, header_padding: int = 0) -> Path:
+    ds = ct_slice("1.2.3", "1.2.3.4", 1, rows=512, cols=512)
+    if header_padding:  # a private value before the patient module: the scan must read past it
+        ds.add_new(0x00090010, "LO", "PADDING")
+        ds.add_new(0x00091010, "OB", bytes(header_padding))
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(_written(ds))
+    assert ingest.HEADER_PREFIX < path.stat().st_size <= ingest.SMALL_INSTANCE
+    return path
+
+
+def _reads(monkeypatch) -> list[int]:
+    sizes: list[int] = []
+    read_all = ingest._read_all
+    monkeypatch.setattr(ingest, "_read_all", lambda fd, size: sizes.append(size) or read_all(fd, size))
+    return sizes
+
+
+def test_a_file_over_the_header_prefix_is_indexed_from_its_first_bytes(tmp_path, monkeypatch):
+    path = _file_over_the_prefix(tmp_path)
+    reads = _reads(monkeypatch)
+    scanned, full = _scan_and_full_parse(path, monkeypatch)
+    # The scan: the prefix alone. The full parse (the scan switched off): the prefix, then all of it.
+    assert reads == [ingest.HEADER_PREFIX, ingest.HEADER_PREFIX, path.stat().st_size]
+    assert scanned == full and scanned["has_pixels"] and scanned["size"] == path.stat().st_size
+
+
+def test_a_header_longer_than_the_prefix_is_read_whole(tmp_path, monkeypatch):
+    path = _file_over_the_prefix(tmp_path, header_padding=2 * ingest.HEADER_PREFIX)
+    reads = _reads(monkeypatch)
+    header, has_pixels, size = ingest._parse_source(path)
+    assert reads == [ingest.HEADER_PREFIX, size]  # gave up at the end of the prefix, then all of it
+    assert header.text("PatientID") == converted_text(header.dataset, "PatientID") != ""
+    assert has_pixels
+
+
+def test_pixel_data_cut_short_past_the_prefix_is_still_found_truncated(tmp_path):
+    path = _file_over_the_prefix(tmp_path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ingest.Malformed, match="truncated"):
+        ingest._parse_source(path)
