@@ -148,7 +148,7 @@ def store_request(command: bytes) -> C_STORE | None:
     return request
 
 
-def _is_p_data_tf(pdu: bytes | bytearray) -> bool:
+def _is_p_data_tf(pdu: bytes | bytearray | memoryview) -> bool:
     """A whole P-DATA-TF PDU (6-byte header, length as declared) with room for one item."""
     return len(pdu) >= 12 and pdu[0] == 0x04 and struct.unpack_from(">L", pdu, 2)[0] == len(pdu) - 6
 
@@ -161,7 +161,7 @@ class DataFragments:
     last: bool
 
 
-def data_fragments(pdu: bytes | bytearray, context_id: int) -> DataFragments | None:
+def data_fragments(pdu: bytes | bytearray | memoryview, context_id: int) -> DataFragments | None:
     """The data-set fragments of a whole P-DATA-TF PDU (``pdu`` with its 6-byte header), when
     every item is a data-set fragment on ``context_id`` and only the last item may be the
     message's last fragment; None for anything else (a command fragment, another context, an
@@ -185,7 +185,7 @@ def data_fragments(pdu: bytes | bytearray, context_id: int) -> DataFragments | N
     return DataFragments(tuple(spans), last)
 
 
-def whole_command(pdu: bytes | bytearray) -> tuple[int, bytes] | None:
+def whole_command(pdu: bytes | bytearray | memoryview) -> tuple[int, bytes] | None:
     """(presentation context ID, command set) of a whole P-DATA-TF PDU (with its 6-byte header)
     that is one item, the last (only) fragment of a command; None for anything else, which
     pynetdicom then decodes as usual."""

@@ -101,6 +101,7 @@ PYNETDICOM_VERSION = "3.0.4"  # the internals below were read in this version; p
 
 MAX_CONTROL_PDU = 1 << 20  # any PDU but P-DATA-TF: an A-ASSOCIATE-RQ with 128 contexts is ~30 KB
 UNLIMITED_PDU_CAP = 1 << 26  # max_pdu_size 0 ("no limit" in DICOM) still stops a P-DATA at 64 MiB
+REUSED_PDU_BUFFER = 1 << 20  # a PDU up to this size is read into its connection's one buffer
 ABORT_SEND_TIMEOUT = 1.0
 
 PDU_NAMES = {
@@ -529,7 +530,7 @@ def _bypasses_pynetdicom(dul) -> bool:
                 or _listened(dul.assoc, *_RECEIVE_FAST_PATH_SKIPS))
 
 
-def _take_store_command(dul, pdu: bytearray) -> bool:
+def _take_store_command(dul, pdu: memoryview) -> bool:
     """A P-DATA-TF that is one whole C-STORE-RQ command, taken as DT-2 and ``receive_primitive``
     would (``_start_store_request``) without pynetdicom's PDU objects, queues and state machine;
     False (nothing done) where pynetdicom has to decode it."""
@@ -539,7 +540,7 @@ def _take_store_command(dul, pdu: bytearray) -> bool:
     return command is not None and _start_store_request(dul.assoc.dimse, *command)
 
 
-def _spool_data_fragments(dul, pdu: bytearray) -> bool:
+def _spool_data_fragments(dul, pdu: memoryview) -> bool:
     """Write a P-DATA-TF that only carries data-set fragments of the current decoded C-STORE-RQ
     to its spool file and, with the last one, serve the request or hand it to the association
     thread, as ``receive_primitive`` would; False (nothing done) where pynetdicom has to decode it."""
@@ -626,6 +627,7 @@ class _Connection:
         self.saw_data = False
         self.peer_closed = False
         self.reported = False
+        self._pdu_buffer = bytearray()
 
     # The replacement for DULServiceProvider._read_pdu_data (same contract: put the FSM event on
     # dul.event_queue and the decoded PDU on dul._recv_pdu).
@@ -660,9 +662,9 @@ class _Connection:
             cap = self._cap(pdu_type)
             if length > cap:
                 self._cut(f"{name} declares {length} bytes, more than the {cap} accepted", ABORT_INVALID_PARAMETER)
-            pdu = bytearray(6 + length)
+            pdu = self._room_for(6 + length)
             pdu[:6] = header
-            self._recv(sock, length, deadline, before_association, what=f"the {length}-byte {name}", into=memoryview(pdu)[6:])
+            self._recv(sock, length, deadline, before_association, what=f"the {length}-byte {name}", into=pdu[6:])
         except _Closed:
             return True
         finally:
@@ -674,7 +676,7 @@ class _Connection:
         if pdu_type == 0x04 and (_spool_data_fragments(dul, pdu) or _take_store_command(dul, pdu)):
             return True
         try:
-            decoded, event = dul._decode_pdu(pdu)
+            decoded, event = dul._decode_pdu(bytearray(pdu))  # a copy: what it decodes may keep parts
         except Exception as exc:
             try:
                 self._cut(f"undecodable {name}: {type(exc).__name__}: {exc}"[:300], ABORT_INVALID_PARAMETER)
@@ -683,6 +685,17 @@ class _Connection:
         dul.event_queue.put(event)
         dul._recv_pdu.put(decoded)
         return True
+
+    def _room_for(self, size: int) -> memoryview:
+        """Where a `size`-byte PDU is read: the connection's own buffer, reused for each PDU up to
+        REUSED_PDU_BUFFER (a new, zeroed one per PDU was a big instance's most page faults, on a
+        VM short of memory its most CPU); a bigger one gets a buffer of its own. Nothing the
+        fast paths make of a PDU keeps a reference to it (the spool writer copies what it holds)."""
+        if size > REUSED_PDU_BUFFER:
+            return memoryview(bytearray(size))
+        if len(self._pdu_buffer) < size:
+            self._pdu_buffer = bytearray(size)
+        return memoryview(self._pdu_buffer)[:size]
 
     def _cap(self, pdu_type: int) -> int:
         if pdu_type == 0x04:

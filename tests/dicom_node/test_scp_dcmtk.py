@@ -45,6 +45,21 @@ def test_storescu_files_stored_byte_identical_and_indexed(node, ct_study):
     assert audit["instances_received"] == len(paths) and audit["failures"] == 0
 
 
+def test_instances_of_mixed_sizes_on_one_association_stored_byte_identical(node, tmp_path):
+    """Each connection reads its PDUs into one reused buffer, and files over HEADER_PREFIX are
+    indexed from their first bytes: big (several PDUs), small and tiny instances, interleaved."""
+    studies = [write_ct_study(tmp_path / f"ct{size}", 2, rows=size, cols=size) for size in (512, 128, 8)]
+    paths = [path for pair in zip(*(paths for _, paths in studies)) for path in pair]  # 512, 128, 8, 512, ...
+    run_tool("storescu", "-aec", NODE_AE, "127.0.0.1", str(node.settings.port), *map(str, paths))
+    for study_uid, study_paths in studies:
+        for path in study_paths:
+            sent = dcmread(path)
+            assert dataset_bytes(node.store.path_for(study_uid, sent.SeriesInstanceUID, sent.SOPInstanceUID)) == dataset_bytes(path)
+        rows = node.index.study_instances(study_uid)
+        assert {row["sop_instance_uid"] for row in rows} == {dcmread(p).SOPInstanceUID for p in study_paths}
+        assert all(row["size"] == Path(row["path"]).stat().st_size and row["analysable"] for row in rows)
+
+
 @pytest.mark.parametrize(
     ("compressor", "syntax", "propose"),
     [("dcmcjpls", JPEGLSLossless, "-xt"), ("dcmcrle", RLELossless, "-xr")],
