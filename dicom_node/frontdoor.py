@@ -45,7 +45,8 @@ this would be: timeouts on ``AssociationSocket.recv``, a maximum-PDU check in
 sleeps in both reactors, no deepcopy of the contexts, DIMSE command sets of the common messages
 encoded and decoded without a Dataset, a conformant UID checked once, small PDUs sent by the
 thread that made them, command sets and data fragments taken from the PDU without PDV objects,
-and a request served by the thread that received it.
+a request served by the thread that received it, and PDUs read through one buffer per
+connection, as much at a time as has arrived.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ PYNETDICOM_VERSION = "3.0.4"  # the internals below were read in this version; p
 MAX_CONTROL_PDU = 1 << 20  # any PDU but P-DATA-TF: an A-ASSOCIATE-RQ with 128 contexts is ~30 KB
 UNLIMITED_PDU_CAP = 1 << 26  # max_pdu_size 0 ("no limit" in DICOM) still stops a P-DATA at 64 MiB
 REUSED_PDU_BUFFER = 1 << 20  # a PDU up to this size is read into its connection's one buffer
+READ_AHEAD = 64 << 10  # room past the largest PDU expected, for the next ones' bytes already there
 ABORT_SEND_TIMEOUT = 1.0
 
 PDU_NAMES = {
@@ -627,7 +629,10 @@ class _Connection:
         self.saw_data = False
         self.peer_closed = False
         self.reported = False
-        self._pdu_buffer = bytearray()
+        # What was received and not yet taken: inbox[head:tail]. A read takes whatever has
+        # arrived, up to the room left, so one recv usually brings a C-STORE's command and data.
+        self._inbox = bytearray()
+        self._head = self._tail = 0
 
     # The replacement for DULServiceProvider._read_pdu_data (same contract: put the FSM event on
     # dul.event_queue and the decoded PDU on dul._recv_pdu).
@@ -649,11 +654,10 @@ class _Connection:
         idle = _pause_idle_timer(dul)
         arrived = True
         try:
-            header = self._recv(sock, 6, deadline, before_association, what="a PDU header", only_if_arrived=only_if_arrived)
-            if header is None:
+            if not self._fill(sock, 6, deadline, before_association, "a PDU header", only_if_arrived):
                 arrived = False
                 return False
-            pdu_type, _, length = struct.unpack(">BBL", header)
+            pdu_type, _, length = struct.unpack_from(">BBL", self._inbox, self._head)
             name = PDU_NAMES.get(pdu_type)
             if name is None:
                 self._cut(f"unknown PDU type 0x{pdu_type:02X}", ABORT_UNRECOGNISED_PDU)
@@ -662,9 +666,7 @@ class _Connection:
             cap = self._cap(pdu_type)
             if length > cap:
                 self._cut(f"{name} declares {length} bytes, more than the {cap} accepted", ABORT_INVALID_PARAMETER)
-            pdu = self._room_for(6 + length)
-            pdu[:6] = header
-            self._recv(sock, length, deadline, before_association, what=f"the {length}-byte {name}", into=pdu[6:])
+            pdu = self._take(sock, 6 + length, deadline, before_association, f"the {length}-byte {name}")
         except _Closed:
             return True
         finally:
@@ -686,66 +688,100 @@ class _Connection:
         dul._recv_pdu.put(decoded)
         return True
 
-    def _room_for(self, size: int) -> memoryview:
-        """Where a `size`-byte PDU is read: the connection's own buffer, reused for each PDU up to
-        REUSED_PDU_BUFFER (a new, zeroed one per PDU was a big instance's most page faults, on a
-        VM short of memory its most CPU); a bigger one gets a buffer of its own. Nothing the
-        fast paths make of a PDU keeps a reference to it (the spool writer copies what it holds)."""
-        if size > REUSED_PDU_BUFFER:
-            return memoryview(bytearray(size))
-        if len(self._pdu_buffer) < size:
-            self._pdu_buffer = bytearray(size)
-        return memoryview(self._pdu_buffer)[:size]
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken as a PDU (the socket may be empty meanwhile)."""
+        return self._tail - self._head
+
+    def _fill(self, sock, count: int, deadline: float, before_association: bool, what: str,
+              only_if_arrived: bool = False) -> bool:
+        """At least `count` bytes in the inbox (the connection's one buffer, reused for every
+        PDU up to REUSED_PDU_BUFFER: a new, zeroed one per PDU was a big instance's most page
+        faults); False (only_if_arrived) when not one byte has arrived."""
+        if self._tail - self._head >= count:
+            return True
+        if self._head == self._tail:
+            self._head = self._tail = 0
+        if self._head + count > len(self._inbox):  # move what is left to the front, in more room if need be
+            if len(self._inbox) < count:  # first use, or a bigger PDU than before
+                inbox = bytearray(max(count, 6 + min(self._cap(0x04), REUSED_PDU_BUFFER)) + READ_AHEAD)
+                inbox[:self.buffered] = self._inbox[self._head:self._tail]
+                self._inbox = inbox
+            else:
+                self._inbox[:self.buffered] = self._inbox[self._head:self._tail]
+            self._head, self._tail = 0, self.buffered
+        nothing_yet = only_if_arrived and self._tail == self._head
+        if nothing_yet and not (_is_plain(sock) or self.assoc.dul.socket.ready):
+            return False
+        got = self._recv(sock, memoryview(self._inbox)[self._tail:], count - self.buffered, deadline,
+                         before_association, what, count, self.buffered, only_if_arrived=nothing_yet)
+        self._tail += got
+        return got > 0
+
+    def _take(self, sock, size: int, deadline: float, before_association: bool, what: str) -> memoryview:
+        """The next `size`-byte PDU, whole, where it lies: in the inbox up to REUSED_PDU_BUFFER,
+        else in a buffer of its own. Valid until the next read; nothing the fast paths make of a
+        PDU keeps a reference to it (the spool writer copies what it holds)."""
+        if size <= REUSED_PDU_BUFFER:
+            self._fill(sock, size, deadline, before_association, what)
+            self._head += size
+            return memoryview(self._inbox)[self._head - size:self._head]
+        pdu = bytearray(size)
+        have = min(self.buffered, size)
+        pdu[:have] = self._inbox[self._head:self._head + have]
+        self._head += have
+        self._recv(sock, memoryview(pdu)[have:], size - have, deadline, before_association, what, size, have)
+        return memoryview(pdu)
 
     def _cap(self, pdu_type: int) -> int:
         if pdu_type == 0x04:
             return self.limits.max_pdu_size or UNLIMITED_PDU_CAP
         return MAX_CONTROL_PDU
 
-    def _recv(self, sock, count: int, deadline: float, before_association: bool, what: str, into=None,
-              only_if_arrived: bool = False) -> bytes | None:
-        """`count` bytes by `deadline`, or the connection is cut; None (only_if_arrived) when not
-        one has arrived yet. A plain socket is read without waiting (MSG_DONTWAIT), and waited
-        for in poll() only when empty: one system call for data already there, where a socket
-        timeout costs a poll and two ioctls around every recv."""
-        buffer = into if into is not None else memoryview(bytearray(count))
+    def _recv(self, sock, into: memoryview, minimum: int, deadline: float, before_association: bool,
+              what: str, total: int, before: int, only_if_arrived: bool = False) -> int:
+        """At least `minimum` bytes into `into` by `deadline` (as many as have come, up to its
+        length), or the connection is cut; how many (0: only_if_arrived, and not one had come).
+        `total`, `before`: the size of what is read and how much of it had come before, for the
+        reason given. A plain socket is
+        read without waiting (MSG_DONTWAIT), and waited for in poll() only when empty: one
+        system call for data already there, where a socket timeout costs a poll and two ioctls
+        around every recv."""
         plain = _is_plain(sock)
         got = 0
-        while got < count:
+        while got < minimum:
             try:
                 if plain:
                     try:
-                        n = sock.recv_into(buffer[got:], count - got, socket.MSG_DONTWAIT)
+                        n = sock.recv_into(into[got:], 0, socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         if only_if_arrived and got == 0:
-                            return None
+                            return 0
                         remaining = deadline - time.monotonic()
                         if remaining <= 0 or not _wait_readable(sock, remaining):
                             raise TimeoutError from None
                         continue
                 else:
-                    if only_if_arrived and got == 0 and not self.assoc.dul.socket.ready:
-                        return None
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise TimeoutError
                     sock.settimeout(remaining)
-                    n = sock.recv_into(buffer[got:], count - got)
+                    n = sock.recv_into(into[got:])
             except TimeoutError:
                 if before_association and deadline >= self.acse_deadline:
                     reason = f"no complete A-ASSOCIATE-RQ within acse_timeout ({self.limits.acse_timeout:g} s)"
                 else:
                     reason = f"{what} incomplete {self.limits.network_timeout:g} s (network_timeout) after it began"
-                self._cut(f"{reason}: {got} of {count} bytes", None)
+                self._cut(f"{reason}: {before + got} of {total} bytes", None)
             except (OSError, ValueError) as exc:
                 self._close(f"connection error: {exc}", quiet=True)
             if n == 0:
                 self.peer_closed = True
-                quiet = not self.saw_data and got == 0
-                self._close(f"peer closed the connection after {got} of {count} bytes of {what}", quiet=quiet)
+                quiet = not self.saw_data and before + got == 0
+                self._close(f"peer closed the connection after {before + got} of {total} bytes of {what}", quiet=quiet)
             got += n
             self.saw_data = True
-        return bytes(buffer) if into is None else b""
+        return got
 
     def _cut(self, reason: str, abort_reason: int | None) -> None:
         """Report, send an A-ABORT (unless the peer is just slow), close; raises _Closed."""
@@ -983,6 +1019,8 @@ def _dul_idle(dul) -> bool:
         return False
     if dul.state_machine.current_state == "Sta13":
         return False  # it closes the socket on its next round
+    if dul._front_door.buffered:
+        return False  # the start of the next PDU came with the last one
     sock = dul.socket.socket if dul.socket is not None else None
     return not (isinstance(sock, ssl.SSLSocket) and sock.pending())
 

@@ -18,7 +18,10 @@ import pynetdicom
 import pytest
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_ECHO_RQ
+from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
 from dicom_node import dimse_codec, frontdoor
@@ -206,6 +209,31 @@ def test_p_data_of_exactly_max_pdu_size_is_read(guarded):
     time.sleep(0.5)
     assert assoc.is_established
     assoc.abort()
+
+
+def test_pdus_that_arrive_together_are_each_answered(guarded):
+    """A read takes whatever has arrived: the second C-ECHO-RQ, read with the first, waits in the
+    connection's buffer with nothing left on the socket, and is answered all the same."""
+    assoc, _ = associated(guarded, "TWOECHOS")
+    context_id = assoc.accepted_contexts[0].context_id
+    pdus = b""
+    for message_id in (7, 8):
+        primitive = C_ECHO()
+        primitive.MessageID, primitive.AffectedSOPClassUID = message_id, Verification
+        message = C_ECHO_RQ()
+        message.primitive_to_message(primitive)
+        for p_data in message.encode_msg(context_id, 16384):
+            pdu = P_DATA_TF()
+            pdu.from_primitive(p_data)
+            pdus += pdu.encode()
+    assoc.dul.socket.socket.sendall(pdus)  # one segment, both requests
+    answered = []
+    for _ in range(2):
+        _, response = assoc.dimse.get_msg(block=True)  # dimse_timeout bounds the wait
+        assert response is not None, f"answered only {answered}"
+        answered.append((response.MessageIDBeingRespondedTo, int(response.Status)))
+    assert sorted(answered) == [(7, 0), (8, 0)]
+    assoc.release()
 
 
 def test_p_data_incomplete_after_network_timeout_is_cut(guarded):
