@@ -19,6 +19,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_items import AbstractSyntaxSubItem
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
@@ -259,10 +260,10 @@ def test_what_the_command_fast_path_does_not_handle_is_left_to_pynetdicom(pdu):
     assert dimse_codec.whole_command(bytearray(pdu)) is None
 
 
-# --- the DIMSE primitives' UID setter (frontdoor._set_uid) --------------------------------------
+# --- the UID setter of DIMSE primitives and PDU items (frontdoor._set_uid) -----------------------
 
 
-@pytest.mark.parametrize("value", [CT, US_RETIRED, "0", "1.2.3.4", "2.25." + "9" * 59, UID(CT)])
+@pytest.mark.parametrize("value", [CT, US_RETIRED, "0", "1.2.3.4", "2.25." + "9" * 59, UID(CT), b"1.2.840.10008.1.2.1"])
 def test_a_conformant_uid_is_set_as_pynetdicoms_set_uid_sets_it(value, caplog, monkeypatch):
     theirs = frontdoor._PYNETDICOM_SET_UID(value, "Affected SOP Class UID")
     monkeypatch.setattr(frontdoor, "_PYNETDICOM_SET_UID", lambda *args: pytest.fail("not taken as conformant"))
@@ -271,7 +272,8 @@ def test_a_conformant_uid_is_set_as_pynetdicoms_set_uid_sets_it(value, caplog, m
     assert not caplog.records
 
 
-@pytest.mark.parametrize("value", ["1.02.3", "1.2.", ".1.2", "1..2", "1." + "2" * 63, b"1.2.3", None, ""])
+@pytest.mark.parametrize("value", ["1.02.3", "1.2.", ".1.2", "1..2", "1." + "2" * 63, b"1.02.3", b"1.2.3\0",
+                                   "1.2.3".encode("utf-16-le"), b"1.2.\xb3", None, ""])
 def test_any_other_value_goes_to_pynetdicoms_set_uid(value, monkeypatch):
     calls = []
     monkeypatch.setattr(frontdoor, "_PYNETDICOM_SET_UID", lambda *args: calls.append(args) or "theirs")
@@ -281,7 +283,13 @@ def test_any_other_value_goes_to_pynetdicoms_set_uid(value, monkeypatch):
 
 def test_a_non_conformant_or_invalid_uid_still_warns_or_raises_after_install(caplog):
     frontdoor.install()
-    assert pynetdicom.dimse_primitives.set_uid is frontdoor._set_uid
+    for module in (pynetdicom.dimse_primitives, pynetdicom.pdu_items, pynetdicom.pdu_primitives, pynetdicom.presentation):
+        assert module.set_uid is frontdoor._set_uid, module.__name__
+    item = AbstractSyntaxSubItem()
+    item.abstract_syntax_name = b"1.2.840.10008.5.1.4.1.1.2"  # as an A-ASSOCIATE-RQ's item is decoded
+    assert item.abstract_syntax_name == CT
+    item.abstract_syntax_name = b"1.02.3"
+    assert "Non-conformant 'Abstract Syntax Name'" in caplog.text
     request = C_STORE()
     request.AffectedSOPInstanceUID = "1.02.3"  # valid characters, not conformant: a warning
     assert request.AffectedSOPInstanceUID == "1.02.3"
