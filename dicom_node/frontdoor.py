@@ -106,7 +106,7 @@ PYNETDICOM_VERSION = "3.0.4"  # the internals below were read in this version; p
 MAX_CONTROL_PDU = 1 << 20  # any PDU but P-DATA-TF: an A-ASSOCIATE-RQ with 128 contexts is ~30 KB
 UNLIMITED_PDU_CAP = 1 << 26  # max_pdu_size 0 ("no limit" in DICOM) still stops a P-DATA at 64 MiB
 REUSED_PDU_BUFFER = 1 << 20  # a PDU up to this size is read into its connection's one buffer
-READ_AHEAD = 64 << 10  # room past the largest PDU expected, for the next ones' bytes already there
+READ_AHEAD = 64 << 10  # room past the largest PDU so far, for the next ones' bytes already there
 ABORT_SEND_TIMEOUT = 1.0
 
 PDU_NAMES = {
@@ -643,6 +643,7 @@ class _Connection:
         self.reported = False
         # What was received and not yet taken: inbox[head:tail]. A read takes whatever has
         # arrived, up to the room left, so one recv usually brings a C-STORE's command and data.
+        # It grows with the largest PDU (up to REUSED_PDU_BUFFER), READ_AHEAD beyond it.
         self._inbox = bytearray()
         self._head = self._tail = 0
 
@@ -678,7 +679,7 @@ class _Connection:
             cap = self._cap(pdu_type)
             if length > cap:
                 self._cut(f"{name} declares {length} bytes, more than the {cap} accepted", ABORT_INVALID_PARAMETER)
-            pdu = self._take(sock, 6 + length, deadline, before_association, f"the {length}-byte {name}")
+            pdu = self._take(sock, 6 + length, deadline, before_association, f"the {name} of {6 + length} bytes")
         except _Closed:
             return True
         finally:
@@ -716,7 +717,7 @@ class _Connection:
             self._head = self._tail = 0
         if self._head + count > len(self._inbox):  # move what is left to the front, in more room if need be
             if len(self._inbox) < count:  # first use, or a bigger PDU than before
-                inbox = bytearray(max(count, 6 + min(self._cap(0x04), REUSED_PDU_BUFFER)) + READ_AHEAD)
+                inbox = bytearray(count + READ_AHEAD)
                 inbox[:self.buffered] = self._inbox[self._head:self._tail]
                 self._inbox = inbox
             else:
@@ -731,10 +732,11 @@ class _Connection:
         return got > 0
 
     def _take(self, sock, size: int, deadline: float, before_association: bool, what: str) -> memoryview:
-        """The next `size`-byte PDU, whole, where it lies: in the inbox up to REUSED_PDU_BUFFER,
-        else in a buffer of its own. Valid until the next read; nothing the fast paths make of a
-        PDU keeps a reference to it (the spool writer copies what it holds)."""
-        if size <= REUSED_PDU_BUFFER:
+        """The next `size`-byte PDU (header included), whole, where it lies: in the inbox for a
+        body up to REUSED_PDU_BUFFER, else in a buffer of its own. Valid until the next read;
+        nothing the fast paths make of a PDU keeps a reference to it (the spool writer copies
+        what it holds)."""
+        if size <= 6 + REUSED_PDU_BUFFER:
             self._fill(sock, size, deadline, before_association, what)
             self._head += size
             return memoryview(self._inbox)[self._head - size:self._head]
@@ -814,6 +816,7 @@ class _Connection:
         if not quiet:
             log_event(log, logging.INFO, "connection.closed", peer=f"{self.host}:{self.port}", reason=reason)
         dul = self.assoc.dul
+        self._inbox, self._head, self._tail = bytearray(), 0, 0  # what is left is never read now
         if dul.socket is not None:
             dul.socket.close()  # queues Evt17: the state machine ends the association
         if _awaiting_request(dul):

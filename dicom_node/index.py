@@ -851,6 +851,8 @@ class _FileLock:
     def __enter__(self) -> "_FileLock":
         if self.path is not None:
             if self._pid != os.getpid():
+                if self._fd >= 0:
+                    os.close(self._fd)  # the parent's: closing this copy leaves the parent's lock alone
                 self._fd, self._pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640), os.getpid()
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         return self
