@@ -30,7 +30,7 @@ from dicom_node.connection_handoff import Handoff, link_pair
 from dicom_node.scp import DicomNode
 from dicom_node.scu import Peer, _make_ae, associate
 from dicom_node.synthetic import write_ct_study
-from tests.support.dicom import incoming_files, stored_files
+from tests.support.dicom import dataset_bytes, incoming_files, stored_files
 from tests.support.halfstore import half_a_c_store
 from tests.support.node import node_settings
 from tests.support.pki import make_pki
@@ -226,14 +226,40 @@ def test_pdus_that_arrive_together_are_each_answered(guarded):
             pdu = P_DATA_TF()
             pdu.from_primitive(p_data)
             pdus += pdu.encode()
+    # As pynetdicom's send_*() do: our requestor's reactor paused, or it takes the responses.
+    assoc._reactor_checkpoint.clear()
+    wait_until(lambda: assoc._is_paused, what="requestor's reactor paused")
     assoc.dul.socket.socket.sendall(pdus)  # one segment, both requests
     answered = []
     for _ in range(2):
         _, response = assoc.dimse.get_msg(block=True)  # dimse_timeout bounds the wait
         assert response is not None, f"answered only {answered}"
         answered.append((response.MessageIDBeingRespondedTo, int(response.Status)))
+    assoc._reactor_checkpoint.set()
     assert sorted(answered) == [(7, 0), (8, 0)]
     assoc.release()
+
+
+def test_p_data_over_a_mebibyte_is_read_into_a_buffer_of_its_own(make_node, tmp_path):
+    """With max_pdu_size over REUSED_PDU_BUFFER, pynetdicom sends PDUs that large: each is read
+    on from what the connection's buffer already took of it, and stored byte-identical."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.sop_class import CTImageStorage
+
+    node = make_node(max_pdu_size=4 << 20)
+    _, paths = write_ct_study(tmp_path / "big", 2, rows=1400, cols=1400)  # 3.9 MB each: one PDU
+    assert frontdoor.REUSED_PDU_BUFFER < paths[0].stat().st_size < 4 << 20
+    ae = _make_ae("BIGPDUS")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = associate(ae, Peer("127.0.0.1", node.settings.port, NODE_AE))
+    assert assoc.acceptor.maximum_length == 4 << 20
+    for path in paths:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+    assoc.release()
+    for path in paths:
+        sent = pydicom.dcmread(path)
+        stored = node.store.path_for(sent.StudyInstanceUID, sent.SeriesInstanceUID, sent.SOPInstanceUID)
+        assert dataset_bytes(stored) == dataset_bytes(path)
 
 
 def test_p_data_incomplete_after_network_timeout_is_cut(guarded):

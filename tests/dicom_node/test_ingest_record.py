@@ -11,8 +11,8 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node import ingest
 from dicom_node.synthetic import ct_slice
@@ -258,3 +258,48 @@ def test_pixel_data_cut_short_past_the_prefix_is_still_found_truncated(tmp_path)
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ingest.Malformed, match="truncated"):
         ingest._parse_source(path)
+
+
+def _padded_ct(tmp_path: Path, padding: int, **values) -> Path:
+    ds = ct_slice("1.2.3", "1.2.3.4", 1, rows=512, cols=512)
+    ds.add_new(0x00090010, "LO", "PADDING")
+    ds.add_new(0x00091010, "OB", bytes(padding))
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(_written(ds))
+    return path
+
+
+def test_a_wanted_value_across_the_end_of_the_prefix_is_read_whole(tmp_path, monkeypatch):
+    """The last element (no pixel data here) is the patient's name, begun in the first 64 KiB
+    and ended after them: the walk would need no further header, but may not cut the value."""
+    name = "DOE^JANE^" + "X" * 41  # 50 characters
+
+    def written(padding: int) -> bytes:
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", "1.2.3.4.5"
+        ds.add_new(0x00090010, "LO", "PADDING")
+        ds.add_new(0x00091010, "OB", bytes(padding))
+        ds.PatientName = name
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        return _written(ds)
+
+    start = written(1000).index(name.encode())
+    path = tmp_path / "sc.dcm"
+    path.write_bytes(written(1000 + ingest.HEADER_PREFIX - 20 - start))
+    assert path.read_bytes().index(name.encode()) == ingest.HEADER_PREFIX - 20 and path.read_bytes().endswith(name.encode())
+    reads = _reads(monkeypatch)
+    header, has_pixels, size = ingest._parse_source(path)
+    assert reads == [ingest.HEADER_PREFIX, size]  # the scan of the prefix gave up
+    assert header.text("PatientName") == name and not has_pixels
+
+
+def test_an_element_after_the_pixel_data_past_the_prefix_is_read_whole(tmp_path, monkeypatch):
+    path = _padded_ct(tmp_path, 2, DataSetTrailingPadding=b"\0" * 16)
+    reads = _reads(monkeypatch)
+    scanned, full = _scan_and_full_parse(path, monkeypatch)
+    assert reads[:2] == [ingest.HEADER_PREFIX, path.stat().st_size]  # the scan gave up on the prefix
+    assert scanned == full and scanned["has_pixels"]
