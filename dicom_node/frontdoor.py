@@ -33,7 +33,8 @@ the two ``dimse_messages`` patches (``install()``) only act on threads of connec
 here (or marked by ``spool_received_datasets``); the third makes the per-connection copy of the
 presentation contexts a shallow one; the next two encode (and send) a C-STORE response and decode
 a C-STORE request's command with struct (``_send_msg``, ``_receive_primitive``); the last spares
-a conformant UID set on a DIMSE primitive pydicom's two checks (``_set_uid``); the reader
+a conformant UID set on a DIMSE primitive, PDU item or presentation context pydicom's two checks
+(``_set_uid``); the reader
 takes such a command from the received PDU itself (``_take_store_command``), writes the
 data-set fragments of the request to its spool file (``_spool_data_fragments``) and serves the
 request in its own thread while the association thread has nothing to do (``_serve_here``).
@@ -711,9 +712,9 @@ class _Connection:
         """At least `count` bytes in the inbox (the connection's one buffer, reused for every
         PDU up to REUSED_PDU_BUFFER: a new, zeroed one per PDU was a big instance's most page
         faults); False (only_if_arrived) when not one byte has arrived."""
-        if self._tail - self._head >= count:
+        if self.buffered >= count:
             return True
-        if self._head == self._tail:
+        if not self.buffered:
             self._head = self._tail = 0
         if self._head + count > len(self._inbox):  # move what is left to the front, in more room if need be
             if len(self._inbox) < count:  # first use, or a bigger PDU than before
@@ -723,7 +724,7 @@ class _Connection:
             else:
                 self._inbox[:self.buffered] = self._inbox[self._head:self._tail]
             self._head, self._tail = 0, self.buffered
-        nothing_yet = only_if_arrived and self._tail == self._head
+        nothing_yet = only_if_arrived and not self.buffered
         if nothing_yet and not (_is_plain(sock) or self.assoc.dul.socket.ready):
             return False
         got = self._recv(sock, memoryview(self._inbox)[self._tail:], count - self.buffered, deadline,
@@ -757,10 +758,9 @@ class _Connection:
         """At least `minimum` bytes into `into` by `deadline` (as many as have come, up to its
         length), or the connection is cut; how many (0: only_if_arrived, and not one had come).
         `total`, `before`: the size of what is read and how much of it had come before, for the
-        reason given. A plain socket is
-        read without waiting (MSG_DONTWAIT), and waited for in poll() only when empty: one
-        system call for data already there, where a socket timeout costs a poll and two ioctls
-        around every recv."""
+        reason given. A plain socket is read without waiting (MSG_DONTWAIT), and waited for in
+        poll() only when empty: one system call for data already there, where a socket timeout
+        costs a poll and two ioctls around every recv."""
         plain = _is_plain(sock)
         got = 0
         while got < minimum:

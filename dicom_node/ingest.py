@@ -139,11 +139,11 @@ class Ingestor:
                     make_durable: Callable[[], None] | None = None, contents: bytes | None = None) -> IngestResult:
         """An instance in a file (the SCP's spool file in the store's .incoming): never read whole
         over SMALL_INSTANCE, and over HEADER_PREFIX only where a scan of its first bytes was not
-        enough. `make_durable`: fsyncs that file as it is, on its writer's
-        descriptor (frontdoor.ingest_received), once the instance passed its checks; without it
-        store_file fsyncs a link to the file itself. `contents`: exactly the file's bytes, when
-        the caller has them (read back by the front door), parsed instead of reading the file
-        again (the index row comes from them, the file is what is stored)."""
+        enough. `make_durable`: fsyncs that file as it is, on its writer's descriptor
+        (frontdoor.ingest_received), once the instance passed its checks; without it store_file
+        fsyncs a link to the file itself. `contents`: exactly the file's bytes, when the caller
+        has them (read back by the front door), parsed instead of reading the file again (the
+        index row comes from them, the file is what is stored)."""
         return self._guarded(path if isinstance(path, Path) else Path(path), requested_sop_class, requested_sop_instance,
                              make_durable, contents)
 

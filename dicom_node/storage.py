@@ -263,8 +263,6 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves the old file or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
