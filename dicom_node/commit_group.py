@@ -4,9 +4,11 @@ After an instance's file is fsynced and hard-linked into place, two flushes rema
 C-STORE may succeed: the directory entry (fsync of the series folder) and the index row (the
 SQLite WAL commit). Each is a journal commit of several milliseconds, and on one disk they
 queue behind each other. Here the association threads that reach that point together form
-one group: the first to arrive while no group is being written becomes the leader, takes
-every instance waiting (its own included), fsyncs each folder once, writes all rows in one
-transaction, and wakes the others; those that arrived meanwhile form the next group. With one
+one group: the first to arrive while no group is being written becomes the leader, fsyncs
+each folder of its group once, writes all rows in one transaction, and wakes the group's
+other threads; those that arrived meanwhile form the next group, led by the first of them,
+whom the leader wakes too. Each thread waits on a lock of its own, so nobody is woken only to
+find nothing done for them yet. With one
 association a group is that one instance (nothing waits, no thread hand-off); with N busy
 associations up to N instances share two flushes. Nobody is answered before their own folder
 and row are durable, so the crash guarantees are those of one instance at a time.
@@ -35,12 +37,16 @@ class _Pending:
     written: bool = False  # its row is committed (set only by the group that wrote it)
     inserted: bool = False
     error: BaseException | None = field(default=None, repr=False)
+    # Held until this instance is done, or made the next leader (``leads``): its thread waits
+    # on it alone, so a finished group wakes only its own members and one successor.
+    wake: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    leads: bool = False
 
 
 class CommitGroup:
     def __init__(self, index: Index) -> None:
         self.index = index
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
         self._waiting: list[_Pending] = []
         self._writing = False  # a leader is flushing a group now
         self.groups = 0  # statistics for the benchmark: groups written, instances in them
@@ -49,27 +55,44 @@ class CommitGroup:
     def commit(self, record: InstanceRecord, directory: Path | None) -> bool:
         """Make `directory`'s entries and `record`'s row durable; True if the row was new."""
         pending = _Pending(record, directory)
-        with self._cv:
-            self._waiting.append(pending)
-            while not pending.done:
-                if not self._writing:
-                    self._writing = True
-                    group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
-                    break
-                self._cv.wait()
+        pending.wake.acquire()
+        with self._lock:
+            if self._writing:
+                self._waiting.append(pending)
+                group = None
             else:
+                self._writing = True
+                group = [pending]
+        if group is None:
+            pending.wake.acquire()  # released by the leader that wrote it, or made it the next one
+            if not pending.leads:
                 return _outcome(pending)
+            with self._lock:  # those that came while it woke up join its group too
+                group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
         try:
             self._write(group)
         finally:
-            with self._cv:
-                for item in group:
-                    if not item.written and item.error is None:  # the leader failed half-way
-                        item.error = RuntimeError("the commit group was not written")
-                    item.done = True
-                self._writing = False
-                self._cv.notify_all()
+            self._finish(group)
         return _outcome(pending)
+
+    def _finish(self, group: list[_Pending]) -> None:
+        """Mark `group` done and wake its members; the first of those that came meanwhile leads
+        the next group (up to MAX_GROUP of those waiting when it runs), or nobody is writing."""
+        for item in group:
+            if not item.written and item.error is None:  # the leader failed half-way
+                item.error = RuntimeError("the commit group was not written")
+            item.done = True
+        with self._lock:
+            successor = None
+            if self._waiting:  # still writing: nobody else becomes leader meanwhile
+                successor = self._waiting[0]
+                successor.leads = True
+            else:
+                self._writing = False
+        if successor is not None:
+            successor.wake.release()  # first: its flushes wait on the disk, not on the GIL
+        for item in group[1:]:
+            item.wake.release()
 
     def _write(self, group: list[_Pending]) -> None:
         self.groups += 1

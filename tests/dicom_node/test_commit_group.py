@@ -102,3 +102,20 @@ def test_a_folder_that_cannot_be_fsynced_fails_only_its_instances_and_writes_no_
     assert outcomes["first"] is True and outcomes["good"] is True
     assert isinstance(outcomes["lost"], FileNotFoundError)
     assert {r["sop_instance_uid"] for r in index.study_instances("1.2.3")} == {"1.2.3.1.1", "1.2.3.1.2"}
+
+
+def test_those_arriving_during_a_write_are_written_together_by_one_of_them(index, tmp_path):
+    batches: list[list[str]] = []
+    original = index.record_instances
+
+    def counted(recs, now=None):
+        batches.append(sorted(rec.sop_instance_uid for rec in recs))
+        return original(recs, now)
+
+    index.record_instances = counted  # type: ignore[method-assign]
+    outcomes = commit_as_one_group(index, ("first", record(1), tmp_path), [
+        (f"next{n}", record(n), tmp_path) for n in range(2, 6)])
+    assert outcomes == {"first": True, **{f"next{n}": True for n in range(2, 6)}}
+    # The first group is the leader's own instance; the four that waited meanwhile are one
+    # group, led by one of them (nobody else wrote a transaction of their own).
+    assert batches == [["1.2.3.1.1"], [f"1.2.3.1.{n}" for n in range(2, 6)]]
