@@ -10,19 +10,21 @@ shortcut gives what pynetdicom's set_uid gives, and leaves every other value to 
 
 from __future__ import annotations
 
+import re
 import struct
 from io import BytesIO
 
 import pynetdicom
 import pytest
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_items import AbstractSyntaxSubItem
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.presentation import PresentationContext
 
 from dicom_node import dimse_codec, frontdoor
 
@@ -300,6 +302,85 @@ def test_a_non_conformant_or_invalid_uid_still_warns_or_raises_after_install(cap
 
 def test_a_validator_configured_otherwise_is_still_asked(monkeypatch):
     frontdoor.install()
+    C_STORE().AffectedSOPClassUID = CT  # remembered as conformant: the validator still comes first
     monkeypatch.setitem(pynetdicom._config.VALIDATORS, "UI", lambda value: (False, "refused here"))
     with pytest.raises(ValueError, match="refused here"):
         C_STORE().AffectedSOPClassUID = CT
+
+
+def test_a_conformant_uid_is_remembered_by_the_value_it_came_as_and_the_memory_is_bounded(monkeypatch):
+    monkeypatch.setattr(frontdoor, "_CONFORMANT_SEEN", {})
+    monkeypatch.setattr(frontdoor, "CONFORMANT_SEEN_LIMIT", 3)
+    first = frontdoor._set_uid("1.2.3.4", "Abstract Syntax Name")
+    from_bytes = frontdoor._set_uid(b"1.2.3.4", "Abstract Syntax Name")
+    monkeypatch.setattr(frontdoor, "_CONFORMANT_UID", None)  # a match now would fail the test
+    assert frontdoor._set_uid("1.2.3.4", "Abstract Syntax Name") is first
+    assert frontdoor._set_uid(b"1.2.3.4", "Abstract Syntax Name") is from_bytes == first
+    monkeypatch.setattr(frontdoor, "_CONFORMANT_UID", re.compile(r"[0-9.]+"))
+    for n in range(10):
+        frontdoor._set_uid(f"1.2.{n}", "Affected SOP Instance UID")
+        assert len(frontdoor._CONFORMANT_SEEN) <= 3
+
+
+def test_a_non_conformant_uid_is_not_remembered(monkeypatch):
+    calls = []
+    monkeypatch.setattr(frontdoor, "_PYNETDICOM_SET_UID", lambda *args: calls.append(args[0]) or "theirs")
+    for _ in range(2):
+        assert frontdoor._set_uid("1.02.3", "Affected SOP Instance UID") == "theirs"
+    assert calls == ["1.02.3", "1.02.3"] and "1.02.3" not in frontdoor._CONFORMANT_SEEN
+
+
+# --- PresentationContext.add_transfer_syntax (frontdoor._add_transfer_syntax) ------------------
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, str(ExplicitVRLittleEndian), b"1.2.840.10008.1.2.4.50",
+                                    "1.2.840.10008.1.2.4.52"])  # the last one retired, still known
+def test_a_known_transfer_syntax_is_added_as_pynetdicom_adds_it(syntax, caplog, monkeypatch):
+    theirs = PresentationContext()
+    frontdoor._PYNETDICOM_ADD_TRANSFER_SYNTAX(theirs, syntax)
+    frontdoor._PYNETDICOM_ADD_TRANSFER_SYNTAX(theirs, syntax)
+    monkeypatch.setattr(frontdoor, "_PYNETDICOM_ADD_TRANSFER_SYNTAX", lambda *args: pytest.fail("not taken as known"))
+    ours = PresentationContext()
+    frontdoor._add_transfer_syntax(ours, syntax)
+    frontdoor._add_transfer_syntax(ours, syntax)  # once only, as theirs
+    assert ours.transfer_syntax == theirs.transfer_syntax and all(type(ts) is UID for ts in ours.transfer_syntax)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("syntax", [None, "", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.2", "1.02.3", b"1.2.840.10008.1.2\0",
+                                    "1.2.840.10008.1.2".encode("utf-16-le"), 12])
+def test_any_other_transfer_syntax_goes_to_pynetdicom(syntax, monkeypatch):
+    calls = []
+    monkeypatch.setattr(frontdoor, "_PYNETDICOM_ADD_TRANSFER_SYNTAX", lambda cx, value: calls.append(value))
+    frontdoor._add_transfer_syntax(PresentationContext(), syntax)
+    assert calls == [syntax]
+
+
+def test_after_install_an_unknown_transfer_syntax_still_warns(caplog):
+    frontdoor.install()
+    assert PresentationContext.add_transfer_syntax is frontdoor._add_transfer_syntax
+    context = PresentationContext()
+    context.add_transfer_syntax(CT)  # a DICOM UID, but a SOP class: pynetdicom warns
+    context.add_transfer_syntax(ImplicitVRLittleEndian)
+    assert context.transfer_syntax == [CT, ImplicitVRLittleEndian]
+    assert "not a transfer syntax" in caplog.text
+
+
+# --- the per-connection copy of the supported contexts (frontdoor._copy_contexts) -------------
+
+
+def test_the_contexts_copy_is_a_copy_each_with_a_list_of_its_own_and_anything_else_is_deep_copied():
+    from pynetdicom import AE, StoragePresentationContexts
+
+    supported = AE(); supported.supported_contexts = StoragePresentationContexts
+    originals = supported.supported_contexts
+    copies = frontdoor._copy_contexts(originals)
+    assert [vars(cx) for cx in copies] == [vars(cx) for cx in originals]
+    assert all(type(new) is PresentationContext and new is not old and new._transfer_syntax is not old._transfer_syntax
+               for new, old in zip(copies, originals))
+    copies[0].add_transfer_syntax("1.2.840.10008.1.2.5")
+    copies[0].scp_role = True
+    assert "1.2.840.10008.1.2.5" not in originals[0].transfer_syntax and originals[0].scp_role is None
+    other = [{"a": [1]}]
+    copied = frontdoor._copy_contexts(other)
+    assert copied == other and copied[0]["a"] is not other[0]["a"]
