@@ -96,7 +96,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from .connection_counts import LOCAL, ConnectionCounts, Counts, CountsUnavailable
 from .connection_handoff import Handoff
 from .ingest import HEADER_PREFIX, Ingestor, IngestResult
-from . import dimse_codec, incoming_owner
+from . import dimse_codec, gil_held, incoming_owner
 from .logs import log_event
 from .spool_writer import SpoolWriter
 from .storage import FILE_MODE
@@ -214,7 +214,7 @@ class _SpoolHandle:
         while True:
             path = incoming_owner.new_path(directory, ".rx.dcm")
             try:
-                return cls(path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))  # read back: _read_back
+                return cls(path, gil_held.open_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))  # read back: _read_back
             except FileExistsError:  # practically never: this process's token and its own count
                 # (InstanceStore's .part names have no such retry: they fail instead)
                 continue
@@ -247,8 +247,25 @@ def ingest_received(ingestor: Ingestor, event) -> IngestResult:
     handle = getattr(request, "_dataset_file", None)
     if not isinstance(handle, _SpoolHandle):
         return ingestor.ingest_file(spooled, *requested)
-    return ingestor.ingest_file(spooled, *requested, make_durable=handle.make_durable,
-                                contents=_read_back(handle, HEADER_PREFIX))
+    try:
+        return ingestor.ingest_file(spooled, *requested, make_durable=handle.make_durable,
+                                    contents=_read_back(handle, HEADER_PREFIX))
+    finally:
+        _remove_spool_file(request, handle)
+
+
+def _remove_spool_file(request, handle: _SpoolHandle) -> None:
+    """Close and remove the spool file (linked into the store by now, or not wanted), as
+    pynetdicom would after the handler, but through gil_held; pynetdicom then finds no file."""
+    handle.close()
+    try:
+        gil_held.unlink(handle.name)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        log.warning("frontdoor.spool_remove_failed", exc_info=True)  # the connection's end tries again
+        return
+    request._dataset_file = None
 
 
 def _read_back(handle: _SpoolHandle, limit: int) -> bytes | None:

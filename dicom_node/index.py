@@ -6,7 +6,6 @@ Times are UTC epoch seconds.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -41,7 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from dicom_node import migrations
+from dicom_node import gil_held, migrations
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +373,7 @@ class Index:
         self._writer_fast = False
         self.fast_instance_commits = fast_instance_commits
         self._file_lock = _FileLock(_lock_path(url) if self._is_sqlite else None)
+        self.write_lock_path = self._file_lock.path  # None: not SQLite, or in memory
         # The schema comes from dicom_node/migrations (Alembic): a new revision there for every
         # change to the tables above; tests/dicom_node/test_migrations.py checks they agree.
         migrations.upgrade(self.engine)
@@ -854,12 +854,12 @@ class _FileLock:
                 if self._fd >= 0:
                     os.close(self._fd)  # the parent's: closing this copy leaves the parent's lock alone
                 self._fd, self._pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640), os.getpid()
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            gil_held.lock_exclusive(self._fd)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.path is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            gil_held.unlock(self._fd)
 
     def close(self) -> None:
         if self._pid == os.getpid():

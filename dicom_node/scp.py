@@ -7,6 +7,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID_dictionary
@@ -16,7 +17,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification, regis
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
-from . import recovery
+from . import gil_held, recovery
 from .assembly import Assembler
 from .config import Settings
 from .connection_counts import Counts, CountsUnavailable
@@ -124,6 +125,8 @@ class DicomNode:
 
     def start(self) -> None:
         s = self.settings
+        lock = self.index.write_lock_path
+        gil_held.use_for(self.store.root, *([Path(lock).parent] if lock else []))
         if not self.listener_only:
             self.store.remove_partial_writes()  # before any process of this node listens
             if recovery.begin_run(self.store.root):

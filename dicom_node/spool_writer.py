@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import threading
 
+from . import gil_held
+
 HOLD_BYTES = 4096  # writes smaller than this wait for the next (the preamble, the file meta)
 
 
@@ -66,7 +68,7 @@ class SpoolWriter:
         with self._lock:  # held meanwhile: a close from another thread waits for the fsync
             fd = self._open_fd()
             self._flush(fd)
-            os.fchmod(fd, mode)
+            gil_held.fchmod(fd, mode)
             os.fsync(fd)
 
     @property
@@ -81,7 +83,7 @@ class SpoolWriter:
             try:
                 self._flush(fd)
             finally:
-                os.close(fd)
+                gil_held.close(fd)
 
     def _open_fd(self) -> int:
         if self._fd is None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import incoming_owner
+from . import gil_held, incoming_owner
 
 
 INCOMING = ".incoming"
@@ -215,11 +215,11 @@ class InstanceStore:
 
     def _link_into(self, source: Path, final: Path) -> None:
         try:
-            os.link(source, final)
+            gil_held.link(source, final)
         except FileNotFoundError:  # its folder was removed since it was made (another process)
             self._known_dirs.discard(final.parent)
             self._ensure_dir(final.parent)
-            os.link(source, final)
+            gil_held.link(source, final)
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._known_dirs:
@@ -256,11 +256,11 @@ def _sha256(path: Path) -> str:
 
 def fsync_dir(directory: Path) -> None:
     """Make a folder's entries (a file linked into it) survive a crash."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    fd = gil_held.open_file(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
-        os.close(fd)
+        gil_held.close(fd)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

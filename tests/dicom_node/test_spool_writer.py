@@ -182,3 +182,31 @@ def test_the_ingest_of_a_file_streamed_by_someone_else_gets_neither_fsync_nor_by
     event = type("Event", (), {"request": _Request(tmp_path / "x.dcm", object())})()
     assert frontdoor.ingest_received(ingestor, event) == "stored"
     assert ingestor.given == {}  # not a spool file of ours
+
+
+def test_after_the_ingest_the_spool_file_is_closed_and_removed_before_pynetdicom_would(tmp_path):
+    from dicom_node import frontdoor
+
+    handle = frontdoor._SpoolHandle.create(tmp_path)
+    handle.write(b"\0" * 128 + b"DICM")
+    request = _Request(handle.path, handle)
+    ingestor = _Recording()
+    assert frontdoor.ingest_received(ingestor, type("Event", (), {"request": request})()) == "stored"
+    assert ingestor.given["contents"] == b"\0" * 128 + b"DICM"  # read back before it went
+    assert handle.closed and not handle.path.exists()
+    assert request._dataset_file is None  # nothing left for pynetdicom to close or unlink
+
+
+def test_a_spool_file_that_cannot_be_removed_is_left_to_pynetdicom(tmp_path, monkeypatch):
+    from dicom_node import frontdoor, gil_held
+
+    handle = frontdoor._SpoolHandle.create(tmp_path)
+    request = _Request(handle.path, handle)
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(gil_held, "unlink", refuse)
+    frontdoor.ingest_received(_Recording(), type("Event", (), {"request": request})())
+    assert handle.closed and handle.path.exists()
+    assert request._dataset_file is handle  # pynetdicom tries again; the connection's end after it
