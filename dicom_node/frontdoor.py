@@ -498,7 +498,10 @@ class _DirectSend:
                     or dul.state_machine.current_state != "Sta6"
                     or _listened(dul.assoc, *_DIRECT_SEND_SKIPS)):
                 return False
-            sock.send(dimse_codec.p_data_tf(context_id, fragment))  # a failure puts Evt17 on the DUL's queue
+            pdu = dimse_codec.p_data_tf(context_id, fragment)
+            sent = gil_held.send_now(sock.socket, pdu)
+            if sent < len(pdu):
+                sock.send(pdu[sent:])  # waits for room; a failure puts Evt17 on the DUL's queue
             return True
 
 
@@ -828,7 +831,7 @@ class _Connection:
             try:
                 if plain:
                     try:
-                        n = sock.recv_into(into[got:], 0, socket.MSG_DONTWAIT)
+                        n = gil_held.recv_into(sock, into[got:])
                     except BlockingIOError:
                         if only_if_arrived and got == 0:
                             return 0

@@ -1,17 +1,21 @@
-"""File-system calls of microseconds, made without releasing the GIL, where the store is local.
+"""System calls of microseconds, made without releasing the GIL: the front door's file-system
+calls where the store is local, and the non-blocking receive and send of a plain socket.
 
 CPython releases the GIL around every system call. With several associations busy, each
 release is a hand-off: another thread takes the GIL, and this one, back a few microseconds
 later, waits for it again (a futex wait and two context switches, more CPU than the call).
 Per received instance the front door makes a dozen such calls that only touch a local file
 system's metadata in memory: open and close of its spool file and of a folder to fsync, fchmod,
-link, unlink, flock. Here they go through ``ctypes.PyDLL``, which keeps the GIL. The calls that
-wait (fsync, a flock that another process holds, anything on the network) still release it.
+link, unlink, flock; and two on its socket: the recv of what has arrived, the send of a
+response. Here they go through ``ctypes.PyDLL``, which keeps the GIL. The calls that wait
+(fsync, a flock that another process holds, a wait for the socket, a send into a full socket
+buffer) still release it.
 
-Only after ``use_for(path)`` found `path` on a local file system (mountinfo: ext4, xfs, btrfs,
-tmpfs and the like), and only with glibc; on NFS or CIFS a metadata call can take seconds, and
-everything goes to ``os`` as before. Errors are raised as ``os`` raises them (``OSError`` of the
-errno, so ``FileExistsError``, ``FileNotFoundError``...).
+The file-system calls only after ``use_for(path)`` found `path` on a local file system
+(mountinfo: ext4, xfs, btrfs, tmpfs and the like): on NFS or CIFS a metadata call can take
+seconds, and there everything goes to ``os`` as before. The socket calls never wait
+(MSG_DONTWAIT). Both need glibc. Errors are raised as ``os`` and ``socket`` raise them
+(``OSError`` of the errno, so ``FileExistsError``, ``BlockingIOError``...).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import errno
 import fcntl
 import logging
 import os
+import socket
 from pathlib import Path
 
 from .logs import log_event
@@ -28,9 +33,6 @@ from .logs import log_event
 log = logging.getLogger(__name__)
 
 LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "overlay"})
-
-_libc: ctypes.CDLL | None = None
-
 
 def _load_libc() -> ctypes.CDLL | None:
     try:
@@ -40,9 +42,16 @@ def _load_libc() -> ctypes.CDLL | None:
     libc.open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint]
     libc.link.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     libc.unlink.argtypes = [ctypes.c_char_p]
+    libc.recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
     for name in ("open", "close", "fchmod", "link", "unlink", "flock"):
         getattr(libc, name).restype = ctypes.c_int
+    libc.recv.restype = libc.send.restype = ctypes.c_ssize_t
     return libc
+
+
+_LIBC = _load_libc()  # the socket calls; None: without glibc, socket's own calls
+_libc: ctypes.CDLL | None = None  # the file-system calls, once use_for found the store local
 
 
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -74,7 +83,7 @@ def use_for(*paths: Path, mountinfo: Path = MOUNTINFO) -> bool:
     local file systems; otherwise, or without glibc, they release it as ``os`` does."""
     global _libc
     types = {str(path): file_system_of(path, mountinfo) or "unknown" for path in paths}
-    _libc = _load_libc() if all(fs in LOCAL_FILE_SYSTEMS for fs in types.values()) else None
+    _libc = _LIBC if all(fs in LOCAL_FILE_SYSTEMS for fs in types.values()) else None
     log_event(log, logging.INFO, "gil_held.used" if _libc is not None else "gil_held.not_used", file_systems=types)
     return _libc is not None
 
@@ -153,3 +162,28 @@ def unlock(fd: int) -> None:
         return fcntl.flock(fd, fcntl.LOCK_UN)
     if _libc.flock(fd, fcntl.LOCK_UN) < 0:
         raise _error()
+
+
+def recv_into(sock, view: memoryview) -> int:
+    """``sock.recv_into(view, 0, MSG_DONTWAIT)`` on a plain socket: what has arrived, up to
+    ``len(view)``; BlockingIOError when nothing has."""
+    if _LIBC is None or not len(view):
+        return sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+    buffer = (ctypes.c_char * len(view)).from_buffer(view)
+    try:
+        got = _LIBC.recv(sock.fileno(), buffer, len(view), socket.MSG_DONTWAIT)
+    finally:
+        del buffer  # the view's export ends here (its bytearray may grow later)
+    if got < 0:
+        raise _error()
+    return got
+
+
+def send_now(sock, data: bytes) -> int:
+    """As much of `data` as a plain socket takes without waiting (MSG_DONTWAIT): how many bytes;
+    0 where it would wait, had an error, or the calls are not available. The caller sends the
+    rest (and meets any error) with the socket's own send, which waits with the GIL released."""
+    if _LIBC is None:
+        return 0
+    sent = _LIBC.send(sock.fileno(), data, len(data), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+    return max(sent, 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import socket
 import threading
 
 import pytest
@@ -58,7 +59,7 @@ def test_used_only_when_every_path_is_local(mountinfo, monkeypatch):
 
 
 def test_in_use_the_calls_keep_the_gil(local):
-    for name in ("open", "close", "fchmod", "link", "unlink", "flock"):
+    for name in ("open", "close", "fchmod", "link", "unlink", "flock", "recv", "send"):
         assert getattr(gil_held._libc, name)._flags_ & ctypes._FUNCFLAG_PYTHONAPI, name
 
 
@@ -118,3 +119,28 @@ def test_a_lock_held_elsewhere_is_waited_for_with_the_gil_released(local, tmp_pa
     real_flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
     os.close(holder)
     os.close(waiter)
+
+
+def test_a_socket_is_read_without_waiting_and_sent_to_as_far_as_it_takes_without_waiting():
+    ours, peer = socket.socketpair()
+    try:
+        inbox = bytearray(10)
+        with pytest.raises(BlockingIOError):
+            gil_held.recv_into(ours, memoryview(inbox))  # nothing has arrived
+        peer.sendall(b"abcdefghijkl")
+        assert gil_held.recv_into(ours, memoryview(inbox)[2:]) == 8  # up to the room given
+        assert inbox == b"\0\0abcdefgh"
+        inbox.extend(b"grown")  # no export of the buffer outlives the call
+        assert gil_held.send_now(ours, b"response") == 8 and peer.recv(100) == b"response"
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sent = [gil_held.send_now(ours, b"x" * 65536) for _ in range(64)]  # nobody reads: it fills
+        assert sent[-1] == 0 and 0 < sum(sent) < 64 * 65536  # never waited for room
+        peer.close()
+        assert gil_held.send_now(ours, b"more") == 0  # an error: left to the socket's own send
+        with pytest.raises(OSError):
+            ours.send(b"more")
+    finally:
+        ours.close()
+        peer.close()
+    with pytest.raises(OSError):
+        gil_held.recv_into(ours, memoryview(inbox))  # closed
