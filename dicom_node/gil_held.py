@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "overlay"})
 
+
 def _load_libc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.PyDLL("libc.so.6", use_errno=True)  # PyDLL: the GIL stays held during calls
@@ -107,11 +108,19 @@ def _error(*paths) -> OSError:
     return OSError(code, os.strerror(code))
 
 
+def _retried(function, *args) -> int:
+    """`function(*args)`, made again after EINTR as ``os`` makes its calls again (PEP 475)."""
+    while True:
+        result = function(*args)
+        if result >= 0 or ctypes.get_errno() != errno.EINTR:
+            return result
+
+
 def open_file(path, flags: int, mode: int = 0o777) -> int:
     """``os.open``; the descriptor is close-on-exec, as os.open makes it."""
     if _libc is None:
         return os.open(path, flags, mode)
-    fd = _libc.open(os.fsencode(path), flags | os.O_CLOEXEC, mode)
+    fd = _retried(_libc.open, os.fsencode(path), flags | os.O_CLOEXEC, mode)
     if fd < 0:
         raise _error(path)
     return fd
@@ -120,14 +129,14 @@ def open_file(path, flags: int, mode: int = 0o777) -> int:
 def close(fd: int) -> None:
     if _libc is None:
         return os.close(fd)
-    if _libc.close(fd) < 0:
+    if _libc.close(fd) < 0:  # never made again: Linux has closed it even after EINTR
         raise _error()
 
 
 def fchmod(fd: int, mode: int) -> None:
     if _libc is None:
         return os.fchmod(fd, mode)
-    if _libc.fchmod(fd, mode) < 0:
+    if _retried(_libc.fchmod, fd, mode) < 0:
         raise _error()
 
 
@@ -135,14 +144,14 @@ def link(source, target) -> None:
     """``os.link`` (a hard link; `source` is not a symbolic link here)."""
     if _libc is None:
         return os.link(source, target)
-    if _libc.link(os.fsencode(source), os.fsencode(target)) < 0:
+    if _retried(_libc.link, os.fsencode(source), os.fsencode(target)) < 0:
         raise _error(source, target)
 
 
 def unlink(path) -> None:
     if _libc is None:
         return os.unlink(path)
-    if _libc.unlink(os.fsencode(path)) < 0:
+    if _retried(_libc.unlink, os.fsencode(path)) < 0:
         raise _error(path)
 
 

@@ -144,3 +144,26 @@ def test_a_socket_is_read_without_waiting_and_sent_to_as_far_as_it_takes_without
         peer.close()
     with pytest.raises(OSError):
         gil_held.recv_into(ours, memoryview(inbox))  # closed
+
+
+def test_a_call_interrupted_by_a_signal_is_made_again_and_another_error_is_not():
+    import errno
+
+    calls = []
+
+    def interrupted_once(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            ctypes.set_errno(errno.EINTR)
+            return -1
+        return 7
+
+    assert gil_held._retried(interrupted_once, b"path", 1) == 7 and calls == [(b"path", 1)] * 2
+
+    def refused(*args):
+        calls.append(args)
+        ctypes.set_errno(errno.EACCES)
+        return -1
+
+    calls.clear()
+    assert gil_held._retried(refused, b"path") == -1 and len(calls) == 1
