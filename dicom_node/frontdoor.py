@@ -259,7 +259,7 @@ def _remove_spool_file(request, handle: _SpoolHandle) -> None:
     pynetdicom would after the handler, but through gil_held; pynetdicom then finds no file."""
     handle.close()
     try:
-        gil_held.unlink(handle.name)
+        gil_held.unlink(handle.name, handle.file.size)  # its last link, if it was not stored
     except FileNotFoundError:
         pass
     except OSError:

@@ -189,6 +189,7 @@ class DicomNode:
         if not self.listener_only:
             recovery.end_run(self.store.root)  # after the listeners: every row written
         self.index.dispose()
+        gil_held.stop_using()
 
     # --- wiring -----------------------------------------------------------------------
 

@@ -18,6 +18,9 @@ MOUNTS = """\
 30 22 0:40 / /data rw - nfs4 server:/export rw
 31 30 8:2 / /data/local\\040disk rw - xfs /dev/sdb1 rw
 32 22 0:41 / /dat rw - tmpfs tmpfs rw
+33 22 0:42 / /mnt/back\\134slash rw - cifs //server/share rw
+34 22 0:43 / /mnt/over rw - ext4 /dev/sdc1 rw
+35 34 0:44 / /mnt/over rw - nfs server:/over rw
 """
 
 
@@ -41,6 +44,8 @@ def test_the_longest_mount_point_containing_a_path_names_its_file_system(mountin
     assert gil_held.file_system_of("/data/local disk/store", mountinfo) == "xfs"  # \040 is a space
     assert gil_held.file_system_of("/database", mountinfo) == "ext4"  # not under /data, nor /dat
     assert gil_held.file_system_of("/dat/x", mountinfo) == "tmpfs"
+    assert gil_held.file_system_of("/mnt/back\\slash/store", mountinfo) == "cifs"  # \134 is a backslash
+    assert gil_held.file_system_of("/mnt/over/store", mountinfo) == "nfs"  # mounted over the ext4
     assert gil_held.file_system_of("/x", mountinfo.with_name("missing")) == ""
 
 
@@ -167,3 +172,15 @@ def test_a_call_interrupted_by_a_signal_is_made_again_and_another_error_is_not()
 
     calls.clear()
     assert gil_held._retried(refused, b"path") == -1 and len(calls) == 1
+
+
+def test_a_big_files_last_link_is_removed_with_the_gil_released(local, tmp_path, monkeypatch):
+    removed = []
+    real_unlink = os.unlink
+    monkeypatch.setattr(gil_held.os, "unlink", lambda path: removed.append(path) or real_unlink(path))
+    small, big = tmp_path / "small.dcm", tmp_path / "big.dcm"
+    small.write_bytes(b"x")
+    big.write_bytes(b"x")
+    gil_held.unlink(small, 33_000)
+    gil_held.unlink(big, gil_held.SMALL_UNLINK + 1)  # its blocks freed in the call: not held
+    assert removed == [big] and not small.exists() and not big.exists()

@@ -203,7 +203,7 @@ def test_a_spool_file_that_cannot_be_removed_is_left_to_pynetdicom(tmp_path, mon
     handle = frontdoor._SpoolHandle.create(tmp_path)
     request = _Request(handle.path, handle)
 
-    def refuse(path):
+    def refuse(path, size=0):
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(gil_held, "unlink", refuse)
