@@ -35,9 +35,10 @@ presentation contexts a shallow one; the next two encode (and send) a C-STORE re
 a C-STORE request's command with struct (``_send_msg``, ``_receive_primitive``); the last two
 spare a conformant UID set on a DIMSE primitive, PDU item or presentation context pydicom's two
 checks (``_set_uid``, which remembers the UIDs it found conformant), and a known transfer syntax
-added to a presentation context its five (``_add_transfer_syntax``); the reader takes such a command from the received PDU itself (``_take_store_command``), writes the
-data-set fragments of the request to its spool file (``_spool_data_fragments``) and serves the
-request in its own thread while the association thread has nothing to do (``_serve_here``).
+added to a presentation context its five (``_add_transfer_syntax``); the reader takes such a
+command from the received PDU itself (``_take_store_command``), writes the data-set fragments
+of the request to its spool file (``_spool_data_fragments``) and serves the request in its own
+thread while the association thread has nothing to do (``_serve_here``).
 Every internal they touch is checked against ``PYNETDICOM_VERSION`` at start-up; pyproject
 pins it. Upstream,
 this would be: timeouts on ``AssociationSocket.recv``, a maximum-PDU check in
@@ -214,7 +215,8 @@ class _SpoolHandle:
         while True:
             path = incoming_owner.new_path(directory, ".rx.dcm")
             try:
-                return cls(path, gil_held.open_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))  # read back: _read_back
+                # O_RDWR: read back on the same descriptor (_read_back)
+                return cls(path, gil_held.open_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
             except FileExistsError:  # practically never: this process's token and its own count
                 # (InstanceStore's .part names have no such retry: they fail instead)
                 continue
@@ -423,10 +425,18 @@ _CONFORMANT_SEEN: dict[str | bytes, UID] = {}
 # (None, a private or unknown UID, a non-conformant one) still goes to pynetdicom.
 
 _PYNETDICOM_ADD_TRANSFER_SYNTAX = PresentationContext.add_transfer_syntax
-_KNOWN_TRANSFER_SYNTAXES: dict[str | bytes, UID] = {}
-for _uid in map(UID, UID_dictionary):
-    if _uid.is_transfer_syntax and not _uid.is_private and _uid.is_valid and _CONFORMANT_UID.fullmatch(_uid):
-        _KNOWN_TRANSFER_SYNTAXES[str(_uid)] = _KNOWN_TRANSFER_SYNTAXES[_uid.encode()] = _uid
+
+
+def _known_transfer_syntaxes() -> dict[str | bytes, UID]:
+    """Each transfer syntax in pydicom's dictionary that is conformant, by str and by bytes."""
+    known: dict[str | bytes, UID] = {}
+    for uid in map(UID, UID_dictionary):
+        if uid.is_transfer_syntax and not uid.is_private and _CONFORMANT_UID.fullmatch(uid):
+            known[str(uid)] = known[uid.encode()] = uid
+    return known
+
+
+_KNOWN_TRANSFER_SYNTAXES = _known_transfer_syntaxes()
 
 
 def _add_transfer_syntax(self, syntax) -> None:

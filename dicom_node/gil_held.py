@@ -61,10 +61,7 @@ def _load_libc() -> ctypes.CDLL | None:
 _LIBC = _load_libc()  # the socket calls; None: without glibc, socket's own calls
 _libc: ctypes.CDLL | None = None  # the file-system calls, once use_for found the store local
 
-
 MOUNTINFO = Path("/proc/self/mountinfo")
-
-
 _OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")  # mountinfo writes space, tab, newline, backslash so
 
 

@@ -373,7 +373,6 @@ class Index:
         self._writer_fast = False
         self.fast_instance_commits = fast_instance_commits
         self._file_lock = _FileLock(_lock_path(url) if self._is_sqlite else None)
-        self.write_lock_path = self._file_lock.path  # None: not SQLite, or in memory
         # The schema comes from dicom_node/migrations (Alembic): a new revision there for every
         # change to the tables above; tests/dicom_node/test_migrations.py checks they agree.
         migrations.upgrade(self.engine)
@@ -425,6 +424,11 @@ class Index:
                 writer.close()
             except Exception:  # closing a broken connection: it is dropped all the same
                 log.debug("index.writer_close_failed", exc_info=True)
+
+    @property
+    def write_lock_path(self) -> str | None:
+        """The file the write lock is taken on; None: not SQLite, or in memory."""
+        return self._file_lock.path
 
     # --- ingest -------------------------------------------------------------------------
 
