@@ -131,6 +131,7 @@ class DicomNode:
             self.store.remove_partial_writes()  # before any process of this node listens
             if recovery.begin_run(self.store.root):
                 recovery.restore_missing_rows(self.ingestor)  # rows a power loss may have taken back
+        self.index.warm_up()  # compiled now, not on the first modality's association
         handlers = self._handlers()
         if s.http_port and not self.listener_only:  # first: a port in use stops the node before it accepts images
             self._status = StatusServer(self.index, s.http_host, s.http_port, s)

@@ -11,10 +11,11 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, func, select
+from sqlalchemy.engine.interfaces import CacheStats
 from sqlalchemy.exc import IntegrityError
 
-from dicom_node.index import Index, InstanceRecord, _FileLock, instances, series, studies
+from dicom_node.index import Index, InstanceRecord, _FileLock, associations, instances, patients, series, studies
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -79,6 +80,39 @@ def test_a_new_image_reopens_a_completed_study_for_reanalysis(index):
     study = row(index, studies, study_uid="1.2.826.0.1.1")
     assert (study["state"], study["reanalysis"], study["first_received_at"], study["last_received_at"]) == (
         "receiving", True, 400.0, 400.0)
+
+
+def compiled_by_a_first_association(index: Index) -> list[str]:
+    """The statements SQLAlchemy compiles (finds not in its cache) while an association brings
+    a new series' first instance and the study assembler looks for studies being received."""
+    compiled = []
+
+    def note(conn, cursor, statement, parameters, context, executemany):
+        if context is not None and context.cache_hit is CacheStats.CACHE_MISS:
+            compiled.append(" ".join(statement.split()[:3]))
+
+    event.listen(index.engine, "before_cursor_execute", note)
+    try:
+        audit_id = index.open_association("CT01", "NODE", "10.0.0.7", 4100, "accepted")
+        index.record_instances([record(1)], now=100.0)
+        index.close_association(audit_id, "released", 1, 0)
+        index.receiving_studies()
+    finally:
+        event.remove(index.engine, "before_cursor_execute", note)
+    return compiled
+
+
+def test_a_fresh_index_compiles_statements_on_its_first_association(index):
+    assert len(compiled_by_a_first_association(index)) >= 4  # parent rows, audit row and its end, the query
+
+
+def test_warm_up_compiles_them_beforehand_and_writes_nothing(index):
+    index.warm_up()
+    with index.engine.connect() as conn:
+        for table in (patients, studies, series, instances, associations):
+            assert conn.execute(select(func.count()).select_from(table)).scalar_one() == 0, table.name
+    assert compiled_by_a_first_association(index) == []
+    assert row(index, series, series_uid="1.2.826.0.1.1.1")["study_uid"] == "1.2.826.0.1.1"  # written as before
 
 
 def test_an_instance_row_the_database_refuses_raises_sqlalchemys_integrity_error(index):
