@@ -2,14 +2,46 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
+from pathlib import Path
+
+
+# Ports are chosen below the kernel's ephemeral range: a port from that range can be handed to
+# any outgoing connection (as its local port) between a listener's stop and its restart on the
+# same port, and the restart then fails with "Address already in use".
+LOWEST_PORT = 20000
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
 
 
 def free_port() -> int:
+    """A loopback TCP port that is free now, not handed out before by this process, and outside
+    the ephemeral range where the kernel allows it (else one the kernel picks)."""
+    try:
+        ephemeral_low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = LOWEST_PORT
+    for _ in range(200):
+        if ephemeral_low <= LOWEST_PORT + 1000:
+            port = _bindable(0)
+        else:
+            candidate = random.randrange(LOWEST_PORT, ephemeral_low)
+            port = _bindable(candidate) if candidate not in _handed_out else None
+        if port is not None and port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free loopback port found")
+
+
+def _bindable(port: int) -> int | None:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return None
         return sock.getsockname()[1]
 
 
