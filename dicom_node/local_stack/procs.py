@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import socket
 import subprocess
@@ -17,26 +18,31 @@ EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _handed_out: set[int] = set()
 
 
-def free_port() -> int:
-    """A loopback TCP port that is free now, not handed out before by this process, and outside
-    the ephemeral range where the kernel allows it (else one the kernel picks)."""
+@functools.cache
+def ephemeral_start() -> int | None:
+    """The first port of the kernel's ephemeral range; None when unknown, or too low to leave
+    ports between LOWEST_PORT and it."""
     try:
-        ephemeral_low = int(EPHEMERAL_RANGE.read_text().split()[0])
+        start = int(EPHEMERAL_RANGE.read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        ephemeral_low = LOWEST_PORT
+        return None
+    return start if start > LOWEST_PORT + 1000 else None
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now, not handed out before by this process, and below
+    the ephemeral range where the kernel leaves room for it (else one the kernel picks)."""
+    start = ephemeral_start()
     for _ in range(200):
-        if ephemeral_low <= LOWEST_PORT + 1000:
-            port = _bindable(0)
-        else:
-            candidate = random.randrange(LOWEST_PORT, ephemeral_low)
-            port = _bindable(candidate) if candidate not in _handed_out else None
+        port = _bind_once(0 if start is None else random.randrange(LOWEST_PORT, start))
         if port is not None and port not in _handed_out:
             _handed_out.add(port)
             return port
     raise RuntimeError("no free loopback port found")
 
 
-def _bindable(port: int) -> int | None:
+def _bind_once(port: int) -> int | None:
+    """The port a socket bound to `port` got (0: the kernel's pick); None when it is taken."""
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))
